@@ -1,0 +1,62 @@
+"""Where a node keeps its files.
+
+Everything lives under one data dir (`--data-dir`, default: the platformdirs user data dir, which
+honours XDG_DATA_HOME), so several nodes on one machine can each have their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "meshchat"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def default_config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The layout of one node's data dir."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | Path | None) -> DataDir:
+        return cls(Path(path).expanduser() if path else default_data_dir())
+
+    @property
+    def models(self) -> Path:
+        """The model store: pulled GGUF files."""
+        return self.root / "models"
+
+    @property
+    def slices(self) -> Path:
+        """Cached slice files, one per (fingerprint, first layer, end layer)."""
+        return self.root / "cache" / "slices"
+
+    @property
+    def fingerprints(self) -> Path:
+        """Cached model fingerprints, keyed by (path, size, mtime)."""
+        return self.root / "cache" / "fingerprints"
+
+    @property
+    def identity(self) -> Path:
+        """This node's private key (mode 0600)."""
+        return self.root / "identity.key"
+
+    @property
+    def mesh(self) -> Path:
+        """Mesh membership: mesh id, roster, issued invites."""
+        return self.root / "mesh"
+
+    def ensure(self, path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
