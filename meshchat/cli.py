@@ -1,0 +1,138 @@
+"""The `meshchat` command line: parse arguments, run one command, map errors to exit codes.
+
+Exit codes: 0 ok, 2 usage error, 1 anything else, with a one-line message on stderr.
+A traceback is shown only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from meshchat.errors import MeshchatError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() owns exit codes."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="PATH", help="where this node keeps its files")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="GGUF model file (default: SmolLM2-135M)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshchat", description="Chat with one model split across machines.")
+    _add_common(parser)
+    _add_model(parser)
+    parser.add_argument("--join", metavar="CODE", help="join a mesh with an invite code")
+    parser.add_argument("--headless", action="store_true", help="run as a worker, no screen")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (headless)")
+    parser.add_argument("--invite-file", metavar="PATH", help="write the invite code here")
+    parser.add_argument("--invite-uses", metavar="N", type=int, default=1, help="invite uses")
+    parser.add_argument("--status-file", metavar="PATH", help="keep a JSON status snapshot here")
+    parser.add_argument("--api", metavar="HOST:PORT", help="serve the OpenAI-compatible API")
+    parser.add_argument("--api-key", metavar="KEY", help="bearer key the API requires")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="one-shot completion to stdout")
+    _add_common(gen)
+    _add_model(gen)
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.7, metavar="T")
+    gen.add_argument("--top-k", type=int, default=40, metavar="K")
+    gen.add_argument("--top-p", type=float, default=0.95, metavar="P")
+    gen.add_argument("--min-p", type=float, default=0.05, metavar="P")
+    gen.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R")
+    gen.add_argument("--seed", type=int, default=None, metavar="S")
+    gen.add_argument("--split", metavar="A,B,...", help="stage boundaries, e.g. 10,20")
+    gen.add_argument("--system", metavar="TEXT", help="system prompt (chat mode)")
+    gen.add_argument("--transport-dtype", choices=["f32", "f16"], default="f32")
+    gen.add_argument("--threads", type=int, default=None, metavar="N")
+    gen.add_argument("--join", metavar="CODE", help="run on the mesh this invite leads to")
+
+    bench = commands.add_parser("bench", help="performance table")
+    _add_common(bench)
+    _add_model(bench)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--repeats", type=int, default=5, metavar="N")
+    bench.add_argument("--threads", type=int, default=None, metavar="N")
+
+    model = commands.add_parser("model", help="model store: pull, list, info")
+    _add_common(model)
+    model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    pull = model_commands.add_parser("pull", help="fetch the default model")
+    _add_common(pull)
+    lst = model_commands.add_parser("list", help="models in the store")
+    _add_common(lst)
+    info = model_commands.add_parser("info", help="what is in a GGUF file")
+    _add_common(info)
+    info.add_argument("path", metavar="PATH", nargs="?")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    # Imports are local so `meshchat --headless` never pulls in textual.
+    if args.command == "generate":
+        from meshchat.commands.generate import run_generate
+
+        return run_generate
+    if args.command == "bench":
+        from meshchat.commands.bench import run_bench
+
+        return run_bench
+    if args.command == "model":
+        from meshchat.commands.model import run_model
+
+        return run_model
+    if args.headless:
+        from meshchat.headless import run_headless
+
+        return run_headless
+    from meshchat.tui.launch import run_tui
+
+    return run_tui
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except MeshchatError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"meshchat: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"meshchat: internal error: {exc!r} (run with --debug for details)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
