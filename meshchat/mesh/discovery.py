@@ -1,0 +1,497 @@
+"""mDNS discovery of meshchat nodes on the LAN (python-zeroconf, asyncio API).
+
+Every node advertises `_meshchat._udp.local.` with its QUIC port and addresses, and browses for
+the same type. The TXT record carries no secret:
+
+    v  protocol version ("1")
+    id node_id in its public text form
+    n  a random nonce (hex), new for every announcement
+    m  membership tag, hex of HMAC-SHA256(mesh_secret, domain || id || 0 || nonce)[:16];
+       absent while the node has no mesh
+
+A peer is reported as a member only when its tag verifies under *our* mesh secret. Outsiders
+learn nothing from the tag except that the node belongs to some mesh, and a fresh nonce per
+announcement keeps tags of different restarts unlinkable by value. A tag can be replayed by
+anyone who heard it, but only together with the same node_id, and the transport authenticates
+every connection against the node_id's key: announcements are hints, never trust.
+
+Records use one short TTL (default 120 s) for PTR, SRV, TXT and A records so that a peer that
+disappears without a goodbye (crash, partition) is reported lost within about TTL + 10 s
+(zeroconf's cache sweep interval); zeroconf re-queries at 75% of the TTL to keep live peers.
+Only IPv4 is used: IPv6 link-local addresses would need scope ids that the layers above do not
+carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ifaddr
+from zeroconf import (
+    BadTypeInNameException,
+    InterfaceChoice,
+    IPVersion,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from meshchat.errors import MeshchatError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SERVICE_TYPE",
+    "DiscoveredPeer",
+    "DiscoveryError",
+    "MdnsDiscovery",
+    "local_ipv4_addresses",
+    "membership_tag",
+    "verify_membership_tag",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_meshchat._udp.local."
+PROTOCOL_VERSION = 1
+
+_TAG_DOMAIN = b"meshchat-mdns-membership-v1\x00"
+_TAG_BYTES = 16
+_NONCE_BYTES = 16
+_MAX_NODE_ID_CHARS = 200  # one TXT string holds at most 255 bytes including "id="
+_MAX_TRACKED = 1024  # bound memory against a LAN flooded with fake services
+_RESOLVE_TIMEOUT_MS = 3000
+# After a peer restarts on a new address, the old A record lingers in the cache for ~1 s
+# (RFC 6762 cache-flush); one delayed re-resolve reports the settled address set.
+_SETTLE_DELAY_S = 1.5
+_MIN_TTL = 2
+
+InterfacesArg = InterfaceChoice | Sequence[str]
+
+
+class DiscoveryError(MeshchatError):
+    """mDNS could not be started (no usable interface, bad arguments)."""
+
+
+@dataclass(frozen=True)
+class DiscoveredPeer:
+    """A meshchat node seen on the LAN. Everything here is an unverified hint."""
+
+    node_id: str
+    addresses: list[str]
+    port: int
+    #: the membership tag verifies under our mesh secret
+    is_member: bool
+    #: the node announces a membership tag (it belongs to some mesh, maybe not ours)
+    has_mesh: bool = False
+    version: int = PROTOCOL_VERSION
+    #: the mDNS service instance name the announcement came from
+    service_name: str = field(default="", compare=False)
+
+    @property
+    def mesh_tag_valid(self) -> bool:
+        """Alias of `is_member`: the tag verified under our secret."""
+        return self.is_member
+
+
+def membership_tag(mesh_secret: bytes, node_id: str, nonce: bytes) -> bytes:
+    """The truncated HMAC that proves, to holders of `mesh_secret`, membership of `node_id`."""
+    # NUL separates the fields: node ids are printable text, so the encoding is unambiguous.
+    msg = _TAG_DOMAIN + node_id.encode() + b"\x00" + nonce
+    return hmac.new(mesh_secret, msg, hashlib.sha256).digest()[:_TAG_BYTES]
+
+
+def verify_membership_tag(
+    mesh_secret: bytes | None, node_id: str, nonce: bytes, tag: bytes
+) -> bool:
+    """True only if `tag` was made with `mesh_secret` for this node_id and nonce."""
+    if mesh_secret is None or len(tag) != _TAG_BYTES:
+        return False
+    return hmac.compare_digest(membership_tag(mesh_secret, node_id, nonce), tag)
+
+
+def local_ipv4_addresses(include_loopback: bool = False) -> list[str]:
+    """IPv4 addresses of this host (or network namespace), loopback last if included."""
+    found: list[str] = []
+    loop: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if not isinstance(ip.ip, str):
+                continue  # IPv6 entries are tuples
+            addr = ipaddress.IPv4Address(ip.ip)
+            if addr.is_loopback:
+                loop.append(ip.ip)
+            elif not addr.is_link_local and not addr.is_unspecified:
+                found.append(ip.ip)
+    return found + (loop if include_loopback else [])
+
+
+def _instance_name(node_id: str) -> str:
+    # The instance label must fit 63 bytes and be stable across restarts, so that a restarted
+    # node replaces its old records instead of appearing twice; the real id travels in TXT.
+    digest = hashlib.sha256(node_id.encode()).hexdigest()[:20]
+    return f"meshchat-{digest}"
+
+
+def _valid_node_id(text: str) -> bool:
+    return 0 < len(text) <= _MAX_NODE_ID_CHARS and text.isprintable() and " " not in text
+
+
+def _usable_address(text: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return not (addr.is_multicast or addr.is_unspecified or addr.is_reserved)
+
+
+@dataclass
+class _Parsed:
+    node_id: str
+    version: int
+    nonce: bytes
+    tag: bytes | None
+    addresses: list[str]
+    port: int
+
+
+def _parse_info(info: ServiceInfo) -> _Parsed | None:
+    """Check an announcement's shape; hostile or malformed ones give None."""
+    props = info.properties or {}
+    try:
+        raw_v = props.get(b"v")
+        raw_id = props.get(b"id")
+        raw_n = props.get(b"n")
+        raw_m = props.get(b"m")
+        if raw_v is None or raw_id is None or raw_n is None:
+            return None
+        version = int(raw_v.decode("ascii"))
+        node_id = raw_id.decode("utf-8")
+        nonce = bytes.fromhex(raw_n.decode("ascii"))
+        tag = bytes.fromhex(raw_m.decode("ascii")) if raw_m else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not _valid_node_id(node_id) or len(nonce) != _NONCE_BYTES:
+        return None
+    if tag is not None and len(tag) != _TAG_BYTES:
+        return None
+    port = info.port
+    if port is None or not 0 < port < 65536:
+        return None
+    addresses = sorted(a for a in info.parsed_addresses(IPVersion.V4Only) if _usable_address(a))
+    if not addresses:
+        return None
+    return _Parsed(node_id, version, nonce, tag, addresses, port)
+
+
+class MdnsDiscovery:
+    """Announce this node and report the meshchat nodes seen on the LAN.
+
+    `on_peer` is called (in the event loop) when a peer is first seen and whenever what we know
+    about it changes (addresses, port, membership); `on_lost` when its announcement is withdrawn
+    or expires. Callbacks must not block. Our own announcement is never reported.
+
+    `interfaces` is zeroconf's choice: `InterfaceChoice.All` (default; inside a network namespace
+    that means the namespace's interfaces) or a list of local IPv4 addresses to bind to.
+    `addresses` overrides the addresses we advertise (default: those of `interfaces`, excluding
+    loopback unless only loopback is available). `ttl` is the record lifetime in seconds.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        port: int,
+        mesh_secret: bytes | None,
+        on_peer: Callable[[DiscoveredPeer], None],
+        on_lost: Callable[[str], None] | None = None,
+        interfaces: InterfacesArg = InterfaceChoice.All,
+        *,
+        addresses: Sequence[str] | None = None,
+        ttl: int = 120,
+    ) -> None:
+        if not _valid_node_id(node_id):
+            raise DiscoveryError(f"node id unfit for an mDNS TXT record: {node_id!r}")
+        if not 0 < port < 65536:
+            raise DiscoveryError(f"port out of range: {port}")
+        if ttl < _MIN_TTL:
+            raise DiscoveryError(f"mDNS ttl must be at least {_MIN_TTL} s")
+        self.node_id = node_id
+        self.port = port
+        self._secret = mesh_secret
+        self._on_peer = on_peer
+        self._on_lost = on_lost
+        self._interfaces: InterfacesArg = (
+            interfaces if isinstance(interfaces, InterfaceChoice) else list(interfaces)
+        )
+        self._addresses_override = list(addresses) if addresses is not None else None
+        self._ttl = ttl
+        self._aiozc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: ServiceInfo | None = None
+        # service name -> last parsed announcement / last reported peer
+        self._parsed: dict[str, _Parsed] = {}
+        self._reported: dict[str, DiscoveredPeer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resolving: dict[str, bool] = {}  # name -> another resolve requested meanwhile
+        self._removals: dict[str, int] = {}  # name -> removals seen, to drop stale resolves
+        self._closing = False
+
+    # ---- public API -----------------------------------------------------------------------
+
+    @property
+    def advertised_addresses(self) -> list[str]:
+        """The addresses in our announcement (empty before `start`)."""
+        return list(self._info.parsed_addresses()) if self._info is not None else []
+
+    @property
+    def service_name(self) -> str | None:
+        """Our registered service name (zeroconf may add a suffix on a name clash)."""
+        return self._info.name if self._info is not None else None
+
+    def peers(self) -> list[DiscoveredPeer]:
+        """The peers currently known, one per announcement."""
+        return list(self._reported.values())
+
+    async def start(self) -> None:
+        """Bind, announce ourselves and start browsing."""
+        if self._aiozc is not None:
+            return
+        self._closing = False
+        try:
+            self._aiozc = AsyncZeroconf(interfaces=self._interfaces, ip_version=IPVersion.V4Only)
+        except OSError as exc:
+            raise DiscoveryError(f"cannot start mDNS: {exc}") from exc
+        try:
+            self._info = self._build_info()
+            task = await self._aiozc.async_register_service(self._info, allow_name_change=True)
+            await task
+            self._browser = AsyncServiceBrowser(
+                self._aiozc.zeroconf,
+                [SERVICE_TYPE],
+                handlers=[self._on_state_change],
+                # At most one refresh query per second: short TTLs need timely refreshes.
+                delay=1000,
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        log.debug(
+            "mDNS: announced %s at %s:%d", self._info.name, self.advertised_addresses, self.port
+        )
+
+    async def stop(self) -> None:
+        """Withdraw our announcement (goodbye packets) and stop browsing. Idempotent."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        aiozc, browser = self._aiozc, self._browser
+        self._aiozc = self._browser = None
+        if browser is not None:
+            with contextlib.suppress(Exception):
+                await browser.async_cancel()
+        if aiozc is not None:
+            # async_close unregisters our service, which sends the goodbye packets.
+            await aiozc.async_close()
+        self._info = None
+        self._parsed.clear()
+        self._reported.clear()
+        self._resolving.clear()
+        self._removals.clear()
+
+    def set_mesh_secret(self, secret: bytes | None) -> None:
+        """Change our mesh secret (e.g. after joining a mesh) and re-announce.
+
+        Known peers are re-checked under the new secret at once; the re-announcement runs as a
+        task on the running loop (use `async_set_mesh_secret` to wait for it).
+        """
+        self._secret = secret
+        for name, parsed in list(self._parsed.items()):
+            self._report(name, parsed)
+        if self._aiozc is not None and self._info is not None:
+            self._spawn(self._reannounce())
+
+    async def async_set_mesh_secret(self, secret: bytes | None) -> None:
+        """`set_mesh_secret`, returning once the new announcement is sent."""
+        self._secret = secret
+        for name, parsed in list(self._parsed.items()):
+            self._report(name, parsed)
+        await self._reannounce()
+
+    # ---- announcing -----------------------------------------------------------------------
+
+    def _txt(self) -> dict[str, str]:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        props = {"v": str(PROTOCOL_VERSION), "id": self.node_id, "n": nonce.hex()}
+        if self._secret is not None:
+            props["m"] = membership_tag(self._secret, self.node_id, nonce).hex()
+        return props
+
+    def _choose_addresses(self) -> list[str]:
+        if self._addresses_override is not None:
+            chosen = self._addresses_override
+        elif isinstance(self._interfaces, InterfaceChoice):
+            chosen = local_ipv4_addresses() or ["127.0.0.1"]
+        else:
+            bound = [a for a in self._interfaces if _is_ipv4(a)]
+            routable = [a for a in bound if not ipaddress.IPv4Address(a).is_loopback]
+            chosen = routable or bound or ["127.0.0.1"]
+        if not chosen or not all(_is_ipv4(a) for a in chosen):
+            raise DiscoveryError(f"no usable IPv4 address to announce: {chosen}")
+        return list(chosen)
+
+    def _build_info(self, name: str | None = None) -> ServiceInfo:
+        instance = name or f"{_instance_name(self.node_id)}.{SERVICE_TYPE}"
+        host = instance.split(".", 1)[0]
+        try:
+            return ServiceInfo(
+                SERVICE_TYPE,
+                instance,
+                port=self.port,
+                properties=self._txt(),
+                server=f"{host}.local.",
+                addresses=[socket.inet_aton(a) for a in self._choose_addresses()],
+                host_ttl=self._ttl,
+                other_ttl=self._ttl,
+            )
+        except BadTypeInNameException as exc:
+            raise DiscoveryError(f"bad mDNS service name {instance!r}") from exc
+
+    async def _reannounce(self) -> None:
+        if self._aiozc is None or self._info is None:
+            return
+        # Keep the registered name (it may carry a clash suffix); only TXT changes.
+        info = self._build_info(self._info.name)
+        info.server = self._info.server
+        self._info = info
+        task = await self._aiozc.async_update_service(info)
+        await task
+
+    # ---- browsing -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("mDNS: task failed", exc_info=task.exception())
+
+    def _is_own(self, name: str) -> bool:
+        return self._info is not None and name.lower() == self._info.name.lower()
+
+    def _on_state_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        # Called by zeroconf inside the event loop; must not block.
+        if self._closing or self._is_own(name):
+            return
+        if state_change is ServiceStateChange.Removed:
+            self._forget(name)
+            return
+        if name not in self._parsed and len(self._parsed) >= _MAX_TRACKED:
+            log.debug("mDNS: ignoring %s, too many services tracked", name)
+            return
+        if name in self._resolving:
+            self._resolving[name] = True  # the running resolve will go round once more
+            return
+        self._resolving[name] = False
+        self._spawn(self._resolve_loop(name))
+
+    async def _resolve_loop(self, name: str) -> None:
+        try:
+            settle = True
+            while True:
+                await self._resolve(name)
+                if self._resolving.get(name):
+                    self._resolving[name] = False
+                    settle = True
+                    continue
+                if not settle:
+                    break
+                # One more look once the cache has flushed superseded records.
+                settle = False
+                await asyncio.sleep(_SETTLE_DELAY_S)
+        finally:
+            self._resolving.pop(name, None)
+
+    async def _resolve(self, name: str) -> None:
+        if self._aiozc is None:
+            return
+        removals = self._removals.get(name, 0)
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._aiozc.zeroconf, _RESOLVE_TIMEOUT_MS):
+            log.debug("mDNS: could not resolve %s", name)
+            return
+        parsed = _parse_info(info)
+        if parsed is None:
+            log.debug("mDNS: malformed announcement %s", name)
+            return
+        if self._closing or self._removals.get(name, 0) != removals:
+            return  # withdrawn while we were asking
+        if parsed.node_id == self.node_id:
+            return  # our own id under another name: a stale record of ours, or a spoof
+        self._parsed[name] = parsed
+        self._report(name, parsed)
+
+    def _report(self, name: str, parsed: _Parsed) -> None:
+        is_member = parsed.version == PROTOCOL_VERSION and (
+            parsed.tag is not None
+            and verify_membership_tag(self._secret, parsed.node_id, parsed.nonce, parsed.tag)
+        )
+        peer = DiscoveredPeer(
+            node_id=parsed.node_id,
+            addresses=list(parsed.addresses),
+            port=parsed.port,
+            is_member=is_member,
+            has_mesh=parsed.tag is not None,
+            version=parsed.version,
+            service_name=name,
+        )
+        if self._reported.get(name) == peer:
+            return
+        self._reported[name] = peer
+        try:
+            self._on_peer(peer)
+        except Exception:
+            log.exception("mDNS: on_peer callback failed")
+
+    def _forget(self, name: str) -> None:
+        self._removals[name] = self._removals.get(name, 0) + 1
+        self._parsed.pop(name, None)
+        peer = self._reported.pop(name, None)
+        if peer is None or self._on_lost is None:
+            return
+        if any(p.node_id == peer.node_id for p in self._reported.values()):
+            return  # still announced under another name
+        try:
+            self._on_lost(peer.node_id)
+        except Exception:
+            log.exception("mDNS: on_lost callback failed")
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
