@@ -1,0 +1,421 @@
+"""The wire format: versioned, length-prefixed frames carrying typed messages.
+
+A frame is an 8-byte header `!BBHI` (version, type, flags=0, body length) and a body. The header
+is checked (version, known type, flags, length within that type's limit) before any of the body
+is buffered, so a peer cannot make us hold more than one frame's limit per stream.
+
+Control messages are JSON objects validated against a dataclass schema (no pickle, no eval).
+Tensors are a binary header (dtype, session, position, shape) followed by the raw bytes.
+Anything malformed raises `ProtocolError`, and only that.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import json
+import math
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+WIRE_VERSION = 1
+HEADER = struct.Struct("!BBHI")
+HEADER_SIZE = HEADER.size
+MAX_CONTROL_BODY = 1 << 20  # 1 MiB: control messages are small
+MAX_TENSOR_BODY = 64 << 20  # 64 MiB: a long prefill chunk of a wide model
+MAX_TENSOR_DIMS = 4
+
+
+class ProtocolError(Exception):
+    """A peer sent something that breaks the protocol; close its stream (or connection)."""
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    ERROR = 5
+    PING = 6
+    PONG = 7
+    STATUS = 8
+    PEERS = 9
+    ROSTER = 10
+    ACK = 11
+    PLAN = 16
+    LOAD = 17
+    TENSOR = 18
+    TOKEN = 19
+    CANCEL = 20
+
+
+class Message:
+    """Base of all messages; `TYPE` is the frame type."""
+
+    TYPE: ClassVar[MsgType]
+
+
+# --- control messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Dialer → listener, first frame: who I am and which mesh I think I belong to."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    node_id: str
+    mesh_id: str | None = None
+    addresses: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Listener → dialer: sign this nonce together with my NodeID."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CHALLENGE
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Auth(Message):
+    """Dialer → listener: signature over the challenge, and an invite secret if redeeming."""
+
+    TYPE: ClassVar[MsgType] = MsgType.AUTH
+    signature: bytes
+    invite_secret: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Listener → dialer: accepted. Carries the mesh's identity when an invite was redeemed."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    node_id: str
+    mesh_id: str
+    mesh_secret: bytes | None = None
+    roster: dict[str, Any] = field(default_factory=dict)
+    addresses: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """A refusal or failure, with a stable code and a reason fit for a user."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PING
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PONG
+    seq: int
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """What a node runs: its layer range and model, set by the layer above."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATUS
+    layers: list[int] | None = None
+    model: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Peers(Message):
+    """Members this node is connected to, with the addresses they listen on (gossip)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PEERS
+    peers: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Roster(Message):
+    """The sender's roster (see membership.Roster.to_json) for merging."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ROSTER
+    mesh_id: str
+    entries: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """A generic reply to a request."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    ok: bool = True
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan(Message):
+    """A split plan from the head (contents owned by the inference layer)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PLAN
+    plan_id: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Load(Message):
+    """Ask a node to load a layer range of a model (contents owned by the inference layer)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.LOAD
+    plan_id: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Token(Message):
+    """A sampled token id, last stage → head."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TOKEN
+    session: int
+    position: int
+    token: int
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[MsgType] = MsgType.CANCEL
+    session: int
+    reason: str = ""
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+class DType(enum.IntEnum):
+    F32 = 1
+    F16 = 2
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self is DType.F32 else 2
+
+
+TENSOR_HEAD = struct.Struct("!BBHQI")  # dtype, ndim, flags=0, session, position
+
+
+@dataclass(frozen=True)
+class Tensor(Message):
+    """Activations for one session at one position; `data` is raw little-endian values."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TENSOR
+    dtype: DType
+    shape: tuple[int, ...]
+    session: int
+    position: int
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        check_tensor_shape(self.dtype, self.shape, len(self.data))
+
+
+def check_tensor_shape(dtype: DType, shape: tuple[int, ...], nbytes: int) -> None:
+    if not 1 <= len(shape) <= MAX_TENSOR_DIMS:
+        raise ProtocolError(f"tensor must have 1..{MAX_TENSOR_DIMS} dims, got {len(shape)}")
+    if any(d < 0 or d > 0xFFFFFFFF for d in shape):
+        raise ProtocolError("tensor dimension out of range")
+    if math.prod(shape) * dtype.itemsize != nbytes:
+        raise ProtocolError(f"tensor shape {shape} does not match {nbytes} data bytes")
+
+
+def encode_tensor_header(t: Tensor) -> bytes:
+    return TENSOR_HEAD.pack(t.dtype, len(t.shape), 0, t.session, t.position) + struct.pack(
+        f"!{len(t.shape)}I", *t.shape
+    )
+
+
+def decode_tensor(body: bytes | memoryview) -> Tensor:
+    view = memoryview(body)
+    if len(view) < TENSOR_HEAD.size:
+        raise ProtocolError("tensor header truncated")
+    dtype_raw, ndim, flags, session, position = TENSOR_HEAD.unpack_from(view)
+    try:
+        dtype = DType(dtype_raw)
+    except ValueError:
+        raise ProtocolError(f"unknown tensor dtype {dtype_raw}") from None
+    if flags or not 1 <= ndim <= MAX_TENSOR_DIMS:
+        raise ProtocolError("bad tensor header")
+    end = TENSOR_HEAD.size + 4 * ndim
+    if len(view) < end:
+        raise ProtocolError("tensor shape truncated")
+    shape = struct.unpack_from(f"!{ndim}I", view, TENSOR_HEAD.size)
+    return Tensor(dtype, tuple(shape), session, position, view[end:])
+
+
+# --- control message codec --------------------------------------------------------------------
+
+_CONTROL: dict[MsgType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Challenge, Auth, Welcome, Error, Ping, Pong, Status, Peers, Roster, Ack,
+        Plan, Load, Token, Cancel,
+    )
+}  # fmt: skip
+_MAX_BODY = {t: (MAX_TENSOR_BODY if t is MsgType.TENSOR else MAX_CONTROL_BODY) for t in MsgType}
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _check(value: Any, hint: Any, name: str) -> Any:
+    """Validate one decoded JSON value against a (simple) type hint; return the typed value."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], name)
+    if hint is Any:
+        return value
+    if hint is bytes:
+        if not isinstance(value, str):
+            raise ProtocolError(f"field {name}: expected base64 text")
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise ProtocolError(f"field {name}: bad base64") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"field {name}: expected a boolean")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"field {name}: expected an integer")
+        return value
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ProtocolError(f"field {name}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"field {name}: expected text")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"field {name}: expected a list")
+        (item,) = typing.get_args(hint)
+        return [_check(v, item, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"field {name}: expected an object")
+        _, item = typing.get_args(hint)
+        return {k: _check(v, item, name) for k, v in value.items()}
+    raise TypeError(f"unsupported schema type {hint!r}")  # a bug in this module, not the peer
+
+
+def encode_body(msg: Message) -> bytes:
+    if isinstance(msg, Tensor):
+        return encode_tensor_header(msg) + bytes(msg.data)
+    obj = {f.name: _to_json(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_body(mtype: int, body: bytes | memoryview) -> Message:
+    try:
+        kind = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype}") from None
+    if kind is MsgType.TENSOR:
+        return decode_tensor(body)
+    cls = _CONTROL[kind]
+    try:
+        obj = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ProtocolError(f"{kind.name}: body is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{kind.name}: body is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in obj:
+            values[f.name] = _check(obj[f.name], hints[f.name], f"{kind.name}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{kind.name}: missing field {f.name}")
+    return cls(**values)
+
+
+def encode_header(mtype: MsgType, length: int) -> bytes:
+    if length > _MAX_BODY[mtype]:
+        raise ValueError(f"{mtype.name} body of {length} bytes exceeds the frame limit")
+    return HEADER.pack(WIRE_VERSION, mtype, 0, length)
+
+
+def encode(msg: Message) -> bytes:
+    """One complete frame for `msg`."""
+    body = encode_body(msg)
+    return encode_header(msg.TYPE, len(body)) + body
+
+
+def check_header(
+    data: bytes | bytearray | memoryview, limit: int | None = None
+) -> tuple[MsgType, int]:
+    """Parse and check a frame header; the body is not looked at."""
+    version, mtype, flags, length = HEADER.unpack_from(data)
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"unsupported wire version {version}")
+    try:
+        kind = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {mtype}") from None
+    if flags:
+        raise ProtocolError("reserved header flags set")
+    cap = _MAX_BODY[kind] if limit is None else min(limit, _MAX_BODY[kind])
+    if length > cap:
+        raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds limit {cap}")
+    return kind, length
+
+
+class FrameReader:
+    """Incremental frame parser for one stream.
+
+    It never holds more than one header plus one body; `limit` caps a body below the
+    per-type maximum. `buffered` tells the owner how much this stream holds right now.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+        self._want: tuple[MsgType, int] | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while True:
+            if self._want is None:
+                if len(self._buf) < HEADER_SIZE:
+                    return out
+                self._want = check_header(self._buf, self._limit)
+                del self._buf[:HEADER_SIZE]
+            kind, length = self._want
+            if len(self._buf) < length:
+                return out
+            body = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._want = None
+            out.append(decode_body(kind, body))
+
+    @property
+    def at_boundary(self) -> bool:
+        """True if the stream ended cleanly between frames."""
+        return self._want is None and not self._buf
