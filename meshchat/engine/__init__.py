@@ -1,1 +1,1 @@
-
+"""Runs layers on this machine: llama.cpp stages, tokenizer and chat template, sampling."""

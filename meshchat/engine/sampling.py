@@ -1,0 +1,98 @@
+"""Sampling parameters and llama.cpp's sampler chain built from them."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, replace
+
+import llama_cpp
+
+from meshchat.errors import UsageError
+
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per chain
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def validated(self) -> SamplingParams:
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise UsageError(f"top-p must lie in [0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise UsageError(f"min-p must lie in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0.0:
+            raise UsageError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+        return self
+
+    def with_seed(self, seed: int | None) -> SamplingParams:
+        return replace(self, seed=seed)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "repeat_last_n": self.repeat_last_n,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float | int | None]) -> SamplingParams:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in fields}).validated()  # type: ignore[arg-type]
+
+
+class SamplerChain:
+    """An owned llama.cpp sampler chain; free() (or garbage collection) releases it."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        add = self._add
+        if params.repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.greedy:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+        add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler: ctypes.c_void_p) -> None:
+        llama_cpp.llama_sampler_chain_add(self._chain, sampler)
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self._chain, token)
+
+    def sample(self, ctx: ctypes.c_void_p, index: int) -> int:
+        """Sample from the context's logits at output `index`; the chain accepts the token."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+
+    def free(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.free()
