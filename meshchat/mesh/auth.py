@@ -1,0 +1,107 @@
+"""The in-connection authentication handshake (on the control stream, before anything else).
+
+    dialer → HELLO(node_id, mesh_id, addresses)
+    listener → CHALLENGE(nonce)
+    dialer → AUTH(signature, invite_secret?)
+    listener → WELCOME(...) or ERROR(code, reason), then closes
+
+The signature covers a domain string, the listener's NodeID, the dialer's NodeID and the nonce:
+binding the listener's identity stops a malicious member from relaying our proof elsewhere, the
+fresh nonce stops replays. The listener's own identity is already proven by TLS (pinned key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+from meshchat.errors import MeshchatError
+from meshchat.mesh import wire
+from meshchat.mesh.identity import Identity, NodeId
+from meshchat.mesh.transport import Connection, ConnectionLost
+
+_DOMAIN = b"meshchat/1 auth\x00"
+AUTH_TIMEOUT = 5.0
+
+
+class AuthRefused(MeshchatError):
+    """The other side refused us; the message is its reason."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def auth_payload(listener: NodeId, dialer: NodeId, nonce: bytes) -> bytes:
+    return _DOMAIN + listener.raw + dialer.raw + nonce
+
+
+async def dial_handshake(
+    conn: Connection, identity: Identity, hello: wire.Hello, invite_secret: bytes | None
+) -> wire.Welcome:
+    """Run the dialer's side; the connection's peer key is already pinned."""
+    assert conn.peer_id is not None
+    await conn.send(hello)
+    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    if isinstance(msg, wire.Error):
+        raise AuthRefused(msg.code, msg.reason)
+    if not isinstance(msg, wire.Challenge) or len(msg.nonce) != 32:
+        conn.abort("expected a challenge")
+        raise ConnectionLost("peer broke the handshake")
+    sig = identity.sign(auth_payload(conn.peer_id, identity.node_id, msg.nonce))
+    await conn.send(wire.Auth(sig, invite_secret))
+    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    if isinstance(msg, wire.Error):
+        conn.abort(msg.reason)
+        raise AuthRefused(msg.code, msg.reason)
+    if not isinstance(msg, wire.Welcome) or msg.node_id != str(conn.peer_id):
+        conn.abort("expected a welcome")
+        raise ConnectionLost("peer broke the handshake")
+    conn.authenticated = True
+    return msg
+
+
+Decide = Callable[[Connection, NodeId, wire.Hello, wire.Auth], Awaitable[wire.Welcome | wire.Error]]
+
+
+async def accept_handshake(
+    conn: Connection, identity: Identity, decide: Decide
+) -> tuple[NodeId, wire.Hello, wire.Welcome]:
+    """Run the listener's side; `decide` checks membership or redeems the invite."""
+    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    if not isinstance(msg, wire.Hello):
+        await refuse(conn, "protocol", "expected HELLO")
+    try:
+        dialer = NodeId.parse(msg.node_id)
+    except MeshchatError:
+        await refuse(conn, "bad-hello", "HELLO carries no valid NodeID")
+    if dialer == identity.node_id:
+        await refuse(conn, "self", "a node cannot connect to itself")
+    nonce = os.urandom(32)
+    await conn.send(wire.Challenge(nonce))
+    auth = await conn.recv_handshake(AUTH_TIMEOUT)
+    if not isinstance(auth, wire.Auth):
+        await refuse(conn, "protocol", "expected AUTH")
+    if not dialer.verify(auth.signature, auth_payload(identity.node_id, dialer, nonce)):
+        await refuse(
+            conn, "bad-signature", "authentication failed: signature does not match the NodeID"
+        )
+    verdict = await decide(conn, dialer, msg, auth)
+    if isinstance(verdict, wire.Error):
+        await refuse(conn, verdict.code, verdict.reason)
+    assert isinstance(verdict, wire.Welcome)
+    conn.peer_id = dialer
+    conn.authenticated = True
+    await conn.send(verdict)
+    return dialer, msg, verdict
+
+
+async def refuse(conn: Connection, code: str, reason: str) -> NoReturn:
+    """Tell the dialer why, close, and raise AuthRefused."""
+    with contextlib.suppress(ConnectionLost):
+        await conn.send(wire.Error(code, reason))
+    # Close only after the error frame had a chance to leave.
+    conn._loop.call_later(0.2, conn.abort, reason)
+    raise AuthRefused(code, reason)

@@ -1,0 +1,522 @@
+"""QUIC transport: one UDP endpoint per node that both accepts and dials, and framed streams.
+
+The endpoint demultiplexes datagrams by connection ID to `Connection`s (aioquic's
+`QuicConnectionProtocol`), so a node's outgoing connections leave from its listening port.
+
+Stream roles on a connection (QUIC stream ids):
+- stream 0 (the dialer's first bidirectional stream): the control stream. It carries the
+  authentication handshake, then ordered one-way messages in both directions (`send`).
+- any other bidirectional stream: one request frame, one reply frame (`request`).
+- unidirectional streams: keepalive pings/pongs only, so bulk traffic does not delay them.
+
+Before authentication only stream 0 is accepted. A frame error on a request or ping stream
+closes that stream; on the control stream, or past the per-peer buffer limit, the connection.
+
+Pinning: the dialer turns CA checks off (there is no CA) and, once the handshake is complete,
+compares the key in the peer's certificate with the NodeID it expects. aioquic has no public
+API for that certificate; we read `QuicConnection.tls._peer_certificate` (aioquic is pinned and
+`test_mesh_transport` fails loudly if the attribute moves). aioquic still verifies the
+CertificateVerify signature with CA checks off, so the peer holds the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+
+from meshchat.errors import MeshchatError
+from meshchat.mesh import wire
+from meshchat.mesh.identity import Identity, NodeId, node_id_of_certificate
+
+log = logging.getLogger(__name__)
+
+ALPN = "meshchat/1"  # the protocol's major version
+CONTROL_STREAM = 0
+APP_ERROR_PROTOCOL = 0x101  # QUIC application error codes we use when resetting
+APP_ERROR_REFUSED = 0x102
+APP_ERROR_DUPLICATE = 0x103
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Transport knobs; defaults are the tuned values (see scripts/bench_transport.py)."""
+
+    congestion_control: str = "cubic"
+    # 1472 = a 1500-byte Ethernet MTU minus IPv4 and UDP headers: no IP fragmentation on a LAN.
+    max_datagram_size: int = 1472
+    # Loopback has a 64 KiB MTU; bigger datagrams cut aioquic's per-packet Python cost.
+    loopback_datagram_size: int = 16384
+    chunk: int = 256 * 1024  # bytes handed to aioquic per write
+    send_buffer: int = 4 * 1024 * 1024  # unacked bytes per stream before `send` waits
+    peer_buffer: int = 96 * 1024 * 1024  # received, not yet framed bytes per peer
+    max_datagram_flow: int = 16 * 1024 * 1024  # QUIC flow-control windows
+    idle_timeout: float = 15.0
+    max_connections: int = 256
+    max_stream_errors: int = 32  # a peer that keeps sending bad frames is cut off
+
+    def datagram_size_for(self, host: str) -> int:
+        try:
+            loop_back = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loop_back = False
+        return self.loopback_datagram_size if loop_back else self.max_datagram_size
+
+
+DEFAULT_TUNING = Tuning()
+# What aioquic does with its own defaults (for the benchmark's "before" column).
+UNTUNED = Tuning(
+    congestion_control="reno",
+    max_datagram_size=1200,
+    loopback_datagram_size=1200,
+    chunk=1 << 30,
+    send_buffer=1 << 40,
+    max_datagram_flow=1048576,
+)
+
+
+class ConnectionLost(MeshchatError):
+    """The peer went away (or was cut off) while we were talking to it."""
+
+
+def peer_certificate_node_id(quic: QuicConnection) -> NodeId | None:
+    """The NodeID in the peer's TLS certificate (private aioquic attribute; see module doc)."""
+    cert = quic.tls._peer_certificate
+    return None if cert is None else node_id_of_certificate(cert)
+
+
+class Connection(QuicConnectionProtocol):
+    """One QUIC connection, framed. The node layer drives authentication and dispatch."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        endpoint: Endpoint,
+        remote: Address,
+        expect: Callable[[NodeId], bool] | None = None,
+    ) -> None:
+        super().__init__(quic)
+        self.endpoint = endpoint
+        self.remote = remote
+        self.is_dialer = quic.configuration.is_client
+        self.peer_id: NodeId | None = None  # pinned (dialer) or authenticated (listener)
+        self.authenticated = False
+        self.tuning = endpoint.tuning
+        self._expect = expect
+        self._handshake: asyncio.Future[None] = self._loop.create_future()
+        self._readers: dict[int, wire.FrameReader] = {}
+        self._dead_streams: set[int] = set()
+        self._stream_errors = 0
+        self._buffered = 0
+        self._pre_auth: asyncio.Queue[wire.Message | None] = asyncio.Queue(maxsize=4)
+        self._pending: dict[int, asyncio.Future[wire.Message]] = {}
+        self._control_lock = asyncio.Lock()
+        self._ping_stream: int | None = None
+        self._drained = asyncio.Event()
+        self._terminated = False
+        self.close_reason = ""
+        self.last_heard = self._loop.time()
+        self.closed = self._loop.create_future()
+        # Set by the node once authenticated.
+        self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
+        self.on_request: Callable[[Connection, wire.Message], Awaitable[wire.Message]] | None = None
+        self.on_ping: Callable[[Connection, wire.Message], None] = lambda c, m: None
+
+    # --- lifecycle
+
+    async def wait_handshake(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._handshake), timeout)
+        except TimeoutError:
+            self.abort("handshake timed out")
+            raise ConnectionLost(f"no QUIC handshake with {fmt_addr(self.remote)}") from None
+
+    def abort(self, reason: str, code: int = APP_ERROR_REFUSED) -> None:
+        """Close the connection now (idempotent)."""
+        if self._terminated:
+            return
+        self.close_reason = self.close_reason or reason
+        with contextlib.suppress(Exception):
+            self._quic.close(error_code=code, reason_phrase=reason[:200])
+            self.transmit()
+        self._on_terminated(reason)
+
+    def _on_terminated(self, reason: str) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        self.close_reason = self.close_reason or reason
+        exc = ConnectionLost(f"connection to {fmt_addr(self.remote)} closed: {self.close_reason}")
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+            self._handshake.exception()  # mark retrieved
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._pre_auth.put_nowait(None)
+        self._drained.set()
+        self.endpoint._forget(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._terminated
+
+    # --- aioquic hooks
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.last_heard = self._loop.time()
+        super().datagram_received(data, addr)
+        self._drained.set()
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.HandshakeCompleted):
+            self._on_handshake(event)
+        elif isinstance(event, events.StreamDataReceived):
+            self._on_stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            self._drop_stream(event.stream_id)
+            fut = self._pending.pop(event.stream_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionLost("peer reset the request stream"))
+        elif isinstance(event, events.ConnectionTerminated):
+            self._on_terminated(event.reason_phrase or f"QUIC error {event.error_code}")
+
+    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        if event.session_resumed or event.early_data_accepted:
+            self.abort("session resumption is not allowed")
+            return
+        if self.is_dialer:
+            peer = peer_certificate_node_id(self._quic)
+            if peer is None or self._expect is None or not self._expect(peer):
+                self.abort("peer key does not match the expected NodeID")
+                return
+            self.peer_id = peer
+        if not self._handshake.done():
+            self._handshake.set_result(None)
+
+    # --- receiving
+
+    def _on_stream_data(self, sid: int, data: bytes, end: bool) -> None:
+        if sid in self._dead_streams:
+            return
+        if not self.authenticated and sid != CONTROL_STREAM:
+            self.abort("stream opened before authentication", APP_ERROR_PROTOCOL)
+            return
+        reader = self._readers.get(sid)
+        if reader is None:
+            reader = self._readers[sid] = wire.FrameReader()
+        before = reader.buffered
+        try:
+            msgs = reader.feed(data)
+        except wire.ProtocolError as exc:
+            self._buffered -= before
+            self._stream_error(sid, str(exc))
+            return
+        self._buffered += reader.buffered - before
+        if self._buffered > self.tuning.peer_buffer:
+            self.abort("peer exceeded its receive buffer limit", APP_ERROR_PROTOCOL)
+            return
+        if end:
+            self._buffered -= reader.buffered
+            del self._readers[sid]
+            if not reader.at_boundary:
+                self._stream_error(sid, "stream ended inside a frame")
+                return
+        for msg in msgs:
+            self._dispatch(sid, msg)
+
+    def _dispatch(self, sid: int, msg: wire.Message) -> None:
+        if self._terminated:
+            return
+        if sid == CONTROL_STREAM:
+            if self.authenticated:
+                self.on_message(self, msg)
+            else:
+                try:
+                    self._pre_auth.put_nowait(msg)
+                except asyncio.QueueFull:
+                    self.abort("too many messages before authentication", APP_ERROR_PROTOCOL)
+            return
+        if sid & 2:  # unidirectional: keepalive only
+            if isinstance(msg, wire.Ping | wire.Pong):
+                self.on_ping(self, msg)
+            else:
+                self._stream_error(sid, "only pings on unidirectional streams")
+            return
+        ours = (sid & 1) == (0 if self.is_dialer else 1)
+        if ours:  # a reply to our request
+            fut = self._pending.pop(sid, None)
+            if fut is None:
+                self._stream_error(sid, "unexpected frame on a request stream")
+            elif not fut.done():
+                fut.set_result(msg)
+            return
+        if self.on_request is None:
+            self._stream_error(sid, "requests are not accepted")
+            return
+        self._dead_streams.add(sid)  # exactly one request per stream
+        task = self._loop.create_task(self._serve_request(sid, msg))
+        self.endpoint._tasks.add(task)
+        task.add_done_callback(self.endpoint._tasks.discard)
+
+    async def _serve_request(self, sid: int, msg: wire.Message) -> None:
+        assert self.on_request is not None
+        try:
+            reply = await self.on_request(self, msg)
+        except MeshchatError as exc:
+            reply = wire.Error("failed", str(exc))
+        except Exception as exc:
+            log.exception("request handler failed")
+            reply = wire.Error("internal", f"handler failed: {exc!r}")
+        with contextlib.suppress(ConnectionLost):
+            await self._write(sid, frame_parts(reply), end=True)
+
+    def _stream_error(self, sid: int, reason: str) -> None:
+        log.debug("stream %d from %s: %s", sid, fmt_addr(self.remote), reason)
+        if sid == CONTROL_STREAM:
+            self.abort(f"protocol error: {reason}", APP_ERROR_PROTOCOL)
+            return
+        self._stream_errors += 1
+        if self._stream_errors > self.tuning.max_stream_errors:
+            self.abort("too many protocol errors", APP_ERROR_PROTOCOL)
+            return
+        self._drop_stream(sid)
+        self._dead_streams.add(sid)
+        fut = self._pending.pop(sid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionLost(f"bad reply: {reason}"))
+        with contextlib.suppress(Exception):
+            self._quic.stop_stream(sid, APP_ERROR_PROTOCOL)
+            if not sid & 2 or (sid & 1) == (0 if self.is_dialer else 1):
+                # Tell the peer why on the stream if we can still write to it.
+                body = wire.encode(wire.Error("protocol", reason[:200]))
+                self._quic.send_stream_data(sid, body, end_stream=True)
+            self.transmit()
+
+    def _drop_stream(self, sid: int) -> None:
+        reader = self._readers.pop(sid, None)
+        if reader is not None:
+            self._buffered -= reader.buffered
+
+    async def recv_handshake(self, timeout: float) -> wire.Message:
+        """Next control message before authentication (the node's handshake uses this)."""
+        try:
+            msg = await asyncio.wait_for(self._pre_auth.get(), timeout)
+        except TimeoutError:
+            self.abort("authentication timed out")
+            raise ConnectionLost("authentication timed out") from None
+        if msg is None:
+            raise ConnectionLost(f"connection closed: {self.close_reason}")
+        return msg
+
+    # --- sending
+
+    def _backlog(self, sid: int) -> int:
+        stream = self._quic._streams.get(sid)
+        return 0 if stream is None else len(stream.sender._buffer)
+
+    async def _write(self, sid: int, parts: list[bytes | memoryview], end: bool) -> None:
+        chunk = self.tuning.chunk
+        pieces = [p[i : i + chunk] for p in parts for i in range(0, len(p), chunk)] or [b""]
+        for i, piece in enumerate(pieces):
+            if self._terminated:
+                raise ConnectionLost(f"connection closed: {self.close_reason}")
+            last = end and i == len(pieces) - 1
+            self._quic.send_stream_data(sid, bytes(piece), end_stream=last)
+            self.transmit()
+            # Bound what we hold for a slow peer: wait for acks before writing more.
+            while self._backlog(sid) > self.tuning.send_buffer and not self._terminated:
+                self._drained.clear()
+                await self._drained.wait()
+
+    async def send(self, msg: wire.Message) -> None:
+        """Send on the ordered control stream."""
+        async with self._control_lock:
+            await self._write(CONTROL_STREAM, frame_parts(msg), end=False)
+
+    async def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+        """Send `msg` on a new stream and wait for the one reply frame."""
+        if self._terminated:
+            raise ConnectionLost(f"connection closed: {self.close_reason}")
+        sid = self._quic.get_next_available_stream_id()
+        fut: asyncio.Future[wire.Message] = self._loop.create_future()
+        self._pending[sid] = fut
+        try:
+            await self._write(sid, frame_parts(msg), end=True)
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ConnectionLost("request timed out") from None
+        finally:
+            self._pending.pop(sid, None)
+
+    def send_ping(self, msg: wire.Ping | wire.Pong) -> None:
+        if self._terminated:
+            return
+        if self._ping_stream is None:
+            self._ping_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        self._quic.send_stream_data(self._ping_stream, wire.encode(msg))
+        self.transmit()
+
+
+def frame_parts(msg: wire.Message) -> list[bytes | memoryview]:
+    """A frame as pieces, so a tensor's data is not copied into one big buffer first."""
+    if isinstance(msg, wire.Tensor):
+        head = wire.encode_tensor_header(msg)
+        return [wire.encode_header(msg.TYPE, len(head) + len(msg.data)) + head, msg.data]
+    return [wire.encode(msg)]
+
+
+def fmt_addr(addr: Address) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_addr(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise MeshchatError(f"not an address (HOST:PORT): {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Endpoint(asyncio.DatagramProtocol):
+    """The node's UDP socket: routes datagrams to connections, accepts and dials."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        on_incoming: Callable[[Connection], None],
+        tuning: Tuning = DEFAULT_TUNING,
+    ) -> None:
+        self.identity = identity
+        self.tuning = tuning
+        self._on_incoming = on_incoming
+        self._cert = identity.certificate()
+        self._by_cid: dict[bytes, Connection] = {}
+        self._conns: set[Connection] = set()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.address: Address = ("0.0.0.0", 0)
+
+    async def start(self, host: str, port: int) -> Address:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(host, port)
+            )
+        except OSError as exc:
+            raise MeshchatError(
+                f"cannot listen on {fmt_addr((host, port))}: {exc.strerror}"
+            ) from exc
+        self._transport = transport
+        sockname = self._transport.get_extra_info("sockname")
+        self.address = (sockname[0], sockname[1])
+        return self.address
+
+    def close(self) -> None:
+        for conn in list(self._conns):
+            conn.abort("node shutting down", QuicErrorCode.NO_ERROR)
+        for task in self._tasks:
+            task.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def connections(self) -> set[Connection]:
+        return set(self._conns)
+
+    def _config(self, is_client: bool, host: str) -> QuicConfiguration:
+        t = self.tuning
+        return QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            certificate=self._cert,
+            private_key=self.identity.private_key,
+            verify_mode=ssl.CERT_NONE,  # no CA: the dialer pins the key (module doc)
+            congestion_control_algorithm=t.congestion_control,
+            max_datagram_size=t.datagram_size_for(host),
+            idle_timeout=t.idle_timeout,
+            max_data=t.max_datagram_flow,
+            max_stream_data=t.max_datagram_flow,
+        )
+
+    def _register(self, conn: Connection, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+
+    def _retire(self, conn: Connection, cid: bytes) -> None:
+        if self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+
+    def _forget(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        for cid in [c for c, v in self._by_cid.items() if v is conn]:
+            del self._by_cid[cid]
+
+    def _attach(self, conn: Connection, *cids: bytes) -> None:
+        conn._connection_id_issued_handler = lambda cid: self._register(conn, cid)
+        conn._connection_id_retired_handler = lambda cid: self._retire(conn, cid)
+        # ConnectionTerminated also reaches quic_event_received, with the reason.
+        conn._connection_terminated_handler = lambda: None
+        assert self._transport is not None
+        conn.connection_made(self._transport)
+        for cid in cids:
+            self._by_cid[cid] = conn
+        self._conns.add(conn)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            return  # not QUIC: drop silently
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is not None:
+            conn.datagram_received(data, addr)
+            return
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or len(data) < 1200  # RFC 9000: clients pad Initials; also limits amplification
+            or header.version not in (1, 0x6B3343CF)
+            or len(self._conns) >= self.tuning.max_connections
+        ):
+            return
+        config = self._config(is_client=False, host=addr[0])
+        quic = QuicConnection(
+            configuration=config, original_destination_connection_id=header.destination_cid
+        )
+        conn = Connection(quic, self, (addr[0], addr[1]))
+        self._attach(conn, header.destination_cid, quic.host_cid)
+        conn.datagram_received(data, addr)
+        self._on_incoming(conn)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)  # e.g. ICMP port unreachable; the dial times out
+
+    async def dial(
+        self, addr: Address, expect: Callable[[NodeId], bool], timeout: float = 5.0
+    ) -> Connection:
+        """Open a connection and complete the QUIC handshake with a pinned peer key."""
+        if self._transport is None:
+            raise MeshchatError("the node is not started")
+        quic = QuicConnection(configuration=self._config(is_client=True, host=addr[0]))
+        conn = Connection(quic, self, addr, expect=expect)
+        self._attach(conn, quic.host_cid)
+        conn.connect(addr)
+        await conn.wait_handshake(timeout)
+        return conn
