@@ -85,9 +85,7 @@ async def accept_handshake(
     if not isinstance(auth, wire.Auth):
         await refuse(conn, "protocol", "expected AUTH")
     if not dialer.verify(auth.signature, auth_payload(identity.node_id, dialer, nonce)):
-        await refuse(
-            conn, "bad-signature", "authentication failed: signature does not match the NodeID"
-        )
+        await refuse(conn, "bad-signature", "signature does not match the NodeID (wrong key)")
     verdict = await decide(conn, dialer, msg, auth)
     if isinstance(verdict, wire.Error):
         await refuse(conn, verdict.code, verdict.reason)

@@ -275,7 +275,9 @@ class Node:
     def set_status(
         self, layers: tuple[int, int] | None, model: dict[str, Any] | None = None
     ) -> None:
-        """What this node runs; shared with every connected peer."""
+        """What this node runs; shared with every connected peer (when it changes)."""
+        if (layers, model) == (self._layers, self._model):
+            return
         self._layers, self._model = layers, model
         for node in self.connected():
             self._spawn(self._send_quiet(node, self._status_msg()))

@@ -1,0 +1,110 @@
+"""`meshchat --headless`: a worker node without a screen.
+
+Starts the mesh node, redeems `--join CODE` if given, prints the NodeID, addresses and a fresh
+invite, keeps `--status-file` current (rewritten atomically every second), and stops cleanly on
+SIGINT/SIGTERM (exit 0). Never imports textual.
+
+Listening: `--listen HOST:PORT`; by default 0.0.0.0:47470, or a random port if that one is taken
+(the invite carries the port either way). mDNS discovery is on unless MESHCHAT_MDNS=0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from meshchat.errors import MeshchatError, UsageError
+from meshchat.fsutil import atomic_write_text
+from meshchat.mesh.node import Node
+from meshchat.paths import DataDir
+
+DEFAULT_PORT = 47470
+STATUS_INTERVAL = 1.0
+
+LayersFn = Callable[[], tuple[int, int] | None]
+ModelFn = Callable[[], dict[str, Any] | None]
+
+
+def run_headless(
+    args: argparse.Namespace,
+    *,
+    layers: LayersFn | None = None,
+    model: ModelFn | None = None,
+    on_ready: Callable[[Node], Awaitable[None]] | None = None,
+) -> int:
+    """Run until SIGINT/SIGTERM. `layers`/`model` feed the status (the inference layer's)."""
+    if args.invite_uses < 1:
+        raise UsageError("--invite-uses must be at least 1")
+    return asyncio.run(serve(args, layers=layers, model=model, on_ready=on_ready))
+
+
+async def _start_node(args: argparse.Namespace, data_dir: DataDir) -> Node:
+    mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
+    if args.listen:
+        node = Node(data_dir, args.listen, discovery=mdns)
+        await node.start()
+        return node
+    node = Node(data_dir, f"0.0.0.0:{DEFAULT_PORT}", discovery=mdns)
+    try:
+        await node.start()
+    except MeshchatError:
+        node = Node(data_dir, "0.0.0.0:0", discovery=mdns)
+        await node.start()
+    return node
+
+
+async def serve(
+    args: argparse.Namespace,
+    *,
+    layers: LayersFn | None = None,
+    model: ModelFn | None = None,
+    on_ready: Callable[[Node], Awaitable[None]] | None = None,
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = await _start_node(args, DataDir.resolve(args.data_dir))
+    try:
+        if args.join:
+            inviter = await node.join(args.join)
+            print(f"joined mesh {node.mesh_id} via {inviter.short}", file=sys.stderr)
+        invite = node.create_invite(uses=args.invite_uses)
+        if args.invite_file:
+            atomic_write_text(_path(args.invite_file), invite + "\n")
+        print(f"node_id: {node.node_id}")
+        print(f"addresses: {' '.join(node.addresses)}")
+        print(f"mesh_id: {node.mesh_id}")
+        print(f"invite: {invite}", flush=True)
+        if on_ready is not None:
+            await on_ready(node)
+        while not stop.is_set():
+            if layers is not None or model is not None:
+                node.set_status(
+                    layers() if layers else node.layers, model() if model else node.model
+                )
+            if args.status_file:
+                write_status(node, args.status_file)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
+    finally:
+        await node.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def write_status(node: Node, path: str) -> None:
+    atomic_write_text(_path(path), json.dumps(node.status(), indent=1) + "\n")
