@@ -19,22 +19,27 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns exit codes."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", metavar="PATH", help="where this node keeps its files")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands accept the common flags too, without resetting a value given before them.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--data-dir", metavar="PATH", default=default,
+                        help="where this node keeps its files")
+    parser.add_argument("--debug", action="store_true", default=False if top else default,
+                        help="show tracebacks and debug logs")
 
 
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH", help="GGUF model file (default: SmolLM2-135M)")
+def _add_model(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    parser.add_argument("--model", metavar="PATH", default=None if top else argparse.SUPPRESS,
+                        help="GGUF model file (default: SmolLM2-135M)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshchat", description="Chat with one model split across machines.")
-    _add_common(parser)
-    _add_model(parser)
+    _add_common(parser, top=True)
+    _add_model(parser, top=True)
     parser.add_argument("--join", metavar="CODE", help="join a mesh with an invite code")
     parser.add_argument("--headless", action="store_true", help="run as a worker, no screen")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (headless)")
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", metavar="TEXT", help="system prompt (chat mode)")
     gen.add_argument("--transport-dtype", choices=["f32", "f16"], default="f32")
     gen.add_argument("--threads", type=int, default=None, metavar="N")
-    gen.add_argument("--join", metavar="CODE", help="run on the mesh this invite leads to")
+    gen.add_argument("--join", metavar="CODE", default=argparse.SUPPRESS,
+                     help="run on the mesh this invite leads to")
 
     bench = commands.add_parser("bench", help="performance table")
     _add_common(bench)

@@ -1,1 +1,1 @@
-
+"""Distributed generation: pipelines of stages (local or on the mesh) driven by a head session."""

@@ -15,9 +15,14 @@ announcement keeps tags of different restarts unlinkable by value. A tag can be 
 anyone who heard it, but only together with the same node_id, and the transport authenticates
 every connection against the node_id's key: announcements are hints, never trust.
 
-Records use one short TTL (default 120 s) for PTR, SRV, TXT and A records so that a peer that
-disappears without a goodbye (crash, partition) is reported lost within about TTL + 10 s
-(zeroconf's cache sweep interval); zeroconf re-queries at 75% of the TTL to keep live peers.
+Liveness. A clean stop sends goodbye packets and peers report it lost at once. A crash or a
+partition sends nothing, and zeroconf clamps received PTR TTLs to at least 1125 s, so the browser
+alone would notice only after ~19 minutes. We therefore announce SRV/TXT/A records with a short
+TTL (`ttl`, default 60 s) and sweep every ttl/2: a known peer whose records have expired is asked
+again (a few mDNS queries, at most 3 s), and one that does not answer is reported lost. Lost
+peers keep being asked each sweep for 10 minutes, so a healed partition is noticed within a
+sweep; each sweep also sends one PTR query carrying known answers, so nodes that booted while we
+could not hear them answer too. Expect a lost report within about 1.5 × ttl + 3 s.
 Only IPv4 is used: IPv6 link-local addresses would need scope ids that the layers above do not
 carry.
 """
@@ -30,8 +35,10 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import random
 import secrets
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +51,7 @@ from zeroconf import (
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -75,6 +83,8 @@ _RESOLVE_TIMEOUT_MS = 3000
 # (RFC 6762 cache-flush); one delayed re-resolve reports the settled address set.
 _SETTLE_DELAY_S = 1.5
 _MIN_TTL = 2
+_STALE_FORGET_S = 600.0  # stop asking after a lost peer this long
+_CHECK_CONCURRENCY = 16
 
 InterfacesArg = InterfaceChoice | Sequence[str]
 
@@ -217,7 +227,7 @@ class MdnsDiscovery:
         interfaces: InterfacesArg = InterfaceChoice.All,
         *,
         addresses: Sequence[str] | None = None,
-        ttl: int = 120,
+        ttl: int = 60,
     ) -> None:
         if not _valid_node_id(node_id):
             raise DiscoveryError(f"node id unfit for an mDNS TXT record: {node_id!r}")
@@ -244,6 +254,8 @@ class MdnsDiscovery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._resolving: dict[str, bool] = {}  # name -> another resolve requested meanwhile
         self._removals: dict[str, int] = {}  # name -> removals seen, to drop stale resolves
+        self._last_ok: dict[str, float] = {}  # name -> monotonic time of last good resolve
+        self._stale: dict[str, float] = {}  # name -> when it stopped answering (reported lost)
         self._closing = False
 
     # ---- public API -----------------------------------------------------------------------
@@ -276,12 +288,9 @@ class MdnsDiscovery:
             task = await self._aiozc.async_register_service(self._info, allow_name_change=True)
             await task
             self._browser = AsyncServiceBrowser(
-                self._aiozc.zeroconf,
-                [SERVICE_TYPE],
-                handlers=[self._on_state_change],
-                # At most one refresh query per second: short TTLs need timely refreshes.
-                delay=1000,
+                self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_state_change]
             )
+            self._spawn(self._maintain())
         except BaseException:
             await self.stop()
             raise
@@ -311,6 +320,8 @@ class MdnsDiscovery:
         self._reported.clear()
         self._resolving.clear()
         self._removals.clear()
+        self._last_ok.clear()
+        self._stale.clear()
 
     def set_mesh_secret(self, secret: bytes | None) -> None:
         """Change our mesh secret (e.g. after joining a mesh) and re-announce.
@@ -319,17 +330,19 @@ class MdnsDiscovery:
         task on the running loop (use `async_set_mesh_secret` to wait for it).
         """
         self._secret = secret
-        for name, parsed in list(self._parsed.items()):
-            self._report(name, parsed)
+        self._recheck_members()
         if self._aiozc is not None and self._info is not None:
             self._spawn(self._reannounce())
 
     async def async_set_mesh_secret(self, secret: bytes | None) -> None:
         """`set_mesh_secret`, returning once the new announcement is sent."""
         self._secret = secret
-        for name, parsed in list(self._parsed.items()):
-            self._report(name, parsed)
+        self._recheck_members()
         await self._reannounce()
+
+    def _recheck_members(self) -> None:
+        for name in list(self._reported):
+            self._report(name, self._parsed[name])
 
     # ---- announcing -----------------------------------------------------------------------
 
@@ -434,24 +447,71 @@ class MdnsDiscovery:
         finally:
             self._resolving.pop(name, None)
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str) -> bool:
+        """Look the service up (cache first, then the network); False if it did not answer."""
         if self._aiozc is None:
-            return
+            return False
         removals = self._removals.get(name, 0)
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._aiozc.zeroconf, _RESOLVE_TIMEOUT_MS):
             log.debug("mDNS: could not resolve %s", name)
-            return
+            return False
         parsed = _parse_info(info)
         if parsed is None:
             log.debug("mDNS: malformed announcement %s", name)
-            return
+            return True  # it answered; there is just nothing usable in it
         if self._closing or self._removals.get(name, 0) != removals:
-            return  # withdrawn while we were asking
+            return True  # withdrawn while we were asking
         if parsed.node_id == self.node_id:
-            return  # our own id under another name: a stale record of ours, or a spoof
+            return True  # our own id under another name: a stale record of ours, or a spoof
+        self._last_ok[name] = time.monotonic()
+        self._stale.pop(name, None)
         self._parsed[name] = parsed
         self._report(name, parsed)
+        return True
+
+    # ---- liveness -------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        period = max(1.0, self._ttl / 2)
+        limit = asyncio.Semaphore(_CHECK_CONCURRENCY)
+
+        async def check(name: str) -> None:
+            async with limit:
+                started = time.monotonic()
+                if await self._resolve(name) or self._closing:
+                    return
+                if self._last_ok.get(name, 0.0) < started:  # no event-driven success meanwhile
+                    self._mark_lost(name)
+
+        while not self._closing:
+            # Jitter keeps nodes started together from querying in lockstep.
+            await asyncio.sleep(period * random.uniform(0.9, 1.1))
+            self._send_ptr_query()
+            names = [n for n in self._parsed if n not in self._resolving]
+            await asyncio.gather(*(check(n) for n in names))
+
+    def _send_ptr_query(self) -> None:
+        """One PTR query with our known answers: only services we do not know reply."""
+        if self._browser is None:
+            return
+        try:
+            scheduler = self._browser.query_scheduler
+            scheduler.async_send_ready_queries(False, current_time_millis(), {SERVICE_TYPE})
+        except (AttributeError, TypeError):  # zeroconf internals moved: lose only this nicety
+            log.debug("mDNS: cannot send a browse query with this zeroconf", exc_info=True)
+
+    def _mark_lost(self, name: str) -> None:
+        now = time.monotonic()
+        since = self._stale.setdefault(name, now)
+        if now - since > _STALE_FORGET_S:
+            self._stale.pop(name, None)
+            self._parsed.pop(name, None)
+            self._last_ok.pop(name, None)
+        peer = self._reported.pop(name, None)
+        if peer is not None:
+            log.debug("mDNS: %s stopped answering", name)
+            self._lost(peer)
 
     def _report(self, name: str, parsed: _Parsed) -> None:
         is_member = parsed.version == PROTOCOL_VERSION and (
@@ -478,8 +538,14 @@ class MdnsDiscovery:
     def _forget(self, name: str) -> None:
         self._removals[name] = self._removals.get(name, 0) + 1
         self._parsed.pop(name, None)
+        self._stale.pop(name, None)
+        self._last_ok.pop(name, None)
         peer = self._reported.pop(name, None)
-        if peer is None or self._on_lost is None:
+        if peer is not None:
+            self._lost(peer)
+
+    def _lost(self, peer: DiscoveredPeer) -> None:
+        if self._on_lost is None:
             return
         if any(p.node_id == peer.node_id for p in self._reported.values()):
             return  # still announced under another name

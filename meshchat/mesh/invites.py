@@ -70,10 +70,10 @@ class InviteCode:
             raise InviteError(
                 "invite code has characters that cannot be in a code (typo?)"
             ) from None
-        if (
-            len(raw) < _HEAD.size + _CHECK
-            or hashlib.sha256(raw[:-_CHECK]).digest()[:_CHECK] != raw[-_CHECK:]
-        ):
+        digest = hashlib.sha256(raw[:-_CHECK]).digest()[:_CHECK]
+        # The last base32 character may carry unused bits; a typo there must not pass either.
+        canonical = base64.b32encode(raw).decode().rstrip("=") == body
+        if len(raw) < _HEAD.size + _CHECK or digest != raw[-_CHECK:] or not canonical:
             raise InviteError("invite code checksum does not match (typo or truncated copy?)")
         raw = raw[:-_CHECK]
         version, expires, inviter, secret, count = _HEAD.unpack_from(raw)

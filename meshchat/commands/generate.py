@@ -1,0 +1,90 @@
+"""`meshchat generate PROMPT`: one completion, streamed to stdout; diagnostics on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from meshchat.commands.common import ModelChoice, choose_model, thread_count
+from meshchat.engine.chat_template import ChatMessage, ChatTemplate
+from meshchat.engine.sampling import SamplingParams
+from meshchat.engine.stage import StageOptions
+from meshchat.engine.tokenizer import Tokenizer
+from meshchat.errors import MeshchatError, UsageError
+from meshchat.inference.head import ChatPrompter, HeadSession
+from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.model.architectures import parse_split, split_ranges
+from meshchat.paths import DataDir
+
+DEFAULT_CONTEXT = 4096
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+    ).validated()
+
+
+def prompt_tokens(choice: ModelChoice, tokenizer: Tokenizer, args: argparse.Namespace) -> list[int]:
+    if args.raw:
+        # As llama.cpp tokenizes a plain prompt: BOS only if the metadata asks, specials parsed.
+        return tokenizer.tokenize(args.prompt, add_special=True, parse_special=True)
+    template = ChatTemplate(
+        choice.header.get("tokenizer.chat_template"),
+        bos_token=tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else "",
+        eos_token=tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else "",
+    )
+    messages = []
+    if args.system:
+        messages.append(ChatMessage("system", args.system))
+    messages.append(ChatMessage("user", args.prompt))
+    return ChatPrompter(tokenizer, template).tokens(messages)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.join:
+        from meshchat.commands.generate_mesh import run_generate_on_mesh
+
+        return run_generate_on_mesh(args)
+    params = sampling_from_args(args)
+    data = DataDir.resolve(args.data_dir)
+    choice = choose_model(args, data)
+    ranges = split_ranges(choice.spec, parse_split(args.split)) if args.split else [
+        (0, choice.spec.n_layers)]
+    tokenizer = Tokenizer(choice.path)
+    tokens = prompt_tokens(choice, tokenizer, args)
+    n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
+    if len(tokens) >= n_ctx:
+        raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
+    options = StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads))
+    stages = build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
+    if len(ranges) > 1:
+        plan = " ".join(f"[{a},{b})" for a, b in ranges)
+        print(f"meshchat: running stages {plan} in this process", file=sys.stderr)
+    pipeline = LocalPipeline(stages, transport_dtype=args.transport_dtype)
+    return asyncio.run(_stream(pipeline, tokenizer, tokens, params, args.max_tokens))
+
+
+async def _stream(pipeline: LocalPipeline, tokenizer: Tokenizer, tokens: list[int],
+                  params: SamplingParams, max_tokens: int) -> int:
+    session = HeadSession(pipeline, tokenizer)
+    try:
+        async for text in session.generate(tokens, params, max_tokens):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    finally:
+        await session.close()
+        await pipeline.close()
+    return 0
