@@ -209,7 +209,7 @@ async def test_dead_peer_noticed_within_bound(mesh: MeshNodes) -> None:
 
 
 async def test_aioquic_private_attributes_still_exist(mesh: MeshNodes) -> None:
-    """We read aioquic internals (peer certificate, stream send buffers); fail loudly if they move."""
+    """We read aioquic internals (peer cert, stream send buffer); fail loudly if they move."""
     a, b = await mesh.new(), await mesh.new()
     conn = await b.endpoint.dial(a.endpoint.address, lambda n: n == a.node_id)
     assert hasattr(conn._quic.tls, "_peer_certificate"), "aioquic changed: fix key pinning"
