@@ -183,7 +183,7 @@ async def test_joining_a_mesh_reannounces(make: Factory) -> None:
     await seen_a.wait(lambda: seen_a.peers[b.node_id].is_member)
 
 
-async def test_restart_on_new_address_is_reported(make: Factory) -> None:
+async def test_crash_then_restart_on_new_address(make: Factory) -> None:
     secret = b"r" * 32
     node_id = new_id()
     a, seen_a = make(secret)
@@ -198,6 +198,8 @@ async def test_restart_on_new_address_is_reported(make: Factory) -> None:
     b1._aiozc = None
     aiozc.zeroconf.registry.async_remove(aiozc.zeroconf.registry.async_get_infos_type(SERVICE_TYPE))
     await aiozc.async_close()
+    # No goodbye: the liveness sweep notices the silence within about 1.5 x TTL + 3 s.
+    await seen_a.wait(lambda: node_id in seen_a.lost, timeout=TTL * 1.5 + 8)
 
     b2, _ = make(secret, node_id=node_id, port=7101, addresses=["127.0.0.3"])
     await b2.start()
