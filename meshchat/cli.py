@@ -25,15 +25,24 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     # Subcommands accept the common flags too, without resetting a value given before them.
     default = None if top else argparse.SUPPRESS
-    parser.add_argument("--data-dir", metavar="PATH", default=default,
-                        help="where this node keeps its files")
-    parser.add_argument("--debug", action="store_true", default=False if top else default,
-                        help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--data-dir", metavar="PATH", default=default, help="where this node keeps its files"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else default,
+        help="show tracebacks and debug logs",
+    )
 
 
 def _add_model(parser: argparse.ArgumentParser, top: bool = False) -> None:
-    parser.add_argument("--model", metavar="PATH", default=None if top else argparse.SUPPRESS,
-                        help="GGUF model file (default: SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None if top else argparse.SUPPRESS,
+        help="GGUF model file (default: SmolLM2-135M)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", metavar="TEXT", help="system prompt (chat mode)")
     gen.add_argument("--transport-dtype", choices=["f32", "f16"], default="f32")
     gen.add_argument("--threads", type=int, default=None, metavar="N")
-    gen.add_argument("--join", metavar="CODE", default=argparse.SUPPRESS,
-                     help="run on the mesh this invite leads to")
+    gen.add_argument(
+        "--join",
+        metavar="CODE",
+        default=argparse.SUPPRESS,
+        help="run on the mesh this invite leads to",
+    )
 
     bench = commands.add_parser("bench", help="performance table")
     _add_common(bench)
@@ -131,12 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"meshchat: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+    except Exception as exc:
         if debug:
             traceback.print_exc()
         else:
-            print(f"meshchat: internal error: {exc!r} (run with --debug for details)",
-                  file=sys.stderr)
+            print(
+                f"meshchat: internal error: {exc!r} (run with --debug for details)", file=sys.stderr
+            )
         return 1
 
 

@@ -30,7 +30,8 @@ def choose_model(args: argparse.Namespace, data: DataDir) -> ModelChoice:
     if not is_supported(spec.arch):
         raise MeshchatError(
             f"unsupported architecture {spec.arch!r} in {path} "
-            f"(supported: {', '.join(sorted(SUPPORTED))})")
+            f"(supported: {', '.join(sorted(SUPPORTED))})"
+        )
     return ModelChoice(path, header, spec)
 
 

@@ -59,8 +59,11 @@ def run_generate(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
     data = DataDir.resolve(args.data_dir)
     choice = choose_model(args, data)
-    ranges = split_ranges(choice.spec, parse_split(args.split)) if args.split else [
-        (0, choice.spec.n_layers)]
+    ranges = (
+        split_ranges(choice.spec, parse_split(args.split))
+        if args.split
+        else [(0, choice.spec.n_layers)]
+    )
     tokenizer = Tokenizer(choice.path)
     tokens = prompt_tokens(choice, tokenizer, args)
     n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
@@ -75,8 +78,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return asyncio.run(_stream(pipeline, tokenizer, tokens, params, args.max_tokens))
 
 
-async def _stream(pipeline: LocalPipeline, tokenizer: Tokenizer, tokens: list[int],
-                  params: SamplingParams, max_tokens: int) -> int:
+async def _stream(
+    pipeline: LocalPipeline,
+    tokenizer: Tokenizer,
+    tokens: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+) -> int:
     session = HeadSession(pipeline, tokenizer)
     try:
         async for text in session.generate(tokens, params, max_tokens):

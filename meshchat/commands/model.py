@@ -25,8 +25,10 @@ def run_model(args: argparse.Namespace) -> int:
         for path in models:
             header = read_header(path)
             spec = spec_from_header(header)
-            print(f"{path.name}  {spec.arch}  {spec.n_layers} layers  {spec.main_quant}  "
-                  f"{_size(spec.file_size)}  {path}")
+            print(
+                f"{path.name}  {spec.arch}  {spec.n_layers} layers  {spec.main_quant}  "
+                f"{_size(spec.file_size)}  {path}"
+            )
         return 0
     path = store.resolve(args.path)
     header = read_header(path)
@@ -49,8 +51,9 @@ def run_model(args: argparse.Namespace) -> int:
         ("chat template", "yes" if spec.has_chat_template else "no"),
     ]
     if spec.sliding_window_pattern is not None:
-        rows.append(("sliding window", "".join("s" if s else "G" for s in
-                                                spec.sliding_window_pattern)))
+        rows.append(
+            ("sliding window", "".join("s" if s else "G" for s in spec.sliding_window_pattern))
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

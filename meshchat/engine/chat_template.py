@@ -53,8 +53,9 @@ class ChatTemplate:
         self._bos = bos_token
         self._eos = eos_token
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               **extra: Any) -> str:
+    def render(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         try:
             return self._template.render(
                 messages=[m.to_dict() for m in messages],

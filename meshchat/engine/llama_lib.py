@@ -39,7 +39,10 @@ def _load_ggml_base() -> ctypes.CDLL:
     lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
     lib.ggml_nbytes.restype = ctypes.c_size_t
     lib.ggml_backend_tensor_get.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
     ]
     lib.ggml_backend_tensor_get.restype = None
     return lib

@@ -66,8 +66,11 @@ class SamplerChain:
         self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
         add = self._add
         if params.repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(
-                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0
+                )
+            )
         if params.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
             return

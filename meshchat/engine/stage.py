@@ -102,8 +102,9 @@ class Stage:
         self._free_slots = list(range(self.options.max_sessions))[::-1]
         self._model = self._load_model(model_path)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(
-            llama_cpp.llama_model_get_vocab(self._model)))
+        self.n_vocab = int(
+            llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        )
         n_layers = int(llama_cpp.llama_model_n_layer(self._model))
         if n_layers != layers.count:
             raise StageError(f"{model_path} holds {n_layers} layers, expected {layers.count}")
@@ -184,7 +185,8 @@ class Stage:
                 return
             if not self._free_slots:
                 raise NoFreeSessionError(
-                    f"all {self.options.max_sessions} session slots of stage {self.layers} are busy")
+                    f"all {self.options.max_sessions} session slots of stage {self.layers} are busy"
+                )
             self._sessions[session_id] = _Session(slot=self._free_slots.pop())
 
     def close_session(self, session_id: str) -> None:
@@ -225,7 +227,7 @@ class Stage:
             if session.sampler is not None:
                 session.sampler.free()
             session.sampler = SamplerChain(params, self.n_vocab)
-            for token in session.tokens[-max(params.repeat_last_n, 0):]:
+            for token in session.tokens[-max(params.repeat_last_n, 0) :]:
                 session.sampler.accept(token)
             session.sampled = None
 
@@ -260,18 +262,21 @@ class Stage:
             if position != len(session.tokens):
                 raise StageError(
                     f"session {session_id!r} is at position {len(session.tokens)} on stage "
-                    f"{self.layers}, got input for position {position}")
+                    f"{self.layers}, got input for position {position}"
+                )
             n = len(tokens)
             if n == 0:
                 raise StageError("empty input")
-            if not self.is_first:
-                if hidden is None or hidden.shape != (n, self.n_embd):
-                    got = None if hidden is None else hidden.shape
-                    raise StageError(f"stage {self.layers} expects hidden states of shape "
-                                     f"({n}, {self.n_embd}), got {got}")
+            if not self.is_first and (hidden is None or hidden.shape != (n, self.n_embd)):
+                got = None if hidden is None else hidden.shape
+                raise StageError(
+                    f"stage {self.layers} expects hidden states of shape "
+                    f"({n}, {self.n_embd}), got {got}"
+                )
             if position + n > self.n_ctx:
                 raise ContextOverflowError(
-                    f"{position + n} tokens do not fit in the context window of {self.n_ctx}")
+                    f"{position + n} tokens do not fit in the context window of {self.n_ctx}"
+                )
             started = time.perf_counter()
             output = self._forward_chunks(session, position, tokens, hidden, sample, all_logits)
             self.timings.add(time.perf_counter() - started, n)
@@ -302,8 +307,9 @@ class Stage:
             elif last_chunk:
                 logit_parts.append(self._logits(1))
         if not self.is_last:
-            return StageOutput(hidden=np.concatenate(hidden_parts) if len(hidden_parts) > 1
-                               else hidden_parts[0])
+            return StageOutput(
+                hidden=np.concatenate(hidden_parts) if len(hidden_parts) > 1 else hidden_parts[0]
+            )
         output = StageOutput(logits=np.concatenate(logit_parts))
         if sample:
             output.token = self._sample(session, position + len(tokens))
@@ -342,8 +348,10 @@ class Stage:
         if status != 0:
             raise StageError(f"llama_decode failed on stage {self.layers} (status {status})")
         if not self.is_last and self._captured_rows != n:
-            raise StageError(f"stage {self.layers} captured {self._captured_rows} hidden rows "
-                             f"for {n} tokens (llama.cpp graph names changed?)")
+            raise StageError(
+                f"stage {self.layers} captured {self._captured_rows} hidden rows "
+                f"for {n} tokens (llama.cpp graph names changed?)"
+            )
 
     def _note_tokens(self, session: _Session, position: int, tokens: list[int]) -> None:
         if session.sampler is not None:

@@ -36,18 +36,22 @@ class Tokenizer:
         self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._piece_buffer = ctypes.create_string_buffer(256)
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         """Tokens of `text`; `add_special` adds BOS only where the model's metadata asks."""
         data = text.encode()
         capacity = len(data) + 8
         buffer = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(
-            self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+            self._vocab, data, len(data), buffer, capacity, add_special, parse_special
+        )
         if n < 0:
             capacity = -n
             buffer = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(
-                self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+                self._vocab, data, len(data), buffer, capacity, add_special, parse_special
+            )
         if n < 0:
             raise TokenizerError("tokenization failed")
         return list(buffer[:n])

@@ -49,8 +49,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class HeadSession:
     """One conversation's state on the pipeline (its KV caches on every stage)."""
 
-    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer,
-                 session_id: str | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, tokenizer: Tokenizer, session_id: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.session_id = session_id or uuid.uuid4().hex
@@ -70,7 +71,8 @@ class HeadSession:
         n_ctx = self.pipeline.n_ctx
         if len(prompt_tokens) >= n_ctx:
             raise ContextOverflowError(
-                f"the prompt has {len(prompt_tokens)} tokens; the context holds {n_ctx}")
+                f"the prompt has {len(prompt_tokens)} tokens; the context holds {n_ctx}"
+            )
         if not prompt_tokens:
             raise ContextOverflowError("the prompt is empty")
         if not self._opened:

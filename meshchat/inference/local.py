@@ -7,9 +7,9 @@ a rollback queued after a cancelled forward waits for that forward to finish.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -39,7 +39,9 @@ def build_stages(
     try:
         for first, end in ranges:
             layers = LayerRange(first, end)
-            path = model_path if fingerprint is None else cache.get(header, fingerprint.model, layers)
+            path = (
+                model_path if fingerprint is None else cache.get(header, fingerprint.model, layers)
+            )
             stages.append(Stage(path, layers, total, options))
     except BaseException:
         for stage in stages:

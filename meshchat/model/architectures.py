@@ -10,6 +10,7 @@ not carry its pattern would say so.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,8 +89,8 @@ def split_ranges(spec: ModelSpec, boundaries: list[int]) -> list[tuple[int, int]
     for point in boundaries:
         if not 0 < point < spec.n_layers:
             raise SplitError(
-                f"split point {point} is out of range: {spec.name} has layers 0..{spec.n_layers - 1},"
-                f" so boundaries must lie in 1..{spec.n_layers - 1}"
+                f"split point {point} is out of range: the model has layers 0.."
+                f"{spec.n_layers - 1}, so boundaries must lie in 1..{spec.n_layers - 1}"
             )
         if point <= previous:
             raise SplitError(f"split points must increase: {point} comes after {previous}")
@@ -97,7 +98,7 @@ def split_ranges(spec: ModelSpec, boundaries: list[int]) -> list[tuple[int, int]
             raise SplitError(f"{spec.arch} cannot be split at layer {point}")
         previous = point
     edges = [0, *boundaries, spec.n_layers]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+    return list(itertools.pairwise(edges))
 
 
 def parse_split(text: str) -> list[int]:

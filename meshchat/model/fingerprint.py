@@ -7,6 +7,7 @@ multi-GB file takes a while, so the result is cached by (path, size, mtime).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,22 +92,27 @@ class FingerprintCache:
     def get(self, header: GGUFHeader) -> Fingerprint:
         path = header.path
         stat = path.stat()
-        stamp = {"format": _FORMAT, "path": str(path.resolve()), "size": stat.st_size,
-                 "mtime_ns": stat.st_mtime_ns}
+        stamp = {
+            "format": _FORMAT,
+            "path": str(path.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
         entry = self._entry_path(path)
         try:
             cached = json.loads(entry.read_text())
             if cached.get("stamp") == stamp:
                 data = cached["fingerprint"]
-                return Fingerprint(data["model"], data["config"], data["globals"],
-                                   tuple(data["layers"]))
+                return Fingerprint(
+                    data["model"], data["config"], data["globals"], tuple(data["layers"])
+                )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a missing or damaged cache entry only costs a re-hash
         fingerprint = compute_fingerprint(header)
-        try:
-            atomic_write_text(entry, json.dumps({"stamp": stamp, "fingerprint": asdict(fingerprint)}))
-        except OSError:
-            pass  # a read-only or full disk must not stop the model from running
+        # A read-only or full disk must not stop the model from running: skip the cache.
+        with contextlib.suppress(OSError):
+            record = {"stamp": stamp, "fingerprint": asdict(fingerprint)}
+            atomic_write_text(entry, json.dumps(record))
         return fingerprint
 
 

@@ -272,8 +272,54 @@ def _parse(cur: _Cursor) -> GGUFHeader:
     data_offset = (header_end + alignment - 1) // alignment * alignment
     tensors = []
     for name, type_id, shape, offset in infos:
-        entry = TensorEntry(name, type_id, shape, data_offset + offset, tensor_n_bytes(type_id, shape))
+        entry = TensorEntry(
+            name, type_id, shape, data_offset + offset, tensor_n_bytes(type_id, shape)
+        )
         if entry.offset + entry.n_bytes > cur.size:
             raise ModelFileError(f"truncated GGUF file: {path} (tensor {name} is cut off)")
         tensors.append(entry)
     return GGUFHeader(path, version, metadata, tensors, alignment, data_offset, cur.size)
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """A tensor to write: name, ggml type id, shape (ggml order), byte count."""
+
+    name: str
+    type_id: int
+    shape: tuple[int, ...]
+    n_bytes: int
+
+
+def _encode_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def encode_header(
+    metadata: list[tuple[str, bytes]], tensors: list[TensorLayout], alignment: int
+) -> bytes:
+    """The bytes of a GGUF v3 header, padded so tensor data can follow at once.
+
+    `metadata` holds (key, raw) pairs, raw being a type tag plus value (MetadataEntry.raw or
+    `encode_value`). Tensor data must follow in order, each padded to `alignment`.
+    """
+    head = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
+    for key, raw in metadata:
+        head += _encode_string(key) + raw
+    offset = 0
+    for tensor in tensors:
+        head += _encode_string(tensor.name) + struct.pack("<I", len(tensor.shape))
+        head += b"".join(struct.pack("<Q", d) for d in tensor.shape)
+        head += struct.pack("<IQ", tensor.type_id, offset)
+        offset = _align(offset + tensor.n_bytes, alignment)
+    head += bytes(_align(len(head), alignment) - len(head))
+    return bytes(head)
+
+
+def padding(n_bytes: int, alignment: int) -> bytes:
+    return bytes(_align(n_bytes, alignment) - n_bytes)

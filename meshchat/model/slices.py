@@ -21,8 +21,11 @@ from meshchat.model.gguf_file import (
     GGUFHeader,
     MetadataEntry,
     TensorEntry,
+    TensorLayout,
     ValueType,
+    encode_header,
     encode_value,
+    padding,
     read_header,
 )
 
@@ -47,11 +50,6 @@ class LayerRange:
         return self.end - self.first
 
 
-def _string_bytes(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack("<Q", len(data)) + data
-
-
 def _slice_metadata(
     header: GGUFHeader, layers: LayerRange, fingerprint: str
 ) -> list[tuple[str, bytes]]:
@@ -67,8 +65,9 @@ def _slice_metadata(
     if pattern is not None:
         # Carry the per-layer pattern explicitly: a renumbered layer would otherwise get the
         # pattern of its new index and attend differently.
-        raw = encode_value(ValueType.ARRAY, list(pattern[layers.first : layers.end]),
-                           ValueType.BOOL)
+        raw = encode_value(
+            ValueType.ARRAY, list(pattern[layers.first : layers.end]), ValueType.BOOL
+        )
         entries = [(k, v) for k, v in entries if k != pattern_key] + [(pattern_key, raw)]
     entries += [
         ("meshchat.slice.first_layer", encode_value(ValueType.UINT32, layers.first)),
@@ -105,10 +104,6 @@ def _slice_tensors(header: GGUFHeader, layers: LayerRange, n_layers: int) -> lis
     return kept
 
 
-def _align(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
 def write_slice(header: GGUFHeader, layers: LayerRange, fingerprint: str, dest: Path) -> None:
     """Write the slice of `header`'s model for `layers` to `dest` (atomically)."""
     n_layers = int(header.get(f"{header.arch}.block_count"))
@@ -116,23 +111,13 @@ def write_slice(header: GGUFHeader, layers: LayerRange, fingerprint: str, dest: 
         raise MeshchatError(f"layer range {layers} is beyond the model's {n_layers} layers")
     metadata = _slice_metadata(header, layers, fingerprint)
     tensors = _slice_tensors(header, layers, n_layers)
-    alignment = header.alignment
-    head = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
-    for key, raw in metadata:
-        head += _string_bytes(key) + raw
-    offset = 0
-    for tensor in tensors:
-        head += _string_bytes(tensor.name) + struct.pack("<I", len(tensor.shape))
-        head += b"".join(struct.pack("<Q", d) for d in tensor.shape)
-        head += struct.pack("<IQ", tensor.type_id, offset)
-        offset = _align(offset + tensor.n_bytes, alignment)
-    head += bytes(_align(len(head), alignment) - len(head))
+    layouts = [TensorLayout(t.name, t.type_id, t.shape, t.n_bytes) for t in tensors]
     try:
         with atomic_writer(dest) as out, header.path.open("rb") as src:
-            out.write(head)
+            out.write(encode_header(metadata, layouts, header.alignment))
             for tensor in tensors:
                 _copy_range(src.fileno(), out.fileno(), tensor.offset, tensor.n_bytes)
-                out.write(bytes(_align(tensor.n_bytes, alignment) - tensor.n_bytes))
+                out.write(padding(tensor.n_bytes, header.alignment))
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise MeshchatError(f"no space left on device writing slice {dest}") from exc

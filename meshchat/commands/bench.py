@@ -1,0 +1,49 @@
+"""`meshchat bench [--json]`: the performance table (see meshchat.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from meshchat.bench import PROMPT_TOKENS, format_table, run_benchmark
+from meshchat.commands.common import choose_model, thread_count
+from meshchat.engine.stage import Stage, StageOptions
+from meshchat.engine.tokenizer import Tokenizer
+from meshchat.errors import UsageError
+from meshchat.inference.local import build_stages
+from meshchat.paths import DataDir
+
+# Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
+_FILLER = (
+    "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
+    "passes the hidden state of every token to the next machine in the chain. "
+)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    data = DataDir.resolve(args.data_dir)
+    choice = choose_model(args, data)
+    threads = thread_count(args.threads)
+    tokenizer = Tokenizer(choice.path)
+    prompt: list[int] = []
+    while len(prompt) < PROMPT_TOKENS:
+        prompt += tokenizer.tokenize(_FILLER, add_special=False)
+    prompt = prompt[:PROMPT_TOKENS]
+    options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=PROMPT_TOKENS, n_threads=threads)
+    names = {t.name: t.n_bytes for t in choice.header.tensors}
+    output_bytes = names.get("output.weight", names.get("token_embd.weight", 0))
+
+    def make_stages(ranges: list[tuple[int, int]]) -> list[Stage]:
+        return build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
+
+    def progress(message: str) -> None:
+        print(f"meshchat bench: {message}", file=sys.stderr)
+
+    report = run_benchmark(
+        choice.spec, make_stages, prompt, output_bytes, threads, args.repeats, progress
+    )
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
