@@ -164,3 +164,12 @@ async def test_peer_buffer_limit_cuts_off_the_peer(mesh: MeshNodes) -> None:
     assert "buffer limit" in conn.close_reason
     await a.wait_for_peer(c.node_id)
     assert await c.request(a.node_id, wire.Ping(5)) == wire.Pong(5)
+
+
+async def test_second_frame_on_a_request_stream_is_refused(mesh: MeshNodes) -> None:
+    a, b, conn = await paired(mesh)
+    sid = _raw_request_stream(conn, wire.encode(wire.Ping(1)) + wire.encode(wire.Ping(2)))
+    reply = await _reply_on(conn, sid)
+    assert isinstance(reply, (wire.Pong, wire.Error))
+    await still_serving(a, b)
+    assert not a.peer(b.node_id).conn._served  # type: ignore[union-attr]

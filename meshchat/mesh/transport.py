@@ -119,7 +119,8 @@ class Connection(QuicConnectionProtocol):
         self._expect = expect
         self._handshake: asyncio.Future[None] = self._loop.create_future()
         self._readers: dict[int, wire.FrameReader] = {}
-        self._dead_streams: set[int] = set()
+        self._dead_streams: set[int] = set()  # failed streams: ignore what still arrives
+        self._served: set[int] = set()  # request streams that delivered their one frame
         self._stream_errors = 0
         self._buffered = 0
         self._pre_auth: asyncio.Queue[wire.Message | None] = asyncio.Queue(maxsize=4)
@@ -193,6 +194,8 @@ class Connection(QuicConnectionProtocol):
             self._on_stream_data(event.stream_id, event.data, event.end_stream)
         elif isinstance(event, events.StreamReset):
             self._drop_stream(event.stream_id)
+            self._dead_streams.discard(event.stream_id)
+            self._served.discard(event.stream_id)
             fut = self._pending.pop(event.stream_id, None)
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionLost("peer reset the request stream"))
@@ -234,14 +237,16 @@ class Connection(QuicConnectionProtocol):
         if self._buffered > self.tuning.peer_buffer:
             self.abort("peer exceeded its receive buffer limit", APP_ERROR_PROTOCOL)
             return
-        if end:
-            self._buffered -= reader.buffered
-            del self._readers[sid]
-            if not reader.at_boundary:
-                self._stream_error(sid, "stream ended inside a frame")
-                return
         for msg in msgs:
             self._dispatch(sid, msg)
+            if self._terminated or self._readers.get(sid) is not reader:
+                return  # the stream failed (or the connection closed) on this frame
+        if end:
+            self._buffered -= reader.buffered
+            self._readers.pop(sid, None)
+            self._served.discard(sid)  # the peer can send nothing more on it: forget it
+            if not reader.at_boundary:
+                self._stream_error(sid, "stream ended inside a frame")
 
     def _dispatch(self, sid: int, msg: wire.Message) -> None:
         if self._terminated:
@@ -272,7 +277,10 @@ class Connection(QuicConnectionProtocol):
         if self.on_request is None:
             self._stream_error(sid, "requests are not accepted")
             return
-        self._dead_streams.add(sid)  # exactly one request per stream
+        if sid in self._served:
+            self._stream_error(sid, "more than one frame on a request stream")
+            return
+        self._served.add(sid)
         task = self._loop.create_task(self._serve_request(sid, msg))
         self.endpoint._tasks.add(task)
         task.add_done_callback(self.endpoint._tasks.discard)
@@ -286,7 +294,10 @@ class Connection(QuicConnectionProtocol):
         except Exception as exc:
             log.exception("request handler failed")
             reply = wire.Error("internal", f"handler failed: {exc!r}")
-        with contextlib.suppress(ConnectionLost):
+        if sid in self._dead_streams:
+            return  # the peer broke the stream meanwhile; it was told why
+        # RuntimeError: aioquic refuses writes to a stream the peer reset meanwhile.
+        with contextlib.suppress(ConnectionLost, RuntimeError):
             await self._write(sid, frame_parts(reply), end=True)
 
     def _stream_error(self, sid: int, reason: str) -> None:
@@ -300,6 +311,7 @@ class Connection(QuicConnectionProtocol):
             return
         self._drop_stream(sid)
         self._dead_streams.add(sid)
+        self._served.discard(sid)
         fut = self._pending.pop(sid, None)
         if fut is not None and not fut.done():
             fut.set_exception(ConnectionLost(f"bad reply: {reason}"))
