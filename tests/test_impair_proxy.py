@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
-from netns_helpers import load_script
+
+from tests.netns_helpers import load_script
 
 impair = load_script("impair_proxy")
 Impairment = impair.Impairment

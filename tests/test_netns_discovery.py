@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns_helpers import SCRIPTS, netns, read_json, require_netns, wait_for
+
+from tests.netns_helpers import SCRIPTS, netns, read_json, require_netns, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
