@@ -79,7 +79,7 @@ async def serve(
             print(f"joined mesh {node.mesh_id} via {inviter.short}", file=sys.stderr)
         invite = node.create_invite(uses=args.invite_uses)
         if args.invite_file:
-            atomic_write_text(_path(args.invite_file), invite + "\n")
+            atomic_write_text(_path(args.invite_file), invite + "\n", mode=0o600)
         print(f"node_id: {node.node_id}")
         print(f"addresses: {' '.join(node.addresses)}")
         print(f"mesh_id: {node.mesh_id}")

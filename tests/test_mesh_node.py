@@ -14,7 +14,7 @@ from meshchat.mesh import wire
 from meshchat.mesh.identity import Identity
 from meshchat.mesh.invites import InviteCode, InviteError
 from meshchat.mesh.node import PeerState
-from meshchat.mesh.transport import ConnectionLost, peer_certificate_node_id
+from meshchat.mesh.transport import END_STATES, ConnectionLost, peer_certificate_node_id
 from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,12 +54,18 @@ async def test_three_nodes_find_each_other_through_peers(mesh: MeshNodes) -> Non
 
 async def test_restart_reconnects_without_new_invite(mesh: MeshNodes, tmp_path: Path) -> None:
     a, b = await mesh.new("a"), await mesh.new("b")
-    await b.join(a.create_invite())
+    code = a.create_invite()
+    await b.join(code)
     await a.wait_for_peer(b.node_id)
     await b.stop()
     b2 = await mesh.new("b")  # same data dir: same identity and mesh, new port
     assert b2.node_id == b.node_id
     await b2.wait_for_peer(a.node_id, timeout=10)
+    await a.wait_for_peer(b.node_id, timeout=10)
+    # Restarting with the same (used) --join code is fine for a member: no redeem needed.
+    await b2.stop()
+    b3 = await mesh.new("b")
+    assert await b3.join(code) == a.node_id
     await a.wait_for_peer(b.node_id, timeout=10)
 
 
@@ -218,3 +224,6 @@ async def test_aioquic_private_attributes_still_exist(mesh: MeshNodes) -> None:
     stream = conn._quic._streams[0]
     assert isinstance(stream.sender._buffer, bytearray), "aioquic changed: fix send backpressure"
     assert conn._backlog(0) >= 0
+    assert conn._quic._state not in END_STATES and conn._quic._close_event is None
+    await a.stop()
+    await eventually(lambda: conn.is_closed, timeout=2)  # seen at once, not after draining

@@ -313,6 +313,19 @@ class Node:
     async def join(self, code: str, timeout: float = 5.0) -> NodeId:
         """Redeem an invite: connect to the inviter, become a member of its mesh."""
         invite = InviteCode.parse(code)  # typos fail here, before any traffic
+        known = [n for n in self.membership.members() if invite.matches(n) and n != self.node_id]
+        if known:
+            # Already in the inviter's mesh (e.g. a worker restarted with the same --join):
+            # reconnect as a member and keep the invite's uses for others.
+            addrs = [fmt_addr(a) for a in invite.addresses]
+            peer = self._peers.setdefault(known[0], Peer(known[0], "invite", addresses=addrs))
+            if peer.state is PeerState.CONNECTED:
+                return known[0]
+            try:
+                await self.connect(known[0], addrs + peer.addresses, peer.via)
+                return known[0]
+            except MeshchatError as exc:  # e.g. we were removed meanwhile: redeem after all
+                log.info("reconnect as member failed (%s); redeeming the invite", exc)
         invite.check_fresh()
         problems = []
         for addr in invite.addresses:

@@ -17,6 +17,8 @@ compares the key in the peer's certificate with the NodeID it expects. aioquic h
 API for that certificate; we read `QuicConnection.tls._peer_certificate` (aioquic is pinned and
 `test_mesh_transport` fails loudly if the attribute moves). aioquic still verifies the
 CertificateVerify signature with CA checks off, so the peer holds the key.
+Other private reads, guarded by the same test: a stream's unacked send buffer (bounded sends)
+and the connection state (a peer's close is acted on at once, not after the draining period).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 
 from meshchat.errors import MeshchatError
@@ -186,6 +188,11 @@ class Connection(QuicConnectionProtocol):
         self.last_heard = self._loop.time()
         super().datagram_received(data, addr)
         self._drained.set()
+        if not self._terminated and self._quic._state in END_STATES:
+            # The peer closed: aioquic reports that only after its draining period (3 PTO);
+            # tell the node now so it stops using the connection.
+            event = self._quic._close_event
+            self._on_terminated(event.reason_phrase if event else "closed by peer")
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
