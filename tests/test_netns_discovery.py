@@ -77,7 +77,7 @@ def lab() -> Iterator[Any]:
         yield lab
 
 
-def test_members_find_each_other_restart_and_partition(lab: Any, tmp_path: Path) -> None:
+def test_members_find_each_other_restart_partition_renumber(lab: Any, tmp_path: Path) -> None:
     mesh = secrets.token_bytes(32)
     probes = Probes(lab, tmp_path)
     probes.start("n1", mesh)
@@ -138,5 +138,14 @@ def test_members_find_each_other_restart_and_partition(lab: Any, tmp_path: Path)
         "n1 and n3 to see each other again after healing",
         lambda: sees("n1", "n3") and sees("n3", "n1"),
         timeout=TTL + 25,
+        dump=probes.dump,
+    )
+
+    # 5. n1 is renumbered while running: it notices and re-announces; n2 follows.
+    lab.change_address("n1", "10.99.0.11")
+    wait_for(
+        "n2 to see n1's new address without a restart",
+        lambda: sees("n2", "n1", "10.99.0.11"),
+        timeout=TTL + 15,
         dump=probes.dump,
     )

@@ -22,7 +22,8 @@ TTL (`ttl`, default 60 s) and sweep every ttl/2: a known peer whose records have
 again (a few mDNS queries, at most 3 s), and one that does not answer is reported lost. Lost
 peers keep being asked each sweep for 10 minutes, so a healed partition is noticed within a
 sweep; each sweep also sends one PTR query carrying known answers, so nodes that booted while we
-could not hear them answer too. Expect a lost report within about 1.5 × ttl + 3 s.
+could not hear them answer too. Expect a lost report within about 1.5 × ttl + 3 s. The sweep
+also notices when this host's addresses change and re-announces the new ones.
 Only IPv4 is used: IPv6 link-local addresses would need scope ids that the layers above do not
 carry.
 """
@@ -487,9 +488,28 @@ class MdnsDiscovery:
         while not self._closing:
             # Jitter keeps nodes started together from querying in lockstep.
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
+            await self._follow_address_change()
             self._send_ptr_query()
             names = [n for n in self._parsed if n not in self._resolving]
             await asyncio.gather(*(check(n) for n in names))
+
+    async def _follow_address_change(self) -> None:
+        """Renumbered (DHCP, Wi-Fi roaming)? Rebind and announce the new addresses."""
+        if self._addresses_override is not None or not isinstance(
+            self._interfaces, InterfaceChoice
+        ):
+            return  # the caller chose the addresses; they do not follow the interfaces
+        if self._aiozc is None or self._info is None:
+            return
+        current = sorted(local_ipv4_addresses()) or ["127.0.0.1"]
+        if current == sorted(self.advertised_addresses):
+            return
+        log.info("mDNS: addresses changed to %s; re-announcing", current)
+        try:
+            await self._aiozc.async_update_interfaces()
+        except OSError as exc:
+            log.warning("mDNS: rebinding after an address change failed: %s", exc)
+        await self._reannounce()
 
     def _send_ptr_query(self) -> None:
         """One PTR query with our known answers: only services we do not know reply."""
