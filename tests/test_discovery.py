@@ -186,8 +186,8 @@ async def test_joining_a_mesh_reannounces(make: Factory) -> None:
 async def test_crash_then_restart_on_new_address(make: Factory) -> None:
     secret = b"r" * 32
     node_id = new_id()
-    a, seen_a = make(secret)
-    b1, _ = make(secret, node_id=node_id, port=7100, addresses=["127.0.0.2"])
+    a, seen_a = make(secret, ttl=2)  # short records and sweeps: the crash shows sooner
+    b1, _ = make(secret, node_id=node_id, port=7100, addresses=["127.0.0.2"], ttl=2)
     await asyncio.gather(a.start(), b1.start())
     await seen_a.wait(lambda: node_id in seen_a.peers)
     assert seen_a.peers[node_id].addresses == ["127.0.0.2"]
@@ -199,7 +199,7 @@ async def test_crash_then_restart_on_new_address(make: Factory) -> None:
     aiozc.zeroconf.registry.async_remove(aiozc.zeroconf.registry.async_get_infos_type(SERVICE_TYPE))
     await aiozc.async_close()
     # No goodbye: the liveness sweep notices the silence within about 1.5 x TTL + 3 s.
-    await seen_a.wait(lambda: node_id in seen_a.lost, timeout=TTL * 1.5 + 8)
+    await seen_a.wait(lambda: node_id in seen_a.lost, timeout=2 * 1.5 + 8)
 
     b2, _ = make(secret, node_id=node_id, port=7101, addresses=["127.0.0.3"])
     await b2.start()
@@ -238,7 +238,9 @@ async def test_malformed_and_spoofed_announcements_are_ignored(make: Factory) ->
             )
             for i, props in enumerate(infos)
         ]
-        await asyncio.gather(*[await junk.async_register_service(info) for info in regs])
+        # Registering probes the name first (~1 s); probe all at once.
+        announced = await asyncio.gather(*(junk.async_register_service(i) for i in regs))
+        await asyncio.gather(*announced)
         # A well-formed outsider, registered last, proves the junk had its chance to arrive.
         ok_id = new_id()
         ok = ServiceInfo(
