@@ -26,13 +26,12 @@ def choose_model(args: argparse.Namespace, data: DataDir) -> ModelChoice:
     """The model named by --model, or the default one (pulled on first use)."""
     path = ModelStore(data.models).resolve(getattr(args, "model", None))
     header = read_header(path)
-    spec = spec_from_header(header)
-    if not is_supported(spec.arch):
+    if not is_supported(header.arch):
         raise MeshchatError(
-            f"unsupported architecture {spec.arch!r} in {path} "
+            f"unsupported architecture {header.arch!r} in {path} "
             f"(supported: {', '.join(sorted(SUPPORTED))})"
         )
-    return ModelChoice(path, header, spec)
+    return ModelChoice(path, header, spec_from_header(header))
 
 
 def thread_count(requested: int | None) -> int:

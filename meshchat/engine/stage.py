@@ -49,6 +49,9 @@ class StageOptions:
     n_batch: int = 512  # most tokens in one llama_decode call; longer inputs go in chunks
     n_threads: int = 2
     use_mmap: bool = True
+    # Set explicitly, not left to llama.cpp's "auto": it changes numerics (greedy text may
+    # differ), and every stage of a pipeline must agree. On: 30% faster prefill here.
+    flash_attn: bool = True
 
 
 @dataclass
@@ -138,6 +141,11 @@ class Stage:
         params.n_threads = opts.n_threads
         params.n_threads_batch = opts.n_threads
         params.no_perf = True
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if opts.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         if not self.is_last:
             params.cb_eval = self._eval_callback
             params.cb_eval_user_data = None
