@@ -14,10 +14,15 @@ def meshchat_command() -> list[str]:
     return [installed] if installed else [sys.executable, "-m", "meshchat.cli"]
 
 
-def run_meshchat(*args: str, data_dir: Path, timeout: float = 300,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_meshchat(
+    *args: str, data_dir: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "MESHCHAT_MDNS": "0", **(env or {})}
     return subprocess.run(
         [*meshchat_command(), "--data-dir", str(data_dir), *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
     )

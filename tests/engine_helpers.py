@@ -17,8 +17,9 @@ OPTIONS = StageOptions(n_ctx=1024, max_sessions=4, n_batch=128, n_threads=2)
 
 
 @contextmanager
-def stage_chain(model: Path, ranges: list[tuple[int, int]], tmp: Path,
-                options: StageOptions = OPTIONS) -> Iterator[list[Stage]]:
+def stage_chain(
+    model: Path, ranges: list[tuple[int, int]], tmp: Path, options: StageOptions = OPTIONS
+) -> Iterator[list[Stage]]:
     stages = build_stages(model, ranges, tmp / "slices", tmp / "fingerprints", options)
     try:
         yield stages
@@ -27,8 +28,14 @@ def stage_chain(model: Path, ranges: list[tuple[int, int]], tmp: Path,
             stage.close()
 
 
-def chain_forward(stages: list[Stage], session: str, position: int, tokens: list[int],
-                  all_logits: bool = False, f16: bool = False) -> tuple[np.ndarray, int]:
+def chain_forward(
+    stages: list[Stage],
+    session: str,
+    position: int,
+    tokens: list[int],
+    all_logits: bool = False,
+    f16: bool = False,
+) -> tuple[np.ndarray, int]:
     """Run tokens through every stage; (logits, sampled token) from the last."""
     hidden = None
     for stage in stages:
@@ -46,8 +53,9 @@ def open_chain(stages: list[Stage], session: str, params: SamplingParams = GREED
     stages[-1].configure_sampling(session, params)
 
 
-def greedy_run(stages: list[Stage], session: str, prompt: list[int], steps: int,
-               f16: bool = False) -> tuple[list[np.ndarray], list[int]]:
+def greedy_run(
+    stages: list[Stage], session: str, prompt: list[int], steps: int, f16: bool = False
+) -> tuple[list[np.ndarray], list[int]]:
     """Prefill `prompt` then decode `steps` tokens; all logits rows and the tokens."""
     open_chain(stages, session)
     logits, token = chain_forward(stages, session, 0, prompt, all_logits=True, f16=f16)

@@ -25,10 +25,12 @@ def _plain_llama_cpp_greedy(model: Path, prompt: str, max_tokens: int) -> str:
     settings meshchat uses (flash attention on: it changes numerics, so both must agree)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model), n_ctx=4096, n_batch=512, n_threads=2, verbose=False,
-                flash_attn=True)
-    result = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0,
-                                   repeat_penalty=1.0, top_k=1)
+    llm = Llama(
+        model_path=str(model), n_ctx=4096, n_batch=512, n_threads=2, verbose=False, flash_attn=True
+    )
+    result = llm.create_completion(
+        prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, top_k=1
+    )
     return result["choices"][0]["text"]  # type: ignore[index]
 
 
@@ -51,9 +53,17 @@ def test_generate_is_identical_unsplit_split_and_plain_llama_cpp(
 
 
 def test_generate_chat_mode_and_model_flag(smollm2: Path, tmp_path: Path) -> None:
-    result = run_meshchat("generate", "--model", str(smollm2), "--temperature", "0",
-                          "--max-tokens", "24", "What is 2+2?",
-                          data_dir=tmp_path)
+    result = run_meshchat(
+        "generate",
+        "--model",
+        str(smollm2),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "What is 2+2?",
+        data_dir=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "4" in result.stdout
     assert result.stderr == ""  # diagnostics only when there is something to say
@@ -135,14 +145,16 @@ def test_bad_input_is_one_line_and_an_exit_code(smollm2: Path, tmp_path: Path, c
 
 def test_prompt_longer_than_the_context(smollm2: Path, tmp_path: Path) -> None:
     long_prompt = "word " * 9000
-    result = run_meshchat("generate", "--raw", "--model", str(smollm2), long_prompt,
-                          data_dir=tmp_path)
+    result = run_meshchat(
+        "generate", "--raw", "--model", str(smollm2), long_prompt, data_dir=tmp_path
+    )
     assert result.returncode == 1
     assert "the context holds" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = run_meshchat("generate", "--debug", "--model", str(tmp_path / "nope.gguf"), "hi",
-                          data_dir=tmp_path)
+    result = run_meshchat(
+        "generate", "--debug", "--model", str(tmp_path / "nope.gguf"), "hi", data_dir=tmp_path
+    )
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "model file not found" in result.stderr

@@ -20,8 +20,9 @@ from tests.engine_helpers import GREEDY, chain_forward, greedy_run, open_chain, 
 SPLIT = [(0, 12), (12, 30)]
 
 
-async def _generate(session: HeadSession, tokens: list[int], n: int,
-                    params: SamplingParams = GREEDY) -> str:
+async def _generate(
+    session: HeadSession, tokens: list[int], n: int, params: SamplingParams = GREEDY
+) -> str:
     return "".join([t async for t in session.generate(tokens, params, n)])
 
 
@@ -74,16 +75,22 @@ def test_second_chat_turn_prefills_only_new_tokens(smollm2: Path, tmp_path: Path
             pipeline = LocalPipeline(stages)
             session = HeadSession(pipeline, tokenizer)
             answer = await _generate(session, prompter.tokens(turn1), 20)
-            turn2 = [*turn1, ChatMessage("assistant", answer),
-                     ChatMessage("user", "And a vegetable?")]
+            turn2 = [
+                *turn1,
+                ChatMessage("assistant", answer),
+                ChatMessage("user", "And a vegetable?"),
+            ]
             tokens2 = prompter.tokens(turn2)
             second = await _generate(session, tokens2, 20)
             stats = session.last_stats
             fresh = HeadSession(pipeline, tokenizer)
             whole = await _generate(fresh, tokens2, 20)
             assert second == whole
-            return second, session, [stats.prompt_tokens, stats.prefilled_tokens,
-                                     fresh.last_stats.prefilled_tokens]
+            return (
+                second,
+                session,
+                [stats.prompt_tokens, stats.prefilled_tokens, fresh.last_stats.prefilled_tokens],
+            )
 
     _, _, (prompt_tokens, prefilled, fresh_prefilled) = asyncio.run(conversation())
     assert fresh_prefilled == prompt_tokens

@@ -63,17 +63,24 @@ def _layer_tensors(cfg: TinyConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
         "ffn_down.weight": ((ff, e), True),
     }
     if cfg.arch == "qwen2":
-        tensors |= {"attn_q.bias": ((q,), False), "attn_k.bias": ((kv,), False),
-                    "attn_v.bias": ((kv,), False)}
+        tensors |= {
+            "attn_q.bias": ((q,), False),
+            "attn_k.bias": ((kv,), False),
+            "attn_v.bias": ((kv,), False),
+        }
     if cfg.arch in ("qwen3", "gemma3"):
         tensors |= {"attn_q_norm.weight": ((hd,), False), "attn_k_norm.weight": ((hd,), False)}
     if cfg.arch == "gemma3":
-        tensors |= {"post_attention_norm.weight": ((e,), False),
-                    "post_ffw_norm.weight": ((e,), False)}
+        tensors |= {
+            "post_attention_norm.weight": ((e,), False),
+            "post_ffw_norm.weight": ((e,), False),
+        }
     return tensors
 
 
-def _metadata(cfg: TinyConfig, tokenizer: dict[str, bytes], n_vocab: int) -> list[tuple[str, bytes]]:
+def _metadata(
+    cfg: TinyConfig, tokenizer: dict[str, bytes], n_vocab: int
+) -> list[tuple[str, bytes]]:
     a = cfg.arch
     u32, f32, s = ValueType.UINT32, ValueType.FLOAT32, ValueType.STRING
     entries = [

@@ -21,7 +21,7 @@ _init_lock = threading.Lock()
 _initialised = False
 
 
-@llama_cpp.llama_log_callback  # type: ignore[misc]
+@llama_cpp.llama_log_callback
 def _route_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp talks a lot on stderr; users see it only with --debug.
     if text:

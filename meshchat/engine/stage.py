@@ -128,7 +128,7 @@ class Stage:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise StageError(f"llama.cpp could not load {path} (run with --debug for its log)")
-        return model  # type: ignore[no-any-return]
+        return model
 
     def _new_context(self) -> ctypes.c_void_p:
         opts = self.options
@@ -153,7 +153,7 @@ class Stage:
         if not ctx:
             raise StageError("llama.cpp could not create a context (out of memory?)")
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx))
-        return ctx  # type: ignore[no-any-return]
+        return ctx
 
     def _new_batch(self) -> llama_cpp.llama_batch:
         n = self.options.n_batch
@@ -246,7 +246,7 @@ class Stage:
             raise StageError(f"unknown session {session_id!r} on stage {self.layers}") from None
 
     def _memory(self) -> ctypes.c_void_p:
-        return llama_cpp.llama_get_memory(self._ctx)  # type: ignore[no-any-return]
+        return llama_cpp.llama_get_memory(self._ctx)
 
     # -- forward -------------------------------------------------------------------------------
 
