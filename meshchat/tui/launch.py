@@ -1,0 +1,41 @@
+"""`meshchat` with no command: resolve the model and settings, then run the Textual app.
+
+The default model is pulled here, before the screen takes over the terminal, so pip's progress
+shows on a normal terminal. Anything the app cannot do (a missing model file, an unreadable
+history) is shown inside the app; only errors before it starts end the command with exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from meshchat.config import load_config, user_themes_dir
+from meshchat.model.store import ModelStore, StoreError
+from meshchat.paths import DataDir
+from meshchat.tui.theming import BUILTIN_DIR
+
+
+def run_tui(args: argparse.Namespace) -> int:
+    from meshchat.tui.app import AppOptions, MeshchatApp
+
+    data = DataDir.resolve(args.data_dir)
+    config = load_config()
+    model_path: Path | None = None
+    model_error = ""
+    wanted = args.model or config.model or None
+    try:
+        model_path = ModelStore(data.models).resolve(wanted)
+    except StoreError as exc:
+        model_error = str(exc)
+    options = AppOptions(
+        data=data,
+        config=config,
+        model_path=model_path,
+        model_error=model_error,
+        join_code=args.join,
+        theme_dirs=(BUILTIN_DIR, user_themes_dir()),
+    )
+    app = MeshchatApp(options)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,136 @@
+"""The mesh as the app sees it: rows for the peers table and the few actions it offers.
+
+`MeshView` is what the UI needs; `NodeMesh` provides it over a real `meshchat.mesh.node.Node`.
+Tests (and snapshots, which must not show random ports or live RTTs) can pass their own.
+No textual here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshchat.errors import MeshchatError
+from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node, PeerState
+from meshchat.paths import DataDir
+from meshchat.tui.split import SELF
+
+MDNS_ENV = "MESHCHAT_MDNS"  # "0" turns multicast discovery off, as for headless
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """One row of the peers table."""
+
+    key: str  # SELF or the NodeID text
+    name: str
+    address: str
+    via: str  # "this node" | "mdns" | "invite" | "peer"
+    rtt_ms: float | None
+    layers: tuple[int, int] | None
+    state: str  # idle | loading | serving | connecting | lost | nearby
+    member: bool
+    model: str = ""  # the model file the node runs (name), if it said
+
+
+class MeshView(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    def peers(self) -> list[PeerRow]: ...
+
+    def usable_nodes(self, fingerprint: str | None) -> list[str]:
+        """Connected members that run the same model file (may take layers)."""
+        ...
+
+    def create_invite(self, uses: int = 1, ttl: float = 3600.0) -> str: ...
+
+    async def join(self, code: str) -> str:
+        """Redeem an invite; returns the inviter's short name."""
+        ...
+
+    async def remove(self, key: str) -> None: ...
+
+    def set_status(self, layers: tuple[int, int] | None, model: dict[str, Any] | None) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _state(state: PeerState, layers: tuple[int, int] | None) -> str:
+    if state is PeerState.CONNECTED:
+        return "serving" if layers else "idle"
+    return state.value
+
+
+class NodeMesh:
+    """A MeshView over a running Node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @classmethod
+    async def start(cls, data: DataDir, listen: str, mdns: bool) -> NodeMesh:
+        mdns = mdns and os.environ.get(MDNS_ENV, "1") != "0"
+        node = Node(data, listen, discovery=mdns)
+        await node.start()
+        return cls(node)
+
+    @property
+    def node_id(self) -> str:
+        return str(self.node.node_id)
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.node.addresses
+
+    def peers(self) -> list[PeerRow]:
+        rows = []
+        for peer in self.node.peers():
+            model = peer.model or {}
+            rows.append(
+                PeerRow(
+                    key=str(peer.node_id),
+                    name=peer.node_id.short,
+                    address=peer.address or "",
+                    via=peer.via,
+                    rtt_ms=peer.rtt_ms,
+                    layers=peer.layers,
+                    state=_state(peer.state, peer.layers),
+                    member=peer.state is not PeerState.NEARBY,
+                    model=str(model.get("name") or model.get("path") or ""),
+                )
+            )
+        return rows
+
+    def usable_nodes(self, fingerprint: str | None) -> list[str]:
+        usable = []
+        for peer in self.node.peers(include_nearby=False):
+            if peer.state is not PeerState.CONNECTED:
+                continue
+            theirs = (peer.model or {}).get("fingerprint")
+            if fingerprint is None or theirs == fingerprint:
+                usable.append(str(peer.node_id))
+        return usable
+
+    def create_invite(self, uses: int = 1, ttl: float = 3600.0) -> str:
+        return self.node.create_invite(uses=uses, ttl=ttl)
+
+    async def join(self, code: str) -> str:
+        inviter = await self.node.join(code.strip())
+        return inviter.short
+
+    async def remove(self, key: str) -> None:
+        if key == SELF:
+            raise MeshchatError("this node cannot remove itself")
+        await self.node.remove_member(NodeId.parse(key))
+
+    def set_status(self, layers: tuple[int, int] | None, model: dict[str, Any] | None) -> None:
+        self.node.set_status(layers, model)
+
+    async def stop(self) -> None:
+        await self.node.stop()

@@ -1,0 +1,72 @@
+"""Messages that workers post to the app; the app's handlers own every state change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.message import Message
+
+from meshchat.tui.engine import ChatEngine
+from meshchat.tui.mesh_view import MeshView
+from meshchat.tui.split import SplitPlan
+
+
+class EngineLoaded(Message):
+    def __init__(self, engine: ChatEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+
+class EngineFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class GenChunk(Message):
+    def __init__(self, generation: int, text: str) -> None:
+        super().__init__()
+        self.generation = generation
+        self.text = text
+
+
+class GenDone(Message):
+    """An answer ended: finished, cut at max tokens, cancelled, or failed (`error`)."""
+
+    def __init__(self, generation: int, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.generation = generation
+        self.meta = meta
+
+
+class MeshReady(Message):
+    def __init__(self, mesh: MeshView) -> None:
+        super().__init__()
+        self.mesh = mesh
+
+
+class MeshFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class SplitApplied(Message):
+    def __init__(self, plan: SplitPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+
+class SplitFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class MeshActionDone(Message):
+    """A join or removal finished; `error` is empty on success."""
+
+    def __init__(self, text: str, error: str = "") -> None:
+        super().__init__()
+        self.text = text
+        self.error = error

@@ -1,0 +1,77 @@
+"""Search every chat's title and messages; Enter opens the chosen chat."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, OptionList
+from textual.widgets.option_list import Option
+
+from meshchat.tui.history import History, HistoryError
+from meshchat.tui.screens.dialogs import DIALOG_CSS
+
+
+class SearchScreen(ModalScreen[int | None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss(None)", "Close"),
+        Binding("down", "results", "Results", show=False),
+    ]
+    DEFAULT_CSS = (
+        "SearchScreen { align: center middle; } SearchScreen OptionList { height: auto; "
+        "max-height: 18; margin-top: 1; }" + DIALOG_CSS
+    )
+
+    def __init__(self, history: History) -> None:
+        super().__init__()
+        self._history = history
+
+    def compose(self) -> Any:
+        with Vertical(classes="dialog"):
+            yield Label("Search chats", classes="title")
+            yield Input(placeholder="words in a title or a message", id="query")
+            yield OptionList(id="results")
+
+    def on_mount(self) -> None:
+        self._search("")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._search(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        results = self.query_one(OptionList)
+        if results.option_count:
+            option = results.get_option_at_index(results.highlighted or 0)
+            self.dismiss(int(option.id or 0))
+
+    def action_results(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def _search(self, query: str) -> None:
+        results = self.query_one(OptionList)
+        results.clear_options()
+        try:
+            hits = self._history.search(query)
+        except HistoryError as exc:
+            results.add_option(Option(Text(str(exc), style="red"), disabled=True))
+            return
+        for hit in hits:
+            label = Text(hit.conversation.title, style="bold")
+            if hit.snippet:
+                label.append("\n  " + hit.snippet, style="dim")
+            results.add_option(Option(label, id=str(hit.conversation.id)))
+        if hits:
+            results.highlighted = 0
+        elif query:
+            results.add_option(
+                Option(Text(f"nothing matches {query!r}", style="dim"), disabled=True)
+            )
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        if event.option.id is not None:
+            self.dismiss(int(event.option.id))

@@ -1,0 +1,204 @@
+"""The chat pane: one `MessageView` per turn inside a scrolling, keyboard-navigable `ChatLog`.
+
+An answer streams into its Markdown widget through Textual's `MarkdownStream` (which batches
+fragments when they come faster than the screen redraws); when it ends, the whole text is
+rendered once more, so a code fence that was still open mid-stream comes out right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+ROLE_LABEL = {"user": "You", "assistant": "Assistant"}
+
+
+def describe_meta(meta: dict[str, Any]) -> str:
+    """The small grey note under an answer: how it ended and how fast it came."""
+    parts = []
+    if meta.get("error"):
+        parts.append(f"failed: {meta['error']}")
+    if meta.get("cancelled"):
+        parts.append("stopped")
+    elif meta.get("finish_reason") == "length":
+        parts.append("cut at max tokens")
+    if meta.get("tokens"):
+        parts.append(f"{meta['tokens']} tokens")
+    if meta.get("tok_s"):
+        parts.append(f"{meta['tok_s']:.1f} tok/s")
+    if meta.get("dropped"):
+        parts.append(f"{meta['dropped']} old messages left out of context")
+    return " · ".join(parts)
+
+
+class MessageView(Vertical):
+    """One message: a role line and its Markdown body."""
+
+    DEFAULT_CSS = """
+    MessageView {
+        height: auto;
+        padding: 0 1;
+        margin: 0 0 1 0;
+    }
+    MessageView > .role { height: 1; color: $text-muted; text-style: bold; }
+    MessageView.user > .role { color: $secondary; }
+    MessageView.assistant > .role { color: $primary; }
+    MessageView > Markdown { padding: 0 1; margin: 0; }
+    MessageView > .meta { height: auto; color: $text-muted; padding: 0 1; }
+    MessageView > .meta.-error { color: $error; }
+    MessageView.-selected { background: $boost; border-left: thick $accent; }
+    """
+
+    def __init__(self, role: str, text: str = "", meta: dict[str, Any] | None = None) -> None:
+        super().__init__(classes=role)
+        self.role = role
+        self.text = text
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> Any:
+        yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
+        yield Markdown(self.text)
+        yield Static(describe_meta(self.meta), classes="meta")
+
+    def on_mount(self) -> None:
+        self._show_meta()
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def _show_meta(self) -> None:
+        note = self.query_one(".meta", Static)
+        text = describe_meta(self.meta)
+        note.update(text)
+        note.display = bool(text)
+        note.set_class(bool(self.meta.get("error")), "-error")
+
+    def begin_stream(self) -> None:
+        self.meta = {}
+        self._show_meta()
+        self._stream = Markdown.get_stream(self.body)
+
+    async def append(self, fragment: str) -> None:
+        self.text += fragment
+        if self._stream is not None:
+            await self._stream.write(fragment)
+
+    async def finish(self, meta: dict[str, Any]) -> None:
+        """End the stream and render the whole answer once (closes open code fences)."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        await self.body.update(self.text)
+        self.meta = dict(meta)
+        self._show_meta()
+
+    async def replace_text(self, text: str) -> None:
+        self.text = text
+        await self.body.update(text)
+
+
+@dataclass
+class LogAction(Message):
+    """The user asked for something on one message of the log."""
+
+    action: str  # "copy" | "code" | "edit" | "regenerate"
+    index: int
+
+
+class ChatLog(VerticalScroll, can_focus=True):
+    """The conversation. Focus it (↑ from an empty prompt) to pick a message and act on it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "select(-1)", "Prev", show=False),
+        Binding("down", "select(1)", "Next", show=False),
+        Binding("home", "select_edge(0)", "First", show=False),
+        Binding("end", "select_edge(-1)", "Last", show=False),
+        Binding("c", "act('copy')", "Copy", id="message.copy"),
+        Binding("b", "act('code')", "Copy code", id="message.copy_code"),
+        Binding("e", "act('edit')", "Edit & resend", id="message.edit"),
+        Binding("r", "act('regenerate')", "Regenerate", id="message.regenerate"),
+    ]
+
+    DEFAULT_CSS = """
+    ChatLog { height: 1fr; padding: 1 1 0 1; }
+    ChatLog > #welcome { color: $text-muted; padding: 1 2; }
+    """
+
+    selected: int | None = None
+
+    def views(self) -> list[MessageView]:
+        return list(self.query(MessageView))
+
+    async def show(self, messages: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Replace the log with these messages (role, text, meta)."""
+        self.selected = None
+        await self.remove_children()
+        if not messages:
+            await self.mount(
+                Static(
+                    "Ask anything. [b]Enter[/] sends, [b]Ctrl+J[/] adds a line, "
+                    "[b]Esc[/] stops an answer, [b]F1[/] lists every key.",
+                    id="welcome",
+                )
+            )
+            return
+        await self.mount_all(MessageView(role, text, meta) for role, text, meta in messages)
+        self.scroll_end(animate=False)
+
+    async def add(
+        self, role: str, text: str = "", meta: dict[str, Any] | None = None
+    ) -> MessageView:
+        for welcome in self.query("#welcome"):
+            await welcome.remove()
+        view = MessageView(role, text, meta)
+        await self.mount(view)
+        self.anchor()
+        self.scroll_end(animate=False)
+        return view
+
+    async def drop_from(self, index: int) -> None:
+        """Remove the messages at and after `index`."""
+        doomed = self.views()[index:]
+        if doomed:
+            await self.remove_children(doomed)
+        if self.selected is not None and self.selected >= index:
+            self._select(None)
+
+    def _select(self, index: int | None) -> None:
+        views = self.views()
+        for i, view in enumerate(views):
+            view.set_class(i == index, "-selected")
+        self.selected = index
+        if index is not None:
+            views[index].scroll_visible(animate=False)
+
+    def on_focus(self) -> None:
+        if self.selected is None and self.views():
+            self._select(len(self.views()) - 1)
+
+    def on_blur(self) -> None:
+        self._select(None)
+
+    def action_select(self, step: int) -> None:
+        views = self.views()
+        if not views:
+            return
+        current = len(views) if self.selected is None else self.selected
+        self._select(max(0, min(len(views) - 1, current + step)))
+
+    def action_select_edge(self, edge: int) -> None:
+        views = self.views()
+        if views:
+            self._select(0 if edge == 0 else len(views) - 1)
+
+    def action_act(self, action: str) -> None:
+        if self.selected is not None:
+            self.post_message(LogAction(action, self.selected))

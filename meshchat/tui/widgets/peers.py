@@ -1,0 +1,100 @@
+"""The peers table: every node of the mesh plus nearby non-members, one row per NodeID.
+
+Rows are keyed by NodeID and cells are changed with `update_cell` only when their text changes,
+so the table is never rebuilt (the cursor and scroll position stay put while RTTs tick).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.message import Message
+from textual.widgets import DataTable
+
+from meshchat.tui.mesh_view import PeerRow
+
+COLUMNS = (
+    ("node", "Node"),
+    ("address", "Address"),
+    ("via", "Found via"),
+    ("rtt", "RTT"),
+    ("layers", "Layers"),
+    ("state", "State"),
+    ("share", "Time share"),
+)
+
+_STATE_STYLE = {
+    "serving": "green",
+    "idle": "",
+    "loading": "cyan",
+    "generating": "yellow",
+    "connecting": "yellow",
+    "lost": "red",
+    "nearby": "dim",
+}
+
+
+def _rtt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f} ms" if value >= 1 else f"{value * 1000:.0f} µs"
+
+
+class PeersTable(DataTable[Text]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("delete,d", "remove", "Remove member", id="peers.remove"),
+    ]
+
+    class RemoveRequested(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=False, show_cursor=True)
+        self._cells: dict[str, tuple[str, ...]] = {}
+
+    def on_mount(self) -> None:
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
+
+    def _cells_for(self, row: PeerRow, share: str) -> tuple[str, ...]:
+        name = row.name + (" (you)" if row.key == "self" else "")
+        layers = f"[{row.layers[0]},{row.layers[1]})" if row.layers else "—"
+        via = row.via if row.member else f"{row.via}, not a member"
+        return (name, row.address or "—", via, _rtt(row.rtt_ms), layers, row.state, share)
+
+    def sync(self, rows: Sequence[PeerRow], shares: Mapping[str, str] | None = None) -> None:
+        """Make the table show `rows`: update changed cells, add new rows, drop gone ones."""
+        shares = shares or {}
+        seen = set()
+        for row in rows:
+            seen.add(row.key)
+            cells = self._cells_for(row, shares.get(row.key, "—"))
+            old = self._cells.get(row.key)
+            styled = [Text(c) for c in cells]
+            styled[5].stylize(_STATE_STYLE.get(row.state, ""))
+            if old is None:
+                self.add_row(*styled, key=row.key)
+            else:
+                for (col, _), before, after, text in zip(COLUMNS, old, cells, styled, strict=True):
+                    if before != after:
+                        self.update_cell(row.key, col, text, update_width=True)
+            self._cells[row.key] = cells
+        for key in [k for k in self._cells if k not in seen]:
+            self.remove_row(key)
+            del self._cells[key]
+
+    def selected_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        return row_key.value
+
+    def action_remove(self) -> None:
+        key = self.selected_key()
+        if key is not None:
+            self.post_message(self.RemoveRequested(key))

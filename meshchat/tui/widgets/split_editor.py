@@ -1,0 +1,303 @@
+"""The layer-split editor: the model's layers as one bar, coloured by the node that runs them.
+
+Select a stage with [ and ] (or Shift+←/→), move its boundary with ←/→ (onto allowed split
+points only), split it with +, merge with -, give it to another node with n, restore the
+planner's plan with a, revert with u, and apply with Enter. A click on the bar moves the nearest
+boundary there. Edits that cannot run are refused with the reason on the line under the bar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.binding import Binding, BindingType
+from textual.color import Color
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from meshchat.tui.split import SELF, SplitEditError, SplitPlan
+
+HINT = "←/→ move  [ ] stage  + split  - merge  n node  a auto  u undo  Enter apply"
+
+
+class SplitEditor(Widget, can_focus=True):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("left", "move(-1)", "Boundary ←", show=False, id="split.left"),
+        Binding("right", "move(1)", "Boundary →", show=False, id="split.right"),
+        Binding("[,shift+left", "pick(-1)", "Prev stage", show=False, id="split.prev"),
+        Binding("],shift+right", "pick(1)", "Next stage", show=False, id="split.next"),
+        Binding("plus,equals_sign", "split", "Split stage", id="split.add"),
+        Binding("minus", "merge", "Merge", id="split.merge"),
+        Binding("n", "assign", "Node", id="split.assign"),
+        Binding("a", "auto", "Auto", id="split.auto"),
+        Binding("u", "revert", "Undo", id="split.revert"),
+        Binding("enter", "apply", "Apply", id="split.apply"),
+    ]
+
+    DEFAULT_CSS = """
+    SplitEditor { height: 4; padding: 0 1; }
+    SplitEditor:focus { background: $boost; }
+    """
+
+    class Apply(Message):
+        def __init__(self, plan: SplitPlan) -> None:
+            super().__init__()
+            self.plan = plan
+
+    class Auto(Message):
+        """The user asked for the planner's plan."""
+
+    plan: reactive[SplitPlan | None] = reactive(None, layout=False)
+    selected: reactive[int] = reactive(0)
+    message: reactive[str] = reactive("")
+    busy: reactive[str] = reactive("")
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.applied: SplitPlan | None = None
+        self.allowed: tuple[int, ...] = ()
+        self.usable: list[str] = []  # peers that may take layers now
+        self.names: dict[str, str] = {SELF: "you"}
+        self.colours: list[str] = ["#7aa2f7"]
+        self.is_error = False
+
+    # --- state from the app -----------------------------------------------------------------
+
+    def load(self, plan: SplitPlan, allowed: Sequence[int]) -> None:
+        """A model was loaded or a plan applied: show it as the current plan."""
+        self.allowed = tuple(allowed)
+        self.applied = plan
+        self.plan = plan
+        self.selected = min(self.selected, len(plan.segments) - 1)
+        self.say("")
+
+    def set_nodes(self, names: Mapping[str, str], usable: Sequence[str]) -> None:
+        self.names = {SELF: "you", **names}
+        self.usable = list(usable)
+        self.refresh()
+
+    def set_colours(self, colours: Sequence[str]) -> None:
+        self.colours = list(colours) or self.colours
+        self.refresh()
+
+    def say(self, text: str, error: bool = False) -> None:
+        self.is_error = error
+        self.message = text
+        self.refresh()
+
+    @property
+    def edited(self) -> bool:
+        return (
+            self.plan is not None
+            and self.applied is not None
+            and not self.plan.same_layout(self.applied)
+        )
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def _edit(self, make: object) -> None:
+        """Run an edit; show its refusal instead of applying it."""
+        assert callable(make)
+        try:
+            make()
+        except SplitEditError as exc:
+            self.say(str(exc), error=True)
+            self.app.bell()
+        else:
+            self.say("edited: Enter applies, u undoes" if self.edited else "")
+
+    def _boundary(self) -> int:
+        """The boundary the arrows move: the selected stage's end (the last stage: its start)."""
+        assert self.plan is not None
+        n = len(self.plan.segments)
+        return self.selected if self.selected < n - 1 else n - 2
+
+    def action_move(self, step: int) -> None:
+        if self.plan is None:
+            return
+
+        def move() -> None:
+            assert self.plan is not None
+            if len(self.plan.segments) == 1:
+                raise SplitEditError("one stage holds every layer: press + to split it")
+            self.plan = self.plan.move_boundary(self._boundary(), step, self.allowed)
+
+        self._edit(move)
+
+    def action_pick(self, step: int) -> None:
+        if self.plan is not None:
+            self.selected = max(0, min(len(self.plan.segments) - 1, self.selected + step))
+            self.refresh()
+
+    def action_split(self) -> None:
+        def split() -> None:
+            assert self.plan is not None
+            self.plan, _ = self.plan.add_boundary(self.selected, self.allowed)
+
+        if self.plan is not None:
+            self._edit(split)
+
+    def action_merge(self) -> None:
+        def merge() -> None:
+            assert self.plan is not None
+            if len(self.plan.segments) == 1:
+                raise SplitEditError("there is only one stage: nothing to merge")
+            self.plan = self.plan.remove_boundary(self._boundary())
+            self.selected = min(self.selected, len(self.plan.segments) - 1)
+
+        if self.plan is not None:
+            self._edit(merge)
+
+    def action_assign(self) -> None:
+        def assign() -> None:
+            assert self.plan is not None
+            choices = [SELF, *self.usable]
+            if len(choices) == 1:
+                raise SplitEditError(
+                    "no other node can take layers: none is connected with the same model file"
+                )
+            current = self.plan.segments[self.selected].node
+            following = (
+                choices[(choices.index(current) + 1) % len(choices)]
+                if (current in choices)
+                else SELF
+            )
+            self.plan = self.plan.assign(self.selected, following)
+
+        if self.plan is not None:
+            self._edit(assign)
+
+    def action_auto(self) -> None:
+        self.post_message(self.Auto())
+
+    def action_revert(self) -> None:
+        if self.applied is not None:
+            self.plan = self.applied
+            self.selected = min(self.selected, len(self.applied.segments) - 1)
+            self.say("back to the running plan")
+
+    def action_apply(self) -> None:
+        if self.plan is None:
+            return
+        if self.busy:
+            self.say(f"wait: {self.busy}", error=True)
+            return
+        problems = self.plan.validate(self.allowed, self.usable)
+        if problems:
+            self.say(problems[0], error=True)
+            self.app.bell()
+            return
+        self.post_message(self.Apply(self.plan))
+
+    # --- mouse ------------------------------------------------------------------------------
+
+    def _layer_at(self, x: int) -> int:
+        assert self.plan is not None
+        width = max(1, self.content_size.width)
+        return max(0, min(self.plan.n_layers, round(x * self.plan.n_layers / width)))
+
+    def on_click(self, event: events.Click) -> None:
+        if self.plan is None or event.y != 1:
+            return
+        self.focus()
+        layer = self._layer_at(event.x - self.gutter.left)
+        bounds = self.plan.boundaries
+        if not bounds:
+            self.selected = self.plan.segment_at(layer)
+            self.say("one stage holds every layer: press + to split it")
+            return
+        index = min(range(len(bounds)), key=lambda i: abs(bounds[i] - layer))
+        target = min(self.allowed, key=lambda p: abs(p - layer)) if self.allowed else layer
+
+        def move() -> None:
+            assert self.plan is not None
+            self.plan = self.plan.move_boundary_to(index, target, self.allowed)
+            self.selected = index
+
+        self._edit(move)
+
+    # --- drawing ----------------------------------------------------------------------------
+
+    def _colour(self, node: str, order: list[str]) -> str:
+        if node not in order:
+            order.append(node)
+        return self.colours[order.index(node) % len(self.colours)]
+
+    def render(self) -> Text:
+        plan = self.plan
+        width = max(10, self.content_size.width)
+        if plan is None:
+            return Text(self.busy or "Layers: no model loaded", style="dim")
+        order: list[str] = [SELF]
+        colours = [self._colour(s.node, order) for s in plan.segments]
+        head = Text(no_wrap=True, overflow="ellipsis")
+        head.append("Layers ", style="bold")
+        for i, seg in enumerate(plan.segments):
+            if i:
+                head.append("  ")
+            name = self.names.get(seg.node, seg.node[:10])
+            style = Style(color=colours[i], bold=i == self.selected, underline=i == self.selected)
+            head.append(f"{seg.label()} {name}", style=style)
+        if plan.predicted_tok_s:
+            head.append(f"  · predicted {plan.predicted_tok_s:.0f} tok/s", style="italic")
+        state = self.busy or ("edited" if self.edited else "running")
+        head.append(f"  · {state}", style="dim")
+
+        # The bar: each column shows the layer under it in its stage's node colour, with the
+        # stage's layer count written inside it where it fits.
+        chars = [" "] * width
+        for seg in plan.segments:
+            start = seg.start * width // plan.n_layers
+            end = seg.end * width // plan.n_layers
+            label = f"{seg.count}" if end - start < 12 else f"{seg.count} layers"
+            if len(label) + 2 <= end - start:
+                at = start + (end - start - len(label)) // 2
+                chars[at : at + len(label)] = label
+        bar = Text(no_wrap=True)
+        for x in range(width):
+            layer = min(plan.n_layers - 1, x * plan.n_layers // width)
+            index = plan.segment_at(layer)
+            colour = Color.parse(colours[index])
+            background = colour if index == self.selected else colour.darken(0.3)
+            foreground = "black" if background.brightness > 0.5 else "white"
+            bar.append(
+                chars[x],
+                style=Style(bgcolor=background.rich_color, color=foreground, bold=True),
+            )
+
+        axis = Text(no_wrap=True)
+        marks = [" "] * width
+        editable = self._boundary() if len(plan.segments) > 1 else -1
+        for i, point in enumerate(plan.boundaries):
+            x = min(width - 1, point * width // plan.n_layers)
+            text = ("▲" if i == editable else "│") + str(point)
+            for j, ch in enumerate(text):
+                if x + j < width:
+                    marks[x + j] = ch
+        axis.append("".join(marks), style="bold" if self.has_focus else "dim")
+
+        note = Text(no_wrap=True, overflow="ellipsis")
+        if self.message:
+            note.append(self.message, style="bold red" if self.is_error else "italic")
+        elif self.has_focus:
+            note.append(HINT, style="dim")
+        else:
+            note.append("Ctrl+L edits the split", style="dim")
+        return Text("\n").join([head, bar, axis, note])
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+    def watch_selected(self) -> None:
+        self.refresh()
+
+    def watch_busy(self) -> None:
+        self.refresh()
