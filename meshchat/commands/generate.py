@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from meshchat.commands.common import ModelChoice, choose_model, thread_count
-from meshchat.engine.chat_template import ChatMessage, ChatTemplate
+from meshchat.engine.chat_template import ChatMessage
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import StageOptions
 from meshchat.engine.tokenizer import Tokenizer
@@ -39,16 +39,11 @@ def prompt_tokens(choice: ModelChoice, tokenizer: Tokenizer, args: argparse.Name
     if args.raw:
         # As llama.cpp tokenizes a plain prompt: BOS only if the metadata asks, specials parsed.
         return tokenizer.tokenize(args.prompt, add_special=True, parse_special=True)
-    template = ChatTemplate(
-        choice.header.get("tokenizer.chat_template"),
-        bos_token=tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else "",
-        eos_token=tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else "",
-    )
     messages = []
     if args.system:
         messages.append(ChatMessage("system", args.system))
     messages.append(ChatMessage("user", args.prompt))
-    return ChatPrompter(tokenizer, template).tokens(messages)
+    return ChatPrompter.for_model(choice.header, tokenizer).tokens(messages)
 
 
 def run_generate(args: argparse.Namespace) -> int:

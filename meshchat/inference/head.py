@@ -18,6 +18,7 @@ from meshchat.engine.stage import ContextOverflowError
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.pipeline import Pipeline
 from meshchat.inference.stop import StopStringFilter
+from meshchat.model.gguf_file import GGUFHeader
 
 
 @dataclass
@@ -150,6 +151,14 @@ class ChatPrompter:
 
     tokenizer: Tokenizer
     template: ChatTemplate
+
+    @classmethod
+    def for_model(cls, header: GGUFHeader, tokenizer: Tokenizer) -> ChatPrompter:
+        """The model's own template (`tokenizer.chat_template`), or ChatML if it has none."""
+        bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ""
+        eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else ""
+        template = ChatTemplate(header.get("tokenizer.chat_template"), bos, eos)
+        return cls(tokenizer, template)
 
     def tokens(self, messages: list[ChatMessage]) -> list[int]:
         text = self.template.render(messages, add_generation_prompt=True)
