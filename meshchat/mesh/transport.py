@@ -354,7 +354,9 @@ class Connection(QuicConnectionProtocol):
 
     async def _write(self, sid: int, parts: list[bytes | memoryview], end: bool) -> None:
         chunk = self.tuning.chunk
-        pieces = [p[i : i + chunk] for p in parts for i in range(0, len(p), chunk)] or [b""]
+        # Join the parts first: a frame's header and data then leave in one packet, not two.
+        data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+        pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [memoryview(b"")]
         for i, piece in enumerate(pieces):
             if self._terminated:
                 raise ConnectionLost(f"connection closed: {self.close_reason}")
@@ -399,6 +401,9 @@ def frame_parts(msg: wire.Message) -> list[bytes | memoryview]:
     """A frame as pieces, so a tensor's data is not copied into one big buffer first."""
     if isinstance(msg, wire.Tensor):
         head = wire.encode_tensor_header(msg)
+        return [wire.encode_header(msg.TYPE, len(head) + len(msg.data)) + head, msg.data]
+    if isinstance(msg, wire.Activations):
+        head = wire.encode_activations_head(msg)
         return [wire.encode_header(msg.TYPE, len(head) + len(msg.data)) + head, msg.data]
     return [wire.encode(msg)]
 
