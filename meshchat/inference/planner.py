@@ -1,0 +1,436 @@
+"""The split planner: which node runs which contiguous layer range.
+
+Decode on a chain is sequential: one token visits every stage in turn, so its time is the sum of
+every stage's compute plus one network hop per change of node (and back to the head). The
+planner minimises that predicted time per token subject to each node's memory, the model's
+allowed split points and fingerprints (a node runs only layers its own file holds identically).
+Splitting never makes one sequence decode faster; it lets a model run that does not fit on one
+node, or moves layers to faster nodes. `PlanChoice.advice` says which, in words.
+
+Hand plans (`--split`, the split editor) are checked with `violations`, one message per problem.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import NodeCaps
+from meshchat.inference.local_model import LocalModel
+from meshchat.model.architectures import allowed_split_points
+from meshchat.model.fingerprint import Fingerprint
+
+# Costs measured on the development machine (loopback, aioquic, asyncio): the Python work of
+# one activation message end to end, and what a stage pays per llama_decode call beyond its
+# layers (graph build, thread wake-up).
+HOP_OVERHEAD_S = 0.00035
+STAGE_OVERHEAD_S = 0.0002
+DEFAULT_RTT_MS = 1.0  # two nodes with no measurement between them yet
+LINK_BYTES_PER_S = 100e6  # a gigabit LAN, less framing
+_MIB = 1 << 20
+
+
+class PlanError(MeshchatError):
+    """No plan fits, or a hand plan breaks a rule (the message lists every problem)."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    node: str  # NodeID text
+    first: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"[{self.first},{self.end})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[StagePlan, ...]
+    plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16], compare=False)
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for s in self.stages]
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [s.first for s in self.stages[1:]]
+
+    def stage_of(self, node: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.node == node), None)
+
+    def describe(self, head: str | None = None) -> str:
+        """'[0,15) on 3f2a9c1b (head) → [15,30) on 9be01d77'."""
+        return " → ".join(
+            f"{s} on {s.node[:8]}{' (head)' if s.node == head else ''}" for s in self.stages
+        )
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"node": s.node, "first": s.first, "end": s.end} for s in self.stages]
+
+    @classmethod
+    def from_json(cls, data: Any, plan_id: str) -> Plan:
+        try:
+            stages = tuple(StagePlan(str(d["node"]), int(d["first"]), int(d["end"])) for d in data)
+        except (KeyError, TypeError, ValueError):
+            raise MeshchatError("malformed plan") from None
+        if not stages or len(stages) > 64:
+            raise MeshchatError("a plan needs 1 to 64 stages")
+        return cls(stages, plan_id)
+
+
+@dataclass(frozen=True)
+class ModelNeeds:
+    """What running layers of the model costs, from its spec (the head's copy)."""
+
+    n_layers: int
+    layer_bytes: tuple[int, ...]
+    output_bytes: int
+    kv_bytes_per_token_layer: int
+    hidden_bytes: int  # one token's activations on the wire (float32)
+    allowed: frozenset[int]
+    fingerprint: Fingerprint
+    n_vocab: int = 0
+
+    @classmethod
+    def of(cls, model: LocalModel) -> ModelNeeds:
+        return cls(
+            n_layers=model.n_layers,
+            layer_bytes=model.spec.layer_bytes,
+            output_bytes=model.output_bytes,
+            kv_bytes_per_token_layer=model.kv_bytes_per_token_layer,
+            hidden_bytes=model.spec.n_embd * 4,
+            allowed=frozenset(allowed_split_points(model.spec)),
+            fingerprint=model.fingerprint,
+            n_vocab=model.spec.vocab_size,
+        )
+
+    def weights(self, first: int, end: int, last: bool) -> int:
+        return sum(self.layer_bytes[first:end]) + (self.output_bytes if last else 0)
+
+    def memory(self, first: int, end: int, last: bool, n_ctx: int, sessions: int) -> int:
+        """Bytes a stage needs: its weights, its KV caches and llama.cpp's compute buffers."""
+        kv = self.kv_bytes_per_token_layer * (end - first) * n_ctx * sessions
+        compute = 32 * _MIB + (self.n_vocab * 4 * 64 if last else 0)
+        return self.weights(first, end, last) + kv + compute
+
+
+@dataclass(frozen=True)
+class Prediction:
+    decode_s: float  # per token, compute + network
+    compute_s: float
+    network_s: float
+    prefill_tok_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return 1.0 / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: Plan
+    prediction: Prediction
+    advice: str  # why this many nodes, in one sentence
+    single: Prediction | None = None  # the best one-node plan, if any node fits the model
+
+
+class Planner:
+    def __init__(
+        self,
+        needs: ModelNeeds,
+        nodes: Iterable[NodeCaps],
+        head: str,
+        n_ctx: int,
+        sessions: int = 1,
+    ) -> None:
+        self.needs = needs
+        self.head = head
+        self.n_ctx = n_ctx
+        self.sessions = sessions
+        self.nodes: dict[str, NodeCaps] = {}
+        for caps in nodes:
+            self.nodes.setdefault(caps.node_id, caps)
+        self._match: dict[str, list[int]] = {
+            n: self._match_prefix(c) for n, c in self.nodes.items()
+        }
+
+    # -- eligibility ---------------------------------------------------------------------------
+
+    def _match_prefix(self, caps: NodeCaps) -> list[int]:
+        """Prefix counts of layers whose weights this node holds identically to the head."""
+        ours, theirs = self.needs.fingerprint, caps.fingerprint
+        n = self.needs.n_layers
+        if (
+            theirs is None
+            or theirs.config != ours.config
+            or theirs.globals != ours.globals
+            or len(theirs.layers) != n
+            or caps.decode_s_per_byte <= 0
+        ):
+            return [0] * (n + 1)
+        prefix = [0]
+        for a, b in zip(ours.layers, theirs.layers, strict=True):
+            prefix.append(prefix[-1] + (a == b))
+        return prefix
+
+    def matches(self, node: str, first: int, end: int) -> bool:
+        prefix = self._match.get(node)
+        return prefix is not None and prefix[end] - prefix[first] == end - first
+
+    def mismatched(self) -> list[str]:
+        """Nodes whose model differs from the head's in every layer (they get no layers)."""
+        return [n for n, p in self._match.items() if p[-1] == 0]
+
+    def fits(self, node: str, first: int, end: int) -> bool:
+        last = end == self.needs.n_layers
+        need = self.needs.memory(first, end, last, self.n_ctx, self.sessions)
+        return need <= self.nodes[node].free_memory
+
+    # -- prediction ----------------------------------------------------------------------------
+
+    def hop_s(self, a: str, b: str) -> float:
+        if a == b:
+            return 0.0
+        rtt = self.nodes[a].rtt_ms.get(b) if a in self.nodes else None
+        if rtt is None and b in self.nodes:
+            rtt = self.nodes[b].rtt_ms.get(a)
+        rtt = DEFAULT_RTT_MS if rtt is None else rtt
+        return rtt / 2000 + HOP_OVERHEAD_S + self.needs.hidden_bytes / LINK_BYTES_PER_S
+
+    def _stage_s(self, node: str, first: int, end: int, per_byte: float) -> float:
+        last = end == self.needs.n_layers
+        return self.needs.weights(first, end, last) * per_byte + STAGE_OVERHEAD_S
+
+    def predict(self, plan: Plan) -> Prediction:
+        compute = sum(
+            self._stage_s(s.node, s.first, s.end, self.nodes[s.node].decode_s_per_byte)
+            for s in plan.stages
+        )
+        route = [self.head, *plan.nodes, self.head]
+        network = sum(self.hop_s(a, b) for a, b in itertools.pairwise(route))
+        # Prompt chunks flow through the chain: the slowest stage sets the pace.
+        slowest = max(
+            self._stage_s(s.node, s.first, s.end, self.nodes[s.node].prefill_s_per_byte)
+            for s in plan.stages
+        )
+        return Prediction(compute + network, compute, network, 1.0 / max(slowest, 1e-9))
+
+    # -- checking a hand plan ------------------------------------------------------------------
+
+    def violations(self, plan: Plan, connected: Iterable[str] | None = None) -> list[str]:
+        """Every rule `plan` breaks, one sentence each (empty: the plan can run)."""
+        problems: list[str] = []
+        n = self.needs.n_layers
+        online = set(connected) if connected is not None else None
+        expected = 0
+        for stage in plan.stages:
+            if stage.first >= stage.end:
+                problems.append(f"stage {stage} on {stage.node[:8]} holds no layers")
+                continue
+            if stage.first > expected:
+                problems.append(f"layers [{expected},{stage.first}) are not covered")
+            elif stage.first < expected:
+                problems.append(
+                    f"layers [{stage.first},{min(expected, stage.end)}) are covered twice"
+                )
+            if 0 < stage.first < n and stage.first not in self.needs.allowed:
+                problems.append(f"layer {stage.first} is not an allowed split point")
+            expected = max(expected, stage.end)
+        if expected < n:
+            problems.append(f"layers [{expected},{n}) are not covered")
+        if expected > n:
+            problems.append(f"the model has {n} layers, the plan runs to layer {expected}")
+        seen: set[str] = set()
+        for stage in plan.stages:
+            node = stage.node
+            if node in seen:
+                problems.append(f"node {node[:8]} appears in more than one stage")
+            seen.add(node)
+            if node not in self.nodes:
+                problems.append(f"node {node[:8]} is unknown (no capabilities)")
+                continue
+            if online is not None and node != self.head and node not in online:
+                problems.append(f"node {node[:8]} is not connected")
+            if stage.first >= stage.end or stage.end > n:
+                continue
+            if not self.matches(node, stage.first, stage.end):
+                problems.append(
+                    f"node {node[:8]} has a different model for layers {stage} "
+                    "(fingerprint mismatch)"
+                )
+            last = stage.end == n
+            need = self.needs.memory(stage.first, stage.end, last, self.n_ctx, self.sessions)
+            have = self.nodes[node].free_memory
+            if need > have:
+                problems.append(
+                    f"node {node[:8]} needs about {need // _MIB} MiB for layers {stage} "
+                    f"but offers {have // _MIB} MiB"
+                )
+        return problems
+
+    def check(self, plan: Plan, connected: Iterable[str] | None = None) -> None:
+        problems = self.violations(plan, connected)
+        if problems:
+            raise PlanError("plan rejected: " + "; ".join(problems))
+
+    # -- searching -----------------------------------------------------------------------------
+
+    def _orders(self, max_stages: int) -> Iterable[tuple[str, ...]]:
+        """Node chains worth trying: the head first when it takes part; any node last."""
+        usable = [n for n in self.nodes if self._match[n][-1] > 0]
+        others = sorted(n for n in usable if n != self.head)
+        with_head = self.head in usable
+        for k in range(1, min(max_stages, len(usable)) + 1):
+            for head_in in (True, False) if with_head else (False,):
+                rest = k - 1 if head_in else k
+                if rest > len(others):
+                    continue
+                for group in itertools.combinations(others, rest):
+                    if len(group) <= 3:
+                        perms: Iterable[tuple[str, ...]] = itertools.permutations(group)
+                    else:  # hops cost alike on a LAN: only which node is last matters
+                        perms = (group[i + 1 :] + group[:i] + (group[i],) for i in range(rest))
+                    for perm in perms:
+                        yield ((self.head,) if head_in else ()) + perm
+
+    def _best_ranges(self, order: tuple[str, ...]) -> tuple[float, list[int]] | None:
+        """Cheapest boundaries for a fixed chain of nodes (dynamic programming over layers)."""
+        n, k = self.needs.n_layers, len(order)
+        points = [0, *sorted(p for p in self.needs.allowed if 0 < p < n), n]
+        inf = float("inf")
+        cost = {0: 0.0}
+        back: list[dict[int, int]] = []
+        for j, node in enumerate(order):
+            per_byte = self.nodes[node].decode_s_per_byte
+            nxt: dict[int, float] = {}
+            choice: dict[int, int] = {}
+            ends = [n] if j == k - 1 else [p for p in points if 0 < p < n]
+            for end in ends:
+                best, arg = inf, -1
+                for first, base in cost.items():
+                    if first >= end or not self.matches(node, first, end):
+                        continue
+                    if not self.fits(node, first, end):
+                        continue
+                    total = base + self._stage_s(node, first, end, per_byte)
+                    if total < best:
+                        best, arg = total, first
+                if arg >= 0:
+                    nxt[end], choice[end] = best, arg
+            if not nxt:
+                return None
+            cost = nxt
+            back.append(choice)
+        if n not in cost:
+            return None
+        edges = [n]
+        for choice in reversed(back):
+            edges.append(choice[edges[-1]])
+        edges.reverse()
+        route = [self.head, *order, self.head]
+        hops = sum(self.hop_s(a, b) for a, b in itertools.pairwise(route))
+        return cost[n] + hops, edges
+
+    def search(self, max_stages: int = 8, min_stages: int = 1) -> list[tuple[float, Plan]]:
+        """Feasible plans, cheapest first (one per chain of nodes)."""
+        found = []
+        for order in self._orders(max_stages):
+            if len(order) < min_stages:
+                continue
+            result = self._best_ranges(order)
+            if result is None:
+                continue
+            total, edges = result
+            stages = tuple(
+                StagePlan(node, a, b)
+                for node, (a, b) in zip(order, itertools.pairwise(edges), strict=True)
+            )
+            # Ties: fewer stages, then the head taking part.
+            found.append((total, len(order), order[0] != self.head, Plan(stages)))
+        found.sort(key=lambda item: item[:3])
+        return [(total, plan) for total, _, _, plan in found]
+
+    def best(self, max_stages: int = 8, min_stages: int = 1) -> PlanChoice:
+        """The plan with the least predicted time per token, and advice on splitting."""
+        candidates = self.search(max_stages, min_stages)
+        if not candidates:
+            raise PlanError(self._why_nothing_fits())
+        plan = candidates[0][1]
+        prediction = self.predict(plan)
+        singles = [p for _, p in self.search(1)] if min_stages <= 1 else []
+        single = self.predict(singles[0]) if singles else None
+        return PlanChoice(plan, prediction, self._advice(plan, prediction, single), single)
+
+    def _advice(self, plan: Plan, prediction: Prediction, single: Prediction | None) -> str:
+        k = len(plan.stages)
+        if single is None:
+            return (
+                f"the model fits on no single node; splitting over {k} nodes "
+                f"(predicted {prediction.decode_tok_s:.1f} tok/s)"
+            )
+        if k == 1:
+            splits = [p for _, p in self.search(8, 2)]
+            if splits:
+                other = self.predict(splits[0])
+                return (
+                    f"splitting is not worth it: one node predicts "
+                    f"{prediction.decode_tok_s:.1f} tok/s, the best split over "
+                    f"{len(splits[0].stages)} nodes {other.decode_tok_s:.1f} tok/s"
+                )
+            return f"one node runs the model (predicted {prediction.decode_tok_s:.1f} tok/s)"
+        return (
+            f"splitting over {k} nodes predicts {prediction.decode_tok_s:.1f} tok/s "
+            f"against {single.decode_tok_s:.1f} tok/s on one node"
+        )
+
+    def _why_nothing_fits(self) -> str:
+        usable = [n for n in self.nodes if self._match[n][-1] > 0]
+        if not usable:
+            return "no node has this model (fingerprints differ): nothing can run it"
+        total = sum(self.nodes[n].free_memory for n in usable)
+        need = self.needs.memory(0, self.needs.n_layers, True, self.n_ctx, self.sessions)
+        return (
+            f"no plan fits: the model needs about {need // _MIB} MiB and the "
+            f"{len(usable)} usable node(s) offer {total // _MIB} MiB in all"
+        )
+
+    def assign(self, ranges: list[tuple[int, int]], connected: Iterable[str] | None = None) -> Plan:
+        """Put hand-chosen layer ranges on nodes: the head first, the rest where they fit best."""
+        online = set(connected) if connected is not None else None
+        k = len(ranges)
+        candidates = [n for n in self.nodes if n == self.head or online is None or n in online]
+        if k > len(candidates):
+            raise PlanError(
+                f"the split has {k} stages but only {len(candidates)} node(s) can take part"
+            )
+        others = sorted(n for n in candidates if n != self.head)
+        firsts = [self.head] if self.head in candidates else []
+        # The head runs stage 0 when it can (no hop before the first stage); else others do.
+        orders = itertools.chain(
+            ((*firsts, *perm) for perm in itertools.permutations(others, k - len(firsts))),
+            itertools.permutations(others, k) if firsts else (),
+        )
+        best: tuple[float, Plan] | None = None
+        for order in itertools.islice(orders, 5000):
+            plan = Plan(
+                tuple(StagePlan(node, a, b) for node, (a, b) in zip(order, ranges, strict=True))
+            )
+            if self.violations(plan, online):
+                continue
+            t = self.predict(plan).decode_s
+            if best is None or t < best[0]:
+                best = (t, plan)
+        if best is not None:
+            return best[1]
+        default = tuple(firsts + others)[:k]
+        plan = Plan(
+            tuple(StagePlan(node, a, b) for node, (a, b) in zip(default, ranges, strict=True))
+        )
+        self.check(plan, online)  # raises with this assignment's problems
+        raise PlanError("no assignment of the split to nodes fits")

@@ -1,0 +1,181 @@
+"""Split planner: memory limits, allowed split points, fingerprints, heterogeneous speeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshchat.inference.capabilities import NodeCaps, parse_size
+from meshchat.inference.planner import (
+    ModelNeeds,
+    Plan,
+    PlanError,
+    Planner,
+    StagePlan,
+)
+from meshchat.model.fingerprint import Fingerprint
+
+MIB = 1 << 20
+N_LAYERS = 30
+FP = Fingerprint("m" * 64, "c" * 64, "g" * 64, tuple(f"l{i}" for i in range(N_LAYERS)))
+# 30 layers of 2 MiB, a 30 MiB output matrix: 90 MiB of weights, like SmolLM2-135M.
+NEEDS = ModelNeeds(
+    n_layers=N_LAYERS,
+    layer_bytes=(2 * MIB,) * N_LAYERS,
+    output_bytes=30 * MIB,
+    kv_bytes_per_token_layer=768,
+    hidden_bytes=576 * 4,
+    allowed=frozenset(range(1, N_LAYERS)),
+    fingerprint=FP,
+    n_vocab=49152,
+)
+SPEED = 1.3e-10  # s per byte: ~80 tok/s for the whole model
+
+
+def caps(name: str, memory_mib: int = 4096, speed: float = SPEED, fp: Fingerprint = FP) -> NodeCaps:
+    return NodeCaps(name, memory_mib * MIB, fp, speed, speed / 10, 2, {}, "")
+
+
+def planner(*nodes: NodeCaps, n_ctx: int = 1024) -> Planner:
+    return Planner(NEEDS, nodes, head="head", n_ctx=n_ctx)
+
+
+def whole_model_mib(n_ctx: int = 1024) -> int:
+    return NEEDS.memory(0, N_LAYERS, True, n_ctx, 1) // MIB
+
+
+def test_equal_nodes_keep_the_model_on_the_head_and_say_splitting_is_not_worth_it() -> None:
+    choice = planner(caps("head"), caps("b"), caps("c")).best()
+    assert choice.plan.stages == (StagePlan("head", 0, N_LAYERS),)
+    assert "not worth it" in choice.advice
+    assert choice.single is not None
+
+
+def test_memory_limit_forces_a_split_and_respects_every_node_budget() -> None:
+    need = whole_model_mib()
+    half = need // 2 + 40  # two stages fit, with their own compute buffers
+    p = planner(caps("head", half), caps("b", half), caps("c", half))
+    choice = p.best()
+    assert len(choice.plan.stages) >= 2
+    assert choice.plan.stages[0].node == "head"
+    assert p.violations(choice.plan) == []
+    assert "fits on no single node" in choice.advice
+    for stage in choice.plan.stages:
+        last = stage.end == N_LAYERS
+        assert (
+            NEEDS.memory(stage.first, stage.end, last, 1024, 1) <= p.nodes[stage.node].free_memory
+        )
+
+
+def test_a_much_faster_node_takes_the_layers() -> None:
+    choice = planner(caps("head"), caps("fast", speed=SPEED / 4)).best()
+    assert choice.plan.nodes == ["fast"]  # the hops cost less than the speed gained
+    assert choice.prediction.decode_tok_s > 1 / (90 * MIB * SPEED)
+
+
+def test_heterogeneous_memory_and_speed_split_by_capacity() -> None:
+    need = whole_model_mib()
+    p = planner(caps("head", need // 3 + 40), caps("fast", need * 2 // 3 + 40, speed=SPEED / 2))
+    choice = p.best()
+    assert choice.plan.nodes == ["head", "fast"]
+    head_stage, fast_stage = choice.plan.stages
+    # The fast node takes as many layers as its memory allows.
+    assert fast_stage.end - fast_stage.first > head_stage.end - head_stage.first
+    assert not p.fits("fast", fast_stage.first - 1, N_LAYERS)
+
+
+def test_allowed_split_points_are_respected() -> None:
+    needs = ModelNeeds(**{**NEEDS.__dict__, "allowed": frozenset({10, 20})})
+    need = whole_model_mib()
+    p = Planner(needs, [caps("head", need // 2), caps("b", need)], head="head", n_ctx=1024)
+    choice = p.best(min_stages=2)
+    assert choice.plan.boundaries[0] in (10, 20)
+    bad = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30)))
+    assert any("15 is not an allowed split point" in v for v in p.violations(bad))
+
+
+def test_fingerprint_mismatch_never_gets_layers() -> None:
+    other = Fingerprint("x" * 64, "c" * 64, "g" * 64, tuple(f"z{i}" for i in range(N_LAYERS)))
+    need = whole_model_mib()
+    p = planner(caps("head", need // 2), caps("stranger", need * 4, fp=other), caps("b", need))
+    assert p.mismatched() == ["stranger"]
+    for _, plan in p.search(3):
+        assert "stranger" not in plan.nodes
+    bad = Plan((StagePlan("head", 0, 15), StagePlan("stranger", 15, 30)))
+    assert any("fingerprint mismatch" in v for v in p.violations(bad))
+    with pytest.raises(PlanError, match="fingerprint mismatch"):
+        p.check(bad)
+
+
+def test_partly_matching_file_may_serve_only_the_layers_it_shares() -> None:
+    layers = list(FP.layers)
+    layers[3] = "changed"  # e.g. a fine-tune that touched layer 3 only
+    partial = Fingerprint("y" * 64, FP.config, FP.globals, tuple(layers))
+    p = planner(caps("head", whole_model_mib() // 2), caps("p", 4096, speed=SPEED, fp=partial))
+    assert p.matches("p", 10, 30) and not p.matches("p", 0, 10)
+    choice = p.best()
+    assert choice.plan.stage_of("p") is not None
+    assert choice.plan.stage_of("p").first >= 4  # type: ignore[union-attr]
+
+
+def test_hand_plan_gets_one_message_per_violation() -> None:
+    p = planner(caps("head", 30), caps("b"))
+    plan = Plan((StagePlan("head", 0, 10), StagePlan("b", 12, 40), StagePlan("b", 40, 41)))
+    problems = p.violations(plan)
+    text = "\n".join(problems)
+    assert "layers [10,12) are not covered" in text
+    assert "runs to layer 41" in text
+    assert "appears in more than one stage" in text
+    assert "needs about" in text and "offers 30 MiB" in text
+    assert len(problems) == len(set(problems))
+
+
+def test_nothing_fits_gives_a_clear_message() -> None:
+    with pytest.raises(PlanError, match="no plan fits"):
+        planner(caps("head", 50), caps("b", 50)).best()
+
+
+def test_assign_maps_a_hand_split_head_first_and_checks_it() -> None:
+    p = planner(caps("head"), caps("b"), caps("c"))
+    plan = p.assign([(0, 10), (10, 20), (20, 30)], connected=["b", "c"])
+    assert plan.nodes[0] == "head" and set(plan.nodes) == {"head", "b", "c"}
+    with pytest.raises(PlanError, match="3 stages but only 2"):
+        p.assign([(0, 10), (10, 20), (20, 30)], connected=["b"])
+    tight = planner(caps("head", 60), caps("b"))
+    # The head cannot hold 20 layers: the big range goes to b, the head takes the small one.
+    plan = tight.assign([(0, 5), (5, 30)], connected=["b"])
+    assert plan.stages[0].node == "head"
+    with pytest.raises(PlanError, match="needs about"):
+        planner(caps("head", 10), caps("b", 10)).assign([(0, 15), (15, 30)], connected=["b"])
+
+
+def test_prediction_adds_hops_and_splitting_is_slower_on_equal_nodes() -> None:
+    p = planner(caps("head"), caps("b"))
+    solo = p.predict(Plan((StagePlan("head", 0, 30),)))
+    split = p.predict(Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30))))
+    assert solo.network_s == 0
+    assert split.network_s > 0 and split.decode_s > solo.decode_s
+    assert split.prefill_tok_s > solo.prefill_tok_s  # prompt chunks overlap on two machines
+
+
+def test_plan_json_round_trip_and_bad_input() -> None:
+    plan = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30)))
+    again = Plan.from_json(plan.to_json(), plan.plan_id)
+    assert again == plan and again.plan_id == plan.plan_id
+    with pytest.raises(Exception, match="malformed plan"):
+        Plan.from_json([{"node": "x"}], "id")
+
+
+def test_caps_from_peer_json_is_validated() -> None:
+    good = caps("b").to_json()
+    assert NodeCaps.from_json("b", good).fingerprint == FP
+    with pytest.raises(Exception, match="malformed capabilities"):
+        NodeCaps.from_json("b", {**good, "free_memory": -1})
+    junk = NodeCaps.from_json("b", {**good, "fingerprint": {"model": 3}})
+    assert junk.fingerprint is None
+
+
+def test_parse_size() -> None:
+    assert parse_size("300M") == 300 * MIB
+    assert parse_size("2g") == 2 << 30
+    assert parse_size("1000") == 1000
+    assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
