@@ -1064,10 +1064,10 @@ class MeshchatApp(App[int]):
             ("Regenerate answer", "Write the last answer again (Ctrl+R)", self.action_regenerate),
             (
                 "Edit last message",
-                "Change your last message and resend (Ctrl+E)",
+                "Change your last message and resend (F4)",
                 self.action_edit_last,
             ),
-            ("Copy last answer", "To the clipboard (Ctrl+Y)", self.action_copy_answer),
+            ("Copy last answer", "To the clipboard (F8)", self.action_copy_answer),
             ("Copy code block", "A code block of the last answer", self.action_copy_code),
             ("Chats", "Show the list of chats (Ctrl+B)", self.action_toggle_chats),
             ("Search chats", "Find words in titles and messages (Ctrl+F)", self.action_search),
