@@ -6,6 +6,10 @@ SIGINT/SIGTERM (exit 0). Never imports textual.
 
 Listening: `--listen HOST:PORT`; by default 0.0.0.0:47470, or a random port if that one is taken
 (the invite carries the port either way). mDNS discovery is on unless MESHCHAT_MDNS=0.
+
+Serving layers: the node runs the stage service with `--model PATH`, or with the default model
+if the model store has it (a worker never downloads by surprise: `meshchat model pull` first).
+Heads assign it a layer range; the status file shows it. MESHCHAT_THREADS sets its threads.
 """
 
 from __future__ import annotations
@@ -72,11 +76,16 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = await _start_node(args, DataDir.resolve(args.data_dir))
+    data_dir = DataDir.resolve(args.data_dir)
+    node = await _start_node(args, data_dir)
+    service = None
     try:
+        service, note = await _start_stage_service(args, node, data_dir)
         if args.join:
             inviter = await node.join(args.join)
             print(f"joined mesh {node.mesh_id} via {inviter.short}", file=sys.stderr)
+        if note:
+            print(f"meshchat: {note}", file=sys.stderr)
         invite = node.create_invite(uses=args.invite_uses)
         if args.invite_file:
             atomic_write_text(_path(args.invite_file), invite + "\n", mode=0o600)
@@ -96,10 +105,41 @@ async def serve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
     finally:
+        if service is not None:
+            await service.stop()
         await node.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
+
+
+async def _start_stage_service(
+    args: argparse.Namespace, node: Node, data: DataDir
+) -> tuple[Any, str]:
+    """Serve layers of this node's model; the note says why it has none, if so."""
+    from meshchat.commands.common import thread_count
+    from meshchat.inference.local_model import LocalModel
+    from meshchat.inference.stage_service import StageService
+    from meshchat.model.store import ModelStore, StoreError
+
+    note = ""
+    try:
+        path = ModelStore(data.models).resolve(getattr(args, "model", None), pull_if_missing=False)
+    except StoreError:
+        note = (
+            "no model in the store: this node serves no layers "
+            "(pass --model PATH or run `meshchat model pull`)"
+        )
+        path = None
+    model = None
+    if path is not None:
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, LocalModel.open, path, data)
+    threads_env = os.environ.get("MESHCHAT_THREADS", "")
+    threads = thread_count(int(threads_env) if threads_env.isdigit() else None)
+    service = StageService(node, model, data, threads)
+    await service.start()
+    return service, note
 
 
 def _path(text: str) -> Path:

@@ -58,6 +58,7 @@ class NodeCaps:
     threads: int = 1
     rtt_ms: dict[str, float] = field(default_factory=dict)  # to the peers it is connected to
     model_path: str = ""
+    peers: tuple[str, ...] = ()  # the nodes it is connected to right now
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class NodeCaps:
             "threads": self.threads,
             "rtt_ms": self.rtt_ms,
             "model_path": self.model_path,
+            "peers": list(self.peers),
         }
 
     @classmethod
@@ -99,6 +101,7 @@ class NodeCaps:
             threads=threads,
             rtt_ms=rtts,
             model_path=str(data.get("model_path", ""))[:4096],
+            peers=tuple(str(p) for p in list(data.get("peers") or [])[:1024]),
         )
 
 
@@ -218,6 +221,7 @@ def local_caps(
     model: LocalModel | None,
     calib: Calibration | None,
     rtt_ms: dict[str, float] | None = None,
+    peers: list[str] | None = None,
 ) -> NodeCaps:
     """This node's capabilities (a node without a model offers no layers)."""
     return NodeCaps(
@@ -229,4 +233,5 @@ def local_caps(
         threads=calib.threads if calib else 1,
         rtt_ms=dict(rtt_ms or {}),
         model_path=str(model.path) if model else "",
+        peers=tuple(peers or ()),
     )

@@ -221,6 +221,10 @@ class Node:
     def add_listener(self, callback: Callable[[NodeEvent], None]) -> None:
         self._callbacks.append(callback)
 
+    def remove_listener(self, callback: Callable[[NodeEvent], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
     def _emit(self, kind: EventKind, node: NodeId, rtt_ms: float | None = None) -> None:
         event = NodeEvent(kind, node, rtt_ms)
         for queue in self._subscribers:

@@ -1,0 +1,99 @@
+"""`meshchat generate --join CODE`: one completion run on the mesh the invite leads to.
+
+This process is the head: it joins with the invite, waits until it is connected to the mesh's
+nodes, asks them what they can run, plans (automatically, or `--split` mapped onto the nodes),
+prints the plan on stderr, runs the prompt and streams the text to stdout. A node lost on the
+way is replaced (see meshchat.inference.mesh_pipeline); stderr says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from meshchat.commands.common import choose_model, thread_count
+from meshchat.commands.generate import DEFAULT_CONTEXT, prompt_tokens, sampling_from_args
+from meshchat.engine.sampling import SamplingParams
+from meshchat.engine.tokenizer import Tokenizer
+from meshchat.errors import MeshchatError
+from meshchat.inference.coordinator import MeshCoordinator
+from meshchat.inference.head import HeadSession
+from meshchat.inference.local_model import LocalModel
+from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.mesh.node import Node
+from meshchat.model.architectures import parse_split, split_ranges
+from meshchat.paths import DataDir
+
+
+def _say(message: str) -> None:
+    print(f"meshchat: {message}", file=sys.stderr, flush=True)
+
+
+def run_generate_on_mesh(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    data = DataDir.resolve(args.data_dir)
+    choice = choose_model(args, data)
+    split = split_ranges(choice.spec, parse_split(args.split)) if args.split else None
+    tokenizer = Tokenizer(choice.path)
+    tokens = prompt_tokens(choice, tokenizer, args)
+    n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
+    if len(tokens) >= n_ctx:
+        raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
+    model = LocalModel.open(choice.path, data)
+    return asyncio.run(_run(args, data, model, tokenizer, tokens, params, split, n_ctx))
+
+
+async def _run(
+    args: argparse.Namespace,
+    data: DataDir,
+    model: LocalModel,
+    tokenizer: Tokenizer,
+    tokens: list[int],
+    params: SamplingParams,
+    split: list[tuple[int, int]] | None,
+    n_ctx: int,
+) -> int:
+    mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
+    node = Node(data, "0.0.0.0:0", discovery=mdns)
+    await node.start()
+    pipeline: MeshPipeline | None = None
+    try:
+        inviter = await node.join(args.join)
+        coordinator = MeshCoordinator(
+            node, model, data, threads=thread_count(args.threads), n_ctx=n_ctx, notify=_say
+        )
+        await coordinator.settle(inviter)
+        plan, advice, planner = await coordinator.choose(split)
+        for note in coordinator.mismatch_notes(planner):
+            _say(note)
+        if advice is not None:
+            _say(advice.advice)
+        tok_s = planner.predict(plan).decode_tok_s
+        _say(f"plan {plan.describe(str(node.node_id))} (predicted {tok_s:.1f} tok/s)")
+        pipeline = await coordinator.start(plan, transport_dtype=args.transport_dtype)
+        return await _stream(pipeline, tokenizer, tokens, params, args.max_tokens)
+    finally:
+        if pipeline is not None:
+            await pipeline.close()
+        await node.stop()
+
+
+async def _stream(
+    pipeline: MeshPipeline,
+    tokenizer: Tokenizer,
+    tokens: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+) -> int:
+    session = HeadSession(pipeline, tokenizer)
+    try:
+        async for text in session.generate(tokens, params, max_tokens):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    finally:
+        await session.close()
+    return 0

@@ -1,0 +1,175 @@
+"""The head's view of the mesh: who is there, what each node offers, and which plan to run.
+
+A `MeshCoordinator` asks every connected peer for its capabilities (CapsQuery), measures its
+own, builds a `Planner`, and turns a plan into a running `MeshPipeline`. It is also the
+pipeline's replanner: after a failure it plans again over the nodes still connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import NodeCaps, calibration, local_caps
+from meshchat.inference.local_model import LocalModel
+from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, Planner
+from meshchat.mesh import wire
+from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node
+from meshchat.mesh.transport import ConnectionLost
+from meshchat.paths import DataDir
+
+log = logging.getLogger(__name__)
+
+CAPS_TIMEOUT_S = 150.0  # a peer may be calibrating on first start
+
+
+class MeshCoordinator:
+    def __init__(
+        self,
+        node: Node,
+        model: LocalModel,
+        data: DataDir,
+        *,
+        threads: int,
+        n_ctx: int,
+        sessions: int = 1,
+        notify: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.node = node
+        self.model = model
+        self.data = data
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.sessions = sessions
+        self.notify = notify
+        self.needs = ModelNeeds.of(model)
+        self.caps: dict[str, NodeCaps] = {}  # the last answer of every node asked
+        self._calibration: Any = None
+
+    @property
+    def head(self) -> str:
+        return str(self.node.node_id)
+
+    async def own_caps(self) -> NodeCaps:
+        if self._calibration is None:
+            loop = asyncio.get_running_loop()
+            self._calibration = await loop.run_in_executor(
+                None, calibration, self.model, self.data, self.threads
+            )
+        rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
+        peers = [str(n) for n in self.node.connected()]
+        return local_caps(self.head, self.model, self._calibration, rtts, peers)
+
+    async def query(self, node: NodeId, timeout: float = CAPS_TIMEOUT_S) -> NodeCaps:
+        msg = wire.CapsQuery(self.model.fingerprint.model)
+        for attempt in range(3):
+            try:
+                reply = await self.node.request(node, msg, timeout)
+                break
+            except ConnectionLost:
+                # Two nodes that dial each other at once keep one of the two connections; a
+                # request on the other fails. Ask again on the survivor.
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.3)
+        if not isinstance(reply, wire.Ack):
+            raise MeshchatError(f"node {node.short} sent no capabilities")
+        return NodeCaps.from_json(str(node), reply.body)
+
+    async def settle(self, via: NodeId, timeout: float = 5.0) -> None:
+        """Wait until we are connected to every node `via` is connected to (bounded)."""
+        try:
+            caps = await self.query(via)
+        except MeshchatError as exc:
+            log.info("cannot ask %s for its peers: %s", via.short, exc)
+            return
+        wanted = set(caps.peers) - {self.head}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if wanted <= {str(n) for n in self.node.connected()}:
+                return
+            await asyncio.sleep(0.05)
+        log.info("not all peers connected within %.0f s", timeout)
+
+    async def gather(self, exclude: Iterable[str] = ()) -> list[NodeCaps]:
+        """Capabilities of this node and every connected peer not excluded (in parallel)."""
+        skip = set(exclude)
+        peers = [n for n in self.node.connected() if str(n) not in skip]
+        results = await asyncio.gather(
+            self.own_caps(), *(self.query(n) for n in peers), return_exceptions=True
+        )
+        found: list[NodeCaps] = []
+        for node, result in zip([self.node.node_id, *peers], results, strict=True):
+            if isinstance(result, NodeCaps):
+                found.append(result)
+                self.caps[str(node)] = result
+            elif isinstance(result, BaseException):
+                if node == self.node.node_id:
+                    raise result
+                self.notify(f"node {node.short} gave no capabilities: {result}")
+        return found
+
+    def planner(self, caps: list[NodeCaps]) -> Planner:
+        return Planner(self.needs, caps, self.head, self.n_ctx, self.sessions)
+
+    def mismatch_notes(self, planner: Planner) -> list[str]:
+        """One line per connected node that cannot run this model, and why."""
+        notes = []
+        for node in planner.mismatched():
+            caps = planner.nodes[node]
+            if caps.fingerprint is None:
+                why = "has no model file"
+            else:
+                why = (
+                    f"has a different model (fingerprint {caps.fingerprint.short}, ours "
+                    f"{self.model.fingerprint.short})"
+                )
+            notes.append(f"node {node[:8]} {why}: it gets no layers")
+        return notes
+
+    async def choose(
+        self, split: list[tuple[int, int]] | None = None, exclude: Iterable[str] = ()
+    ) -> tuple[Plan, PlanChoice | None, Planner]:
+        """The automatic plan (with advice), or `split` mapped onto the nodes."""
+        caps = await self.gather(exclude)
+        planner = self.planner(caps)
+        connected = [str(n) for n in self.node.connected() if str(n) not in set(exclude)]
+        if split is not None:
+            return planner.assign(split, connected), None, planner
+        choice = planner.best()
+        return choice.plan, choice, planner
+
+    async def replan(self, exclude: set[str]) -> Plan:
+        """For failover: the best plan over the nodes still connected, leaving out `exclude`."""
+        plan, choice, _ = await self.choose(exclude=exclude)
+        if choice is not None:
+            self.notify(choice.advice)
+        return plan
+
+    async def start(self, plan: Plan, **options: Any) -> MeshPipeline:
+        """A pipeline running `plan` (nodes load their ranges now)."""
+        pipeline = MeshPipeline(
+            self.node,
+            self.model,
+            self.data,
+            threads=self.threads,
+            n_ctx=self.n_ctx,
+            max_sessions=max(self.sessions, 1),
+            replanner=self.replan,
+            notify=self.notify,
+            **options,
+        )
+        try:
+            await pipeline.apply(plan)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pipeline.close()
+            raise
+        return pipeline

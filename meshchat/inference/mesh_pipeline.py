@@ -1,0 +1,556 @@
+"""A pipeline whose stages run on mesh nodes: the head's side of distributed generation.
+
+The head usually runs stage 0 itself (a local Stage on a worker thread) and sends each step's
+hidden states to the next node; every stage forwards to its successor and the last one sends
+the sampled token id back here. Session operations (open, rollback, sampler) travel the same
+chain, so each stage applies them in order with the work; the last stage confirms.
+
+Prompts go in chunks (micro-batches): while stage 1 runs chunk n, stage 0 runs chunk n+1.
+
+Failover: when a stage's node leaves (no answer for the mesh's dead-peer timeout), faults, or
+the step times out, the head asks its replanner for a plan over the survivors, installs it
+(each node loads its new range from its own file), and replays every open session's tokens so
+the new stages hold the same KV caches, then retries the step. The head keeps every session's
+token history, so nothing is lost; a greedy run gives the same text as one without the fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from meshchat.engine.sampling import SamplingParams
+from meshchat.engine.stage import ContextOverflowError, Stage, StageError, StageOptions
+from meshchat.errors import MeshchatError
+from meshchat.inference.local_model import LocalModel, fingerprint_to_json
+from meshchat.inference.planner import Plan, PlanError
+from meshchat.mesh import wire
+from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node, NodeEvent
+from meshchat.mesh.transport import ConnectionLost
+from meshchat.model.slices import LayerRange
+from meshchat.paths import DataDir
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Replanner = Callable[[set[str]], Awaitable[Plan]]
+
+OP_TIMEOUT_S = 30.0
+LOAD_TIMEOUT_S = 300.0
+STEP_TIMEOUT_S = 60.0  # plus a generous per-token allowance for long prompts
+MAX_FAILOVERS = 4
+
+
+class StageLost(MeshchatError):
+    """A stage of the plan went away or failed; `node` is the one to leave out (if known)."""
+
+    def __init__(self, node: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.node = node
+
+
+@dataclass
+class _Session:
+    wire_id: int
+    local_id: str
+    history: list[int] = field(default_factory=list)  # tokens every stage's KV cache holds
+    params: SamplingParams | None = None
+    seq: int = 0  # session ops sent; the epoch of activations sent after them
+
+
+@dataclass
+class StepTiming:
+    """Where the last step's time went (the UI's per-stage compute vs network split)."""
+
+    wall_s: float = 0.0
+    stage_compute_s: list[float] = field(default_factory=list)  # per stage, in plan order
+
+    @property
+    def network_s(self) -> float:
+        return max(0.0, self.wall_s - sum(self.stage_compute_s))
+
+
+class MeshPipeline:
+    """Implements `Pipeline` over a plan on the mesh (see module doc)."""
+
+    def __init__(
+        self,
+        node: Node,
+        model: LocalModel,
+        data: DataDir,
+        *,
+        threads: int,
+        n_ctx: int,
+        max_sessions: int = 2,
+        transport_dtype: str = "f32",
+        prefill_chunk: int = 128,
+        replanner: Replanner | None = None,
+        notify: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.node = node
+        self.model = model
+        self.data = data
+        self.threads = threads
+        self.max_sessions = max_sessions
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.dtype = wire.DType.F16 if transport_dtype == "f16" else wire.DType.F32
+        self.replanner = replanner
+        self.notify = notify
+        self._n_ctx = n_ctx
+        self._me = str(node.node_id)
+        self._plan: Plan | None = None
+        self._remote: list[NodeId] = []  # plan nodes after the head's own stage, in order
+        self._local: Stage | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-stage")
+        self._sessions: dict[str, _Session] = {}
+        self._tokens: dict[tuple[int, int], asyncio.Future[tuple[int, list[int]]]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._dones: dict[tuple[int, int], asyncio.Future[None]] = {}
+        self._excluded: set[str] = set()
+        self._broken: str | None = None  # why the last failover failed (retried on next use)
+        self.last_step = StepTiming()
+        self.hop_samples: deque[float] = deque(maxlen=4096)  # network seconds per hop, decode
+        self.wire_bytes = 0  # activation frame bytes the head sent (one hop)
+        self.wire_tokens = 0
+        self.failovers = 0
+        node.on(wire.Token, self._on_token)
+        node.on(wire.SessionDone, self._on_done)
+        node.on(wire.StageFault, self._on_fault)
+        node.add_listener(self._on_event)
+
+    # -- plan ----------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    async def apply(self, plan: Plan) -> None:
+        """Install `plan` (at start, or a re-plan while idle): load ranges, replay sessions."""
+        self._excluded.clear()
+        await self._install(plan)
+        await self._replay_all()
+        self._broken = None
+
+    async def _install(self, plan: Plan) -> None:
+        if plan.stages[0].node != self._me and plan.stage_of(self._me) is not None:
+            raise PlanError("the head can only run the first stage of a plan")
+        old = self._plan
+        self._plan = plan
+        self._remote = [NodeId.parse(s.node) for s in plan.stages if s.node != self._me]
+        mine = plan.stage_of(self._me)
+        layers = (mine.first, mine.end) if mine else None
+        await self._run(self._set_local, layers)
+        self.node.set_status(layers, self.model.status())
+        body = {
+            "head": self._me,
+            "stages": plan.to_json(),
+            "model": fingerprint_to_json(self.model.fingerprint),
+            "n_ctx": self._n_ctx,
+            "max_sessions": self.max_sessions,
+            "dtype": "f16" if self.dtype is wire.DType.F16 else "f32",
+        }
+        msg = wire.Plan(plan.plan_id, body)
+        # Nodes of the old plan that have no part now free their memory (best effort).
+        dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
+        for text in dropped:
+            self._background(self._quiet_request(NodeId.parse(text), msg))
+        results = await asyncio.gather(
+            *(self._assign(n, msg) for n in self._remote), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _assign(self, node: NodeId, msg: wire.Plan) -> None:
+        try:
+            reply = await self.node.request(node, msg, timeout=LOAD_TIMEOUT_S)
+        except ConnectionLost as exc:
+            raise StageLost(
+                str(node), f"node {node.short} did not take its layers: {exc}"
+            ) from None
+        except MeshchatError as exc:
+            # A refusal (fingerprint, memory, busy): leave the node out of the next plan.
+            raise StageLost(str(node), str(exc)) from None
+        log.info("node %s took layers %s", node.short, getattr(reply, "body", {}))
+
+    def _set_local(self, layers: tuple[int, int] | None) -> None:
+        """(Worker thread.) Load, keep or drop the head's own stage."""
+        stage = self._local
+        if stage is not None and (stage.layers.first, stage.layers.end) == layers:
+            for session in self._sessions.values():
+                stage.close_session(session.local_id)
+            return
+        if stage is not None:
+            stage.close()
+            self._local = None
+        if layers is not None:
+            path = self.model.stage_file(self.data, *layers)
+            options = StageOptions(
+                n_ctx=self._n_ctx,
+                max_sessions=self.max_sessions,
+                n_batch=max(self.prefill_chunk, 32),
+                n_threads=self.threads,
+            )
+            self._local = Stage(path, LayerRange(*layers), self.model.n_layers, options)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def open_session(self, session_id: str) -> None:
+        if session_id in self._sessions:
+            return
+        if len(self._sessions) >= self.max_sessions:
+            raise StageError(f"all {self.max_sessions} session slots are busy")
+        wire_id = random.getrandbits(62)
+        session = self._sessions[session_id] = _Session(wire_id, f"s{wire_id:x}")
+        await self._guarded(lambda: self._open(session))
+
+    async def _open(self, s: _Session) -> None:
+        assert self._plan is not None
+        if self._local is not None:
+            await self._run(self._local.open_session, s.local_id)
+        await self._op(s, "open", body={"head": self._me, "plan": self._plan.plan_id})
+
+    async def close_session(self, session_id: str) -> None:
+        s = self._sessions.pop(session_id, None)
+        if s is None:
+            return
+        if self._local is not None:
+            await self._run(self._local.close_session, s.local_id)
+        with contextlib.suppress(MeshchatError):
+            await self._op(s, "close", timeout=5.0)
+
+    async def rollback(self, session_id: str, position: int) -> None:
+        s = self._sessions[session_id]
+        del s.history[position:]
+        await self._guarded(lambda: self._rollback(s, position))
+
+    async def _rollback(self, s: _Session, position: int) -> None:
+        if self._local is not None:
+            await self._run(self._local.rollback, s.local_id, position)
+        await self._op(s, "rollback", position=position)
+
+    async def configure_sampling(self, session_id: str, params: SamplingParams) -> None:
+        s = self._sessions[session_id]
+        s.params = params
+        await self._guarded(lambda: self._sample(s))
+
+    async def _sample(self, s: _Session) -> None:
+        assert s.params is not None
+        if self._local is not None:
+            await self._run(self._local.configure_sampling, s.local_id, s.params)
+        await self._op(s, "sample", body=s.params.to_dict())
+
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a session op; if a stage is lost meanwhile, fail over (which redoes the op:
+        the replay rebuilds each session from the state recorded here before the op)."""
+        if self._broken:
+            await self._failover(StageLost(None, self._broken))
+            return
+        try:
+            await work()
+        except StageLost as lost:
+            await self._failover(lost)
+
+    async def _op(
+        self,
+        s: _Session,
+        op: str,
+        position: int = 0,
+        body: dict[str, Any] | None = None,
+        timeout: float = OP_TIMEOUT_S,
+    ) -> None:
+        """Send a session op down the chain and wait until the last stage confirms it."""
+        s.seq += 1
+        if not self._remote:
+            return
+        key = (s.wire_id, s.seq)
+        fut = self._dones[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send(
+                self._remote[0], wire.SessionOp(s.wire_id, s.seq, op, position, body or {})
+            )
+            await self._wait(fut, timeout)
+        finally:
+            self._dones.pop(key, None)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    async def forward(self, session_id: str, position: int, tokens: list[int]) -> int:
+        s = self._sessions[session_id]
+        if self._broken:
+            await self._failover(StageLost(None, self._broken))
+        for _attempt in range(MAX_FAILOVERS + 1):
+            try:
+                token = await self._step(s, position, tokens)
+            except StageLost as lost:
+                await self._failover(lost)
+                continue
+            del s.history[position:]
+            s.history.extend(tokens)
+            return token
+        raise MeshchatError(f"generation failed after {MAX_FAILOVERS} failovers")
+
+    async def _step(self, s: _Session, position: int, tokens: list[int]) -> int:
+        started = time.perf_counter()
+        if not self._remote:
+            assert self._local is not None
+            out = await self._run(self._local.forward, s.local_id, position, tokens)
+            self.last_step = StepTiming(
+                time.perf_counter() - started, [time.perf_counter() - started]
+            )
+            assert out.token is not None
+            return out.token
+        chunks = _chunks(tokens, self.prefill_chunk)
+        last_position = position + len(tokens) - len(chunks[-1])
+        key = (s.wire_id, last_position)
+        fut = self._tokens[key] = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                await self._send_chunks(s, position, chunks)
+                token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * len(tokens))
+            except asyncio.CancelledError:
+                self._cancel_remote(s)
+                raise
+        finally:
+            self._tokens.pop(key, None)
+        wall = time.perf_counter() - started
+        self.last_step = StepTiming(wall, [us / 1e6 for us in trace])
+        if len(tokens) == 1:  # decode: one hop per remote stage, and one back to the head
+            self.hop_samples.append(self.last_step.network_s / (len(self._remote) + 1))
+        return int(token)
+
+    async def _send_chunks(self, s: _Session, position: int, chunks: list[list[int]]) -> None:
+        first = self._remote[0]
+        for i, chunk in enumerate(chunks):
+            want = i == len(chunks) - 1
+            if self._local is None:
+                msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk), want_token=want)
+            else:
+                hidden, micros = await self._run(self._compute_local, s.local_id, position, chunk)
+                msg = wire.Activations(
+                    s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
+                    _raw(hidden), want, (micros,),
+                )  # fmt: skip
+                self.wire_bytes += (
+                    wire.HEADER_SIZE + wire.ACT_HEAD.size + 4 * (len(chunk) + 1) + len(msg.data)
+                )
+                self.wire_tokens += len(chunk)
+            await self._send(first, msg)
+            position += len(chunk)
+
+    def _compute_local(
+        self, local_id: str, position: int, chunk: list[int]
+    ) -> tuple[np.ndarray, int]:
+        assert self._local is not None
+        started = time.perf_counter()
+        out = self._local.forward(local_id, position, chunk, sample=False)
+        micros = int((time.perf_counter() - started) * 1e6)
+        hidden = out.hidden
+        assert hidden is not None
+        if self.dtype is wire.DType.F16:
+            hidden = hidden.astype(np.float16)
+        return hidden, micros
+
+    def _cancel_remote(self, s: _Session) -> None:
+        """Tell every stage to drop this session's queued work (the head stopped waiting)."""
+        for node in self._remote:
+            self._background(self._quiet_send(node, wire.Cancel(s.wire_id, "cancelled", s.seq)))
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quiet_send(self, node: NodeId, msg: wire.Message) -> None:
+        with contextlib.suppress(MeshchatError):
+            await self.node.send(node, msg)
+
+    async def _quiet_request(self, node: NodeId, msg: wire.Message) -> None:
+        with contextlib.suppress(MeshchatError):
+            await self.node.request(node, msg, timeout=10.0)
+
+    async def _send(self, node: NodeId, msg: wire.Message) -> None:
+        try:
+            await self.node.send(node, msg)
+        except ConnectionLost as exc:
+            raise StageLost(str(node), f"node {node.short} is unreachable: {exc}") from None
+
+    async def _wait(self, fut: asyncio.Future[T], timeout: float) -> T:
+        lost = self._lost_stage()
+        if lost is not None:
+            raise StageLost(lost, f"node {lost[:8]} left the mesh")
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise StageLost(None, f"no answer from the stages within {timeout:.0f} s") from None
+
+    def _lost_stage(self) -> str | None:
+        connected = set(self.node.connected())
+        return next((str(n) for n in self._remote if n not in connected), None)
+
+    # -- messages from the stages --------------------------------------------------------------
+
+    def _on_token(self, peer: NodeId, msg: wire.Token) -> None:
+        if not self._remote or peer != self._remote[-1]:
+            return  # only the plan's last stage samples for us
+        fut = self._tokens.get((msg.session, msg.position))
+        if fut is not None and not fut.done():
+            fut.set_result((msg.token, msg.trace))
+
+    def _on_done(self, peer: NodeId, msg: wire.SessionDone) -> None:
+        if not self._remote or peer != self._remote[-1]:
+            return
+        fut = self._dones.get((msg.session, msg.seq))
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_fault(self, peer: NodeId, msg: wire.StageFault) -> None:
+        if peer not in self._remote:
+            return
+        if msg.code == "overflow":
+            exc: Exception = ContextOverflowError(msg.reason)
+        else:
+            # Bad input: leave out who sent it; a lost next stage: leave it out; otherwise the
+            # faulting stage's state is suspect: replan (and replay) without it.
+            blame: str | None = (
+                msg.culprit if msg.culprit and msg.culprit != self._me else str(peer)
+            )
+            if msg.code in ("unknown-session", "stale-plan"):
+                blame = None  # state went out of step (e.g. a restart): a replay fixes it
+            exc = StageLost(blame, f"node {peer.short}: {msg.reason}")
+        self._fail_waiting(msg.session, exc)
+
+    def _on_event(self, event: NodeEvent) -> None:
+        if event.kind == "left" and event.node_id in self._remote:
+            lost = StageLost(str(event.node_id), f"node {event.node_id.short} left the mesh")
+            self._fail_waiting(None, lost)
+
+    def _fail_waiting(self, session: int | None, exc: Exception) -> None:
+        futures: list[asyncio.Future[Any]] = [*self._tokens.values(), *self._dones.values()]
+        keys = itertools.chain(self._tokens, self._dones)
+        for (sid, _), fut in zip(keys, futures, strict=True):
+            if (session is None or sid == session) and not fut.done():
+                fut.set_exception(exc)
+
+    # -- failover ------------------------------------------------------------------------------
+
+    async def _failover(self, lost: StageLost) -> None:
+        """Re-plan over the survivors and rebuild every session's KV caches there."""
+        if self.replanner is None:
+            raise MeshchatError(f"a stage failed and this pipeline cannot re-plan: {lost}")
+        self.failovers += 1
+        for _attempt in range(MAX_FAILOVERS):
+            if lost.node is not None:
+                self._excluded.add(lost.node)
+            self.notify(f"{lost}; re-planning over the remaining nodes")
+            try:
+                plan = await self.replanner(set(self._excluded))
+            except MeshchatError as exc:
+                self._broken = f"no plan fits the remaining nodes: {exc}"
+                raise MeshchatError(f"{self._broken} (the conversation is kept)") from None
+            self.notify(f"new plan: {plan.describe(self._me)}")
+            try:
+                await self._install(plan)
+                await self._replay_all()
+            except StageLost as again:
+                lost = again
+                continue
+            self._broken = None
+            return
+        self._broken = f"failover gave up: {lost}"
+        raise MeshchatError(self._broken)
+
+    async def _replay_all(self) -> None:
+        """Open every session on the current plan and feed it its history again."""
+        for s in list(self._sessions.values()):
+            if self._local is not None:
+                await self._run(self._replay_local, s)
+            if not self._remote:
+                continue
+            assert self._plan is not None
+            s.seq += 1
+            first = self._remote[0]
+            body = {"head": self._me, "plan": self._plan.plan_id}
+            await self._send(first, wire.SessionOp(s.wire_id, s.seq, "open", 0, body))
+            if s.history:
+                await self._send_chunks_no_token(s)
+            if s.params is not None:
+                await self._op(s, "sample", body=s.params.to_dict(), timeout=LOAD_TIMEOUT_S)
+            else:
+                await self._op(s, "sync", timeout=LOAD_TIMEOUT_S)
+
+    async def _send_chunks_no_token(self, s: _Session) -> None:
+        first = self._remote[0]
+        position = 0
+        for chunk in _chunks(s.history, self.prefill_chunk):
+            if self._local is None:
+                msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk))
+            else:
+                hidden = self._replayed.pop(0)
+                msg = wire.Activations(
+                    s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
+                    _raw(hidden),
+                )  # fmt: skip
+            await self._send(first, msg)
+            position += len(chunk)
+
+    _replayed: list[np.ndarray]
+
+    def _replay_local(self, s: _Session) -> None:
+        """(Worker thread.) Rebuild the head's own stage for `s`; keep hidden states to send."""
+        stage = self._local
+        assert stage is not None
+        stage.close_session(s.local_id)
+        stage.open_session(s.local_id)
+        self._replayed = []
+        position = 0
+        for chunk in _chunks(s.history, self.prefill_chunk):
+            out = stage.forward(s.local_id, position, chunk, sample=False)
+            if out.hidden is not None:
+                hidden = out.hidden
+                if self.dtype is wire.DType.F16:
+                    hidden = hidden.astype(np.float16)
+                self._replayed.append(hidden)
+            position += len(chunk)
+        if s.params is not None:
+            stage.configure_sampling(s.local_id, s.params)
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        for session_id in list(self._sessions):
+            with contextlib.suppress(MeshchatError):
+                await self.close_session(session_id)
+        self.node.remove_listener(self._on_event)
+        self._fail_waiting(None, MeshchatError("pipeline closed"))
+        await self._run(self._set_local, None)
+        self._executor.shutdown(wait=True)
+
+
+def _raw(array: Any) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy."""
+    contiguous: Any = np.ascontiguousarray(array)
+    return memoryview(contiguous).cast("B")
+
+
+def _chunks(tokens: list[int], size: int) -> list[list[int]]:
+    return [tokens[i : i + size] for i in range(0, len(tokens), size)] or [[]]
