@@ -19,7 +19,7 @@ from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.theme import Theme
 from textual.widgets import Footer, Header
 from textual.worker import Worker
@@ -803,6 +803,10 @@ class MeshchatApp(App[int]):
     def _on_leave_up(self) -> None:
         if self.chat_log.views():
             self.chat_log.focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # App keys act on the main screen; in a dialog they fall through to the dialog.
+        return action == "quit" or not isinstance(self.screen, ModalScreen)
 
     # --- split editor and mesh --------------------------------------------------------------
 

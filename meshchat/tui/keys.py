@@ -17,25 +17,26 @@ from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.prompt import PromptInput
 from meshchat.tui.widgets.split_editor import SplitEditor
 
+# F-keys are priority bindings: the message box (a TextArea) would take F6/F7 otherwise.
 APP_BINDINGS: list[BindingType] = [
     Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
-    Binding("f1", "help", "Help", id="help"),
+    Binding("f1", "help", "Help", id="help", priority=True),
     Binding("escape", "cancel", "Stop/back", id="cancel"),
     Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
-    Binding("f4", "edit_last", "Edit last message", id="edit_last", show=False),
-    Binding("f8", "copy_answer", "Copy last answer", id="copy_answer", show=False),
+    Binding("f4", "edit_last", "Edit last message", id="edit_last", show=False, priority=True),
+    Binding("f8", "copy_answer", "Copy last answer", id="copy_answer", show=False, priority=True),
     Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
     Binding("ctrl+b", "toggle_chats", "Chats", id="chats"),
     Binding("ctrl+f", "search", "Search", id="search", show=False),
-    Binding("f2", "rename_chat", "Rename chat", id="rename_chat", show=False),
-    Binding("f3", "chat_settings", "Chat settings", id="chat_settings", show=False),
+    Binding("f2", "rename_chat", "Rename chat", id="rename_chat", show=False, priority=True),
+    Binding("f3", "chat_settings", "Chat settings", id="chat_settings", show=False, priority=True),
     Binding("ctrl+s", "export_chat", "Export chat", id="export_chat", show=False),
     Binding("ctrl+l", "focus_split", "Split", id="split_editor"),
     Binding("ctrl+t", "focus_peers", "Peers", id="peers", show=False),
-    Binding("f5", "invite", "Invite", id="invite"),
-    Binding("f6", "join", "Join", id="join", show=False),
-    Binding("f7", "remove_member", "Remove member", id="remove_member", show=False),
-    Binding("f9", "toggle_mesh", "Mesh panel", id="toggle_mesh", show=False),
+    Binding("f5", "invite", "Invite", id="invite", priority=True),
+    Binding("f6", "join", "Join", id="join", show=False, priority=True),
+    Binding("f7", "remove_member", "Remove member", id="remove_member", show=False, priority=True),
+    Binding("f9", "toggle_mesh", "Mesh panel", id="toggle_mesh", show=False, priority=True),
 ]
 
 SECTIONS: list[tuple[str, list[BindingType]]] = [
@@ -66,7 +67,15 @@ def binding_ids() -> set[str]:
 
 def display_keys(keys: str) -> str:
     """ "ctrl+r,f5" → "Ctrl+R / F5"."""
-    names = {"plus": "+", "minus": "-", "equals_sign": "=", "delete": "Del", "escape": "Esc"}
+    names = {
+        "plus": "+",
+        "left_square_bracket": "[",
+        "right_square_bracket": "]",
+        "minus": "-",
+        "equals_sign": "=",
+        "delete": "Del",
+        "escape": "Esc",
+    }
     shown = []
     for key in keys.split(","):
         parts = [names.get(p, p) for p in key.strip().split("+")]

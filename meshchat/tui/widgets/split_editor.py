@@ -29,8 +29,12 @@ class SplitEditor(Widget, can_focus=True):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("left", "move(-1)", "Boundary ←", show=False, id="split.left"),
         Binding("right", "move(1)", "Boundary →", show=False, id="split.right"),
-        Binding("[,shift+left", "pick(-1)", "Prev stage", show=False, id="split.prev"),
-        Binding("],shift+right", "pick(1)", "Next stage", show=False, id="split.next"),
+        Binding(
+            "left_square_bracket,shift+left", "pick(-1)", "Prev stage", show=False, id="split.prev"
+        ),
+        Binding(
+            "right_square_bracket,shift+right", "pick(1)", "Next stage", show=False, id="split.next"
+        ),
         Binding("plus,equals_sign", "split", "Split stage", id="split.add"),
         Binding("minus", "merge", "Merge", id="split.merge"),
         Binding("n", "assign", "Node", id="split.assign"),
