@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import sys
 
@@ -22,6 +23,7 @@ from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.head import HeadSession
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.mesh.invites import InviteCode
 from meshchat.mesh.node import Node
 from meshchat.model.architectures import parse_split, split_ranges
 from meshchat.paths import DataDir
@@ -56,7 +58,7 @@ async def _run(
     n_ctx: int,
 ) -> int:
     mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
-    node = Node(data, "0.0.0.0:0", discovery=mdns)
+    node = Node(data, _listen_for(args.join), discovery=mdns)
     await node.start()
     pipeline: MeshPipeline | None = None
     try:
@@ -78,6 +80,16 @@ async def _run(
         if pipeline is not None:
             await pipeline.close()
         await node.stop()
+
+
+def _listen_for(code: str) -> str:
+    """Listen on loopback when the invite leads to loopback (a mesh on this machine)."""
+    try:
+        hosts = [host for host, _ in InviteCode.parse(code).addresses]
+    except MeshchatError:
+        return "0.0.0.0:0"  # join() reports the bad code
+    local = hosts and all(ipaddress.ip_address(h).is_loopback for h in hosts)
+    return "127.0.0.1:0" if local else "0.0.0.0:0"
 
 
 async def _stream(

@@ -84,7 +84,11 @@ class MeshCoordinator:
         return NodeCaps.from_json(str(node), reply.body)
 
     async def settle(self, via: NodeId, timeout: float = 5.0) -> None:
-        """Wait until we are connected to every node `via` is connected to (bounded)."""
+        """Wait until we are connected to every node `via` is connected to (bounded).
+
+        The node's own redial may first try addresses remembered from an earlier run; dialing
+        the addresses `via` just gossiped is quicker, so do that too.
+        """
         try:
             caps = await self.query(via)
         except MeshchatError as exc:
@@ -92,11 +96,27 @@ class MeshCoordinator:
             return
         wanted = set(caps.peers) - {self.head}
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if wanted <= {str(n) for n in self.node.connected()}:
-                return
-            await asyncio.sleep(0.05)
-        log.info("not all peers connected within %.0f s", timeout)
+        dialing: set[asyncio.Task[None]] = set()
+        tried: set[str] = set()
+        try:
+            while time.monotonic() < deadline:
+                missing = wanted - {str(n) for n in self.node.connected()}
+                if not missing:
+                    return
+                await asyncio.sleep(0.1)
+                for text in missing - tried:
+                    peer = self.node.peer(NodeId.parse(text))
+                    if peer is not None and peer.addresses:
+                        tried.add(text)
+                        dialing.add(asyncio.ensure_future(self._dial(peer.node_id, peer.addresses)))
+            log.info("not all peers connected within %.0f s", timeout)
+        finally:
+            for task in dialing:
+                task.cancel()
+
+    async def _dial(self, node: NodeId, addresses: list[str]) -> None:
+        with contextlib.suppress(MeshchatError):
+            await self.node.connect(node, list(addresses))
 
     async def gather(self, exclude: Iterable[str] = ()) -> list[NodeCaps]:
         """Capabilities of this node and every connected peer not excluded (in parallel)."""

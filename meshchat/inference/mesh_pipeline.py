@@ -61,11 +61,40 @@ class StageLost(MeshchatError):
         self.node = node
 
 
+class History:
+    """The tokens a session's KV caches hold, kept as the stage calls that put them there.
+
+    llama.cpp's results depend (in the last bits) on how tokens were batched, so a replay that
+    must give the same KV caches, and so the same greedy text, repeats the very same calls:
+    each segment is one call's tokens and how many of them are still held after rollbacks.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.segments: list[tuple[list[int], int]] = []
+
+    def add(self, fed: list[int]) -> None:
+        self.segments.append((fed, len(fed)))
+        self.tokens.extend(fed)
+
+    def truncate(self, position: int) -> None:
+        if position >= len(self.tokens):
+            return
+        del self.tokens[position:]
+        kept, start = [], 0
+        for fed, keep in self.segments:
+            if start >= position:
+                break
+            kept.append((fed, min(keep, position - start)))
+            start += keep
+        self.segments = kept
+
+
 @dataclass
 class _Session:
     wire_id: int
     local_id: str
-    history: list[int] = field(default_factory=list)  # tokens every stage's KV cache holds
+    history: History = field(default_factory=History)
     params: SamplingParams | None = None
     seq: int = 0  # session ops sent; the epoch of activations sent after them
 
@@ -240,7 +269,7 @@ class MeshPipeline:
 
     async def rollback(self, session_id: str, position: int) -> None:
         s = self._sessions[session_id]
-        del s.history[position:]
+        s.history.truncate(position)
         await self._guarded(lambda: self._rollback(s, position))
 
     async def _rollback(self, s: _Session, position: int) -> None:
@@ -298,35 +327,35 @@ class MeshPipeline:
         s = self._sessions[session_id]
         if self._broken:
             await self._failover(StageLost(None, self._broken))
+        chunks = _chunks(tokens, self.prefill_chunk)
         for _attempt in range(MAX_FAILOVERS + 1):
             try:
-                token = await self._step(s, position, tokens)
+                token = await self._step(s, position, chunks)
             except StageLost as lost:
                 await self._failover(lost)
                 continue
-            del s.history[position:]
-            s.history.extend(tokens)
+            s.history.truncate(position)
+            for chunk in chunks:
+                s.history.add(chunk)
             return token
         raise MeshchatError(f"generation failed after {MAX_FAILOVERS} failovers")
 
-    async def _step(self, s: _Session, position: int, tokens: list[int]) -> int:
+    async def _step(self, s: _Session, position: int, chunks: list[list[int]]) -> int:
         started = time.perf_counter()
         if not self._remote:
-            assert self._local is not None
-            out = await self._run(self._local.forward, s.local_id, position, tokens)
-            self.last_step = StepTiming(
-                time.perf_counter() - started, [time.perf_counter() - started]
-            )
-            assert out.token is not None
-            return out.token
-        chunks = _chunks(tokens, self.prefill_chunk)
-        last_position = position + len(tokens) - len(chunks[-1])
+            token, micros = await self._run(self._local_only, s.local_id, position, chunks)
+            self.last_step = StepTiming(time.perf_counter() - started, [micros / 1e6])
+            return token
+        last_position = position + sum(len(c) for c in chunks[:-1])
         key = (s.wire_id, last_position)
         fut = self._tokens[key] = asyncio.get_running_loop().create_future()
         try:
             try:
-                await self._send_chunks(s, position, chunks)
-                token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * len(tokens))
+                for i, chunk in enumerate(chunks):
+                    await self._send_step(s, position, chunk, want=i == len(chunks) - 1)
+                    position += len(chunk)
+                n_tokens = sum(len(c) for c in chunks)
+                token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * n_tokens)
             except asyncio.CancelledError:
                 self._cancel_remote(s)
                 raise
@@ -334,32 +363,38 @@ class MeshPipeline:
             self._tokens.pop(key, None)
         wall = time.perf_counter() - started
         self.last_step = StepTiming(wall, [us / 1e6 for us in trace])
-        if len(tokens) == 1:  # decode: one hop per remote stage, and one back to the head
+        if len(chunks) == 1 and len(chunks[0]) == 1:
+            # Decode: one hop per remote stage, and one back to the head.
             self.hop_samples.append(self.last_step.network_s / (len(self._remote) + 1))
         return int(token)
 
-    async def _send_chunks(self, s: _Session, position: int, chunks: list[list[int]]) -> None:
-        first = self._remote[0]
+    def _local_only(self, local_id: str, position: int, chunks: list[list[int]]) -> tuple[int, int]:
+        """(Worker thread.) The whole model runs here: the same calls a remote chain would get."""
+        assert self._local is not None
+        started = time.perf_counter()
         for i, chunk in enumerate(chunks):
-            want = i == len(chunks) - 1
-            if self._local is None:
-                msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk), want_token=want)
-            else:
-                hidden, micros = await self._run(self._compute_local, s.local_id, position, chunk)
-                msg = wire.Activations(
-                    s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
-                    _raw(hidden), want, (micros,),
-                )  # fmt: skip
-                self.wire_bytes += (
-                    wire.HEADER_SIZE + wire.ACT_HEAD.size + 4 * (len(chunk) + 1) + len(msg.data)
-                )
-                self.wire_tokens += len(chunk)
-            await self._send(first, msg)
+            out = self._local.forward(local_id, position, chunk, sample=i == len(chunks) - 1)
             position += len(chunk)
+        assert out.token is not None
+        return out.token, int((time.perf_counter() - started) * 1e6)
 
-    def _compute_local(
-        self, local_id: str, position: int, chunk: list[int]
-    ) -> tuple[np.ndarray, int]:
+    async def _send_step(self, s: _Session, position: int, chunk: list[int], want: bool) -> None:
+        """Run `chunk` on the head's stage (if any) and send it down the chain."""
+        if self._local is None:
+            msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk), want_token=want)
+        else:
+            hidden, micros = await self._run(self._compute_local, s.local_id, position, chunk)
+            msg = wire.Activations(
+                s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
+                _raw(hidden), want, (micros,),
+            )  # fmt: skip
+            self.wire_bytes += (
+                wire.HEADER_SIZE + wire.ACT_HEAD.size + 4 * (len(chunk) + 1) + len(msg.data)
+            )
+            self.wire_tokens += len(chunk)
+        await self._send(self._remote[0], msg)
+
+    def _compute_local(self, local_id: str, position: int, chunk: list[int]) -> tuple[Any, int]:
         assert self._local is not None
         started = time.perf_counter()
         out = self._local.forward(local_id, position, chunk, sample=False)
@@ -480,59 +515,42 @@ class MeshPipeline:
         raise MeshchatError(self._broken)
 
     async def _replay_all(self) -> None:
-        """Open every session on the current plan and feed it its history again."""
+        """Open every session on the current plan and feed it its history again, call by call
+        as it was first fed (see History), then restore its sampler."""
         for s in list(self._sessions.values()):
             if self._local is not None:
-                await self._run(self._replay_local, s)
-            if not self._remote:
-                continue
-            assert self._plan is not None
-            s.seq += 1
-            first = self._remote[0]
-            body = {"head": self._me, "plan": self._plan.plan_id}
-            await self._send(first, wire.SessionOp(s.wire_id, s.seq, "open", 0, body))
-            if s.history:
-                await self._send_chunks_no_token(s)
+                await self._run(self._local.close_session, s.local_id)
+                await self._run(self._local.open_session, s.local_id)
+            if self._remote:
+                assert self._plan is not None
+                s.seq += 1
+                body = {"head": self._me, "plan": self._plan.plan_id}
+                await self._send(self._remote[0], wire.SessionOp(s.wire_id, s.seq, "open", 0, body))
+            position = 0
+            for fed, keep in s.history.segments:
+                if self._remote:
+                    await self._send_step(s, position, fed, want=False)
+                elif self._local is not None:
+                    await self._run(self._local.forward, s.local_id, position, fed, None, False)
+                if keep < len(fed):
+                    await self._rollback_quietly(s, position + keep)
+                position += keep
             if s.params is not None:
+                if self._local is not None:
+                    await self._run(self._local.configure_sampling, s.local_id, s.params)
                 await self._op(s, "sample", body=s.params.to_dict(), timeout=LOAD_TIMEOUT_S)
             else:
                 await self._op(s, "sync", timeout=LOAD_TIMEOUT_S)
 
-    async def _send_chunks_no_token(self, s: _Session) -> None:
-        first = self._remote[0]
-        position = 0
-        for chunk in _chunks(s.history, self.prefill_chunk):
-            if self._local is None:
-                msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk))
-            else:
-                hidden = self._replayed.pop(0)
-                msg = wire.Activations(
-                    s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
-                    _raw(hidden),
-                )  # fmt: skip
-            await self._send(first, msg)
-            position += len(chunk)
-
-    _replayed: list[np.ndarray]
-
-    def _replay_local(self, s: _Session) -> None:
-        """(Worker thread.) Rebuild the head's own stage for `s`; keep hidden states to send."""
-        stage = self._local
-        assert stage is not None
-        stage.close_session(s.local_id)
-        stage.open_session(s.local_id)
-        self._replayed = []
-        position = 0
-        for chunk in _chunks(s.history, self.prefill_chunk):
-            out = stage.forward(s.local_id, position, chunk, sample=False)
-            if out.hidden is not None:
-                hidden = out.hidden
-                if self.dtype is wire.DType.F16:
-                    hidden = hidden.astype(np.float16)
-                self._replayed.append(hidden)
-            position += len(chunk)
-        if s.params is not None:
-            stage.configure_sampling(s.local_id, s.params)
+    async def _rollback_quietly(self, s: _Session, position: int) -> None:
+        """A rollback inside a replay: in order with the replayed calls, no waiting."""
+        if self._local is not None:
+            await self._run(self._local.rollback, s.local_id, position)
+        if self._remote:
+            s.seq += 1
+            await self._send(
+                self._remote[0], wire.SessionOp(s.wire_id, s.seq, "rollback", position)
+            )
 
     # -- teardown ------------------------------------------------------------------------------
 
