@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,8 @@ class AppOptions:
     join_code: str | None = None
     theme_dirs: tuple[Path, ...] = ()
     history_path: Path | None = None  # default: chats.sqlite3 in the data dir
+    debug: bool = False  # show Textual's traceback on a crash instead of one line
+    crash_log: Path | None = None  # where a crash's traceback goes when not debugging
 
 
 @dataclass
@@ -116,6 +120,8 @@ class MeshchatApp(App[int]):
         self.model_error = options.model_error
         self.mesh_error = ""
         self.theme_problems: list[str] = []
+        self.crash_message = ""  # set when the app died of a bug; the launcher prints it
+        self._peer_states: dict[str, str] = {}
 
     # --- layout -----------------------------------------------------------------------------
 
@@ -900,10 +906,28 @@ class MeshchatApp(App[int]):
                 log.exception("reading peers failed")
         shares = {SELF: self._self_share()}
         self.peers_table.sync(rows, shares)
+        self._note_lost_peers(rows)
         if self.mesh is not None:
             names = {r.key: r.name for r in rows if r.key != SELF}
             usable = self.mesh.usable_nodes(None) if self.engine else []
             self.split.set_nodes(names, usable)
+
+    def _note_lost_peers(self, rows: list[PeerRow]) -> None:
+        """Say so when a member that was connected is lost (and when it comes back)."""
+        states = {r.key: r.state for r in rows if r.member and r.key != SELF}
+        for key, state in states.items():
+            before = self._peer_states.get(key)
+            name = next(r.name for r in rows if r.key == key)
+            if state == "lost" and before not in (None, "lost", "connecting"):
+                self.notify(
+                    f"node {name} stopped answering (lost); it is retried in the background",
+                    title="Peer lost",
+                    severity="warning",
+                    timeout=10,
+                )
+            elif before == "lost" and state in ("idle", "serving"):
+                self.notify(f"node {name} is back", title="Peer")
+        self._peer_states = states
 
     def _self_row(self) -> PeerRow:
         plan = self.split.applied
@@ -1053,6 +1077,30 @@ class MeshchatApp(App[int]):
             self.post_message(msg.MeshActionDone("", f"remove failed: {exc}"))
         else:
             self.post_message(msg.MeshActionDone(f"removed {key[:10]} from the mesh"))
+
+    # --- crashes ----------------------------------------------------------------------------
+
+    def _fatal_error(self) -> None:
+        # Textual prints a full traceback on the terminal when a handler raises. Unless
+        # debugging, keep it in a log file and leave one line for the launcher to print.
+        # (A private hook: textual is pinned below 9 in pyproject.toml.)
+        if self.options.debug:
+            super()._fatal_error()
+            return
+        error = sys.exc_info()[1]
+        where = self.options.crash_log
+        if where is not None:
+            try:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                with where.open("a", encoding="utf-8") as out:
+                    out.write(time.strftime("--- %Y-%m-%d %H:%M:%S\n"))
+                    out.write(traceback.format_exc())
+            except OSError:
+                where = None
+        detail = f" (details in {where})" if where else ""
+        self.crash_message = f"internal error: {error!r}{detail}"
+        self.bell()
+        self._close_messages_no_wait()
 
     # --- help and the command palette -------------------------------------------------------
 

@@ -8,9 +8,11 @@ history) is shown inside the app; only errors before it starts end the command w
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from meshchat.config import load_config, user_themes_dir
+from meshchat.errors import MeshchatError
 from meshchat.model.store import ModelStore, StoreError
 from meshchat.paths import DataDir
 from meshchat.tui.theming import BUILTIN_DIR
@@ -35,7 +37,31 @@ def run_tui(args: argparse.Namespace) -> int:
         model_error=model_error,
         join_code=args.join,
         theme_dirs=(BUILTIN_DIR, user_themes_dir()),
+        debug=args.debug,
+        crash_log=data.root / "logs" / "tui-crash.log",
     )
+    _log_to_file(data.root / "logs" / "tui.log", args.debug)
     app = MeshchatApp(options)
     app.run()
+    if app.crash_message:
+        raise MeshchatError(app.crash_message)
     return app.return_code or 0
+
+
+def _log_to_file(path: Path, debug: bool) -> None:
+    """Send log records to a file: a line on stderr would scribble over the screen."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            root.removeHandler(handler)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        root.addHandler(logging.NullHandler())
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
