@@ -127,8 +127,8 @@ class Config:
 
     @property
     def writable(self) -> bool:
-        """False when the file on disk is broken: saving would destroy the user's text."""
-        return self.path is not None and not any(p.startswith("cannot") for p in self.problems)
+        """False when the file on disk has problems: saving would drop what the user wrote."""
+        return self.path is not None and not self.problems
 
     def to_toml(self) -> str:
         data: dict[str, Any] = {

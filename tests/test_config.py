@@ -54,14 +54,15 @@ def replace_seed(config: Config, seed: int | None) -> Config:
 def test_bad_values_are_reported_and_defaulted() -> None:
     config = parse_config(
         "theme = 3\nthreads = true\ncontext_size = 10\nwhat = 1\n[sampling]\ntop_p = 2.0\n"
-        "[keys]\nquit = 5\n"
+        "[keys]\nquit = 5\n",
+        Path("config.toml"),
     )
     text = "\n".join(config.problems)
     for needle in ("'theme' should be a str", "'threads' should be a int", "context_size",
                    "unknown setting 'what'", "top-p must lie in 0..1", "'quit'"):  # fmt: skip
         assert needle in text
     assert config.theme == Config().theme and config.sampling == ChatSettings()
-    assert config.writable  # the file parsed: fixing values through the app is fine
+    assert not config.writable  # saving would drop what the user wrote
 
 
 def test_broken_file_is_reported_and_never_overwritten(tmp_path: Path) -> None:

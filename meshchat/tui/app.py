@@ -201,6 +201,12 @@ class MeshchatApp(App[int]):
         self.split.set_colours(node_colours(theme))
         if theme.name != self.config.theme:
             self.config = with_theme(self.config, theme.name)
+            if not self.config.writable:
+                self.notify(
+                    "theme not saved: config.toml has problems (see the warnings)",
+                    severity="warning",
+                )
+                return
             try:
                 save_config(self.config)
             except OSError as exc:
