@@ -35,8 +35,10 @@ class HelpScreen(ModalScreen[None]):
             yield Label("Keys", classes="title")
             yield DataTable(cursor_type="row", zebra_stripes=True, id="keys")
             yield Static(
-                f'Rebind in {self._config_path} under [keys], by id: e.g. regenerate = "ctrl+g". '
-                "Esc closes.",
+                Text(
+                    f"Rebind in {self._config_path} under [keys], by id: "
+                    'e.g. regenerate = "ctrl+g". Esc closes.'
+                ),
                 classes="hint",
             )
 

@@ -262,12 +262,19 @@ class SplitEditor(Widget, can_focus=True):
             if len(label) + 2 <= end - start:
                 at = start + (end - start - len(label)) // 2
                 chars[at : at + len(label)] = label
+        # A thin line in the screen's background colour marks each boundary, so two stages on
+        # one node (same colour) still read as two.
+        edge_colour = Color.parse(self.app.current_theme.background or "black").rich_color
+        edges = {p * width // plan.n_layers for p in plan.boundaries}
         bar = Text(no_wrap=True)
         for x in range(width):
             layer = min(plan.n_layers - 1, x * plan.n_layers // width)
             index = plan.segment_at(layer)
             colour = Color.parse(colours[index])
             background = colour if index == self.selected else colour.darken(0.3)
+            if x in edges and chars[x] == " ":
+                bar.append("▏", style=Style(bgcolor=background.rich_color, color=edge_colour))
+                continue
             foreground = "black" if background.brightness > 0.5 else "white"
             bar.append(
                 chars[x],
