@@ -1,0 +1,175 @@
+"""The installed `meshchat` command in a real terminal (tmux): start it, ask, see the answer,
+quit with Ctrl+Q; and with a headless worker joined on loopback, see the worker in the table.
+
+Each test runs its own tmux server (`-L` socket) and stops only that server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux"),
+    pytest.mark.skipif(shutil.which("meshchat") is None, reason="needs the installed command"),
+]
+
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+class Tmux:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.socket = f"meshchat-test-{uuid.uuid4().hex[:8]}"
+        self.env = env
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=20,
+        ).stdout
+
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-s", "t", "-x", "110", "-y", "34", command)
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "t", *keys)
+
+    def text(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "t", "-l", *keys)
+
+    def screen(self) -> str:
+        try:
+            return self.run("capture-pane", "-p", "-t", "t")
+        except subprocess.CalledProcessError:
+            return ""
+
+    def wait(self, condition: Callable[[str], bool], timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            shown = self.screen()
+            if condition(shown):
+                return shown
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; the screen:\n{self.screen()}")
+
+    def stop(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    config = {
+        "listen": "127.0.0.1:0",
+        "mdns": False,
+        "threads": 1,
+        "sampling": {"temperature": 0.0, "max_tokens": 24, "seed": 1},
+    }
+    (config_dir / "config.toml").write_text(tomli_w.dumps(config))
+    return {
+        **os.environ,
+        "MESHCHAT_CONFIG_DIR": str(config_dir),
+        "MESHCHAT_MDNS": "0",
+        "TERM": "xterm-256color",
+    }
+
+
+@pytest.fixture
+def tmux(env: dict[str, str]) -> Iterator[Tmux]:
+    session = Tmux(env)
+    yield session
+    session.stop()
+
+
+def _command(tmp_path: Path, model: Path, *extra: str) -> str:
+    exit_file = tmp_path / "exit"
+    args = " ".join(
+        ["meshchat", "--data-dir", str(tmp_path / "data"), "--model", str(model), *extra]
+    )
+    # Keep the pane open after exit and record the exit code. (Textual draws on stderr, so
+    # stderr stays on the terminal: anything printed after exit shows in the pane.)
+    return f"{args}; echo $? > {exit_file}; sleep 30"
+
+
+def _wait_exit(tmp_path: Path, timeout: float = 20.0) -> int:
+    exit_file = tmp_path / "exit"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exit_file.exists() and exit_file.read_text().strip():
+            return int(exit_file.read_text())
+        time.sleep(0.2)
+    raise AssertionError("meshchat did not exit")
+
+
+def test_ask_and_quit(tmp_path: Path, smollm2: Path, tmux: Tmux) -> None:
+    tmux.start(_command(tmp_path, smollm2))
+    tmux.wait(lambda s: "ready" in s and "Message" in s, 60, "the app with its model loaded")
+    tmux.text(QUESTION)
+    tmux.keys("Enter")
+    shown = tmux.wait(lambda s: "Paris" in s and "ready" in s, 90, "the answer")
+    assert "Assistant" in shown and "tok/s" in shown
+    assert "[0,30)" in shown  # the split bar / peers table show this node's range
+    tmux.keys("C-q")
+    assert _wait_exit(tmp_path) == 0
+    after = tmux.screen()
+    assert "Traceback" not in after and "meshchat:" not in after  # a clean exit, no message
+    # The chat was saved.
+    assert (tmp_path / "data" / "chats.sqlite3").stat().st_size > 0
+
+
+def test_headless_worker_appears_in_the_peers_table(
+    tmp_path: Path, smollm2: Path, tmux: Tmux, env: dict[str, str]
+) -> None:
+    invite = tmp_path / "invite"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "meshchat.cli", "--headless", "--data-dir", str(tmp_path / "w"),
+         "--listen", "127.0.0.1:0", "--invite-file", str(invite), "--model", str(smollm2)],
+        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "worker.err").open("w"), text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        first = worker.stdout.readline()
+        assert first.startswith("node_id: "), first + (tmp_path / "worker.err").read_text()
+        worker_id = first.split()[1]
+        deadline = time.monotonic() + 30
+        while not (invite.exists() and invite.read_text().strip()):
+            assert time.monotonic() < deadline, "no invite file"
+            time.sleep(0.1)
+        code = invite.read_text().strip()
+        tmux.start(_command(tmp_path, smollm2, "--join", code))
+        short = worker_id[:10]
+
+        def row_with_rtt(screen: str) -> bool:
+            return any(
+                line.lstrip().startswith(short) and (" ms " in line or " µs " in line)
+                for line in screen.split("\n")
+            )
+
+        shown = tmux.wait(row_with_rtt, 60, "the worker's row with an RTT")
+        row = next(line for line in shown.splitlines() if line.lstrip().startswith(short))
+        assert "invite" in row and "127.0.0.1:" in row
+        tmux.keys("C-q")
+        assert _wait_exit(tmp_path) == 0
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=10)
+            raise AssertionError("the headless worker did not stop on SIGTERM") from None
