@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage
 from meshchat.inference.local import LocalPipeline
 from meshchat.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from meshchat.inference.mesh_bench import MeshRows
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT_TOKENS = 512
@@ -33,6 +37,13 @@ class RowResult:
     decode_tok_s: list[float] = field(default_factory=list)
     prefill_tok_s: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+
+    def record(
+        self, prefill_s: float, ttft_s: float, decode_s: float, prompt: int, decode: int
+    ) -> None:
+        self.prefill_tok_s.append(prompt / prefill_s)
+        self.ttft_ms.append(ttft_s * 1000)
+        self.decode_tok_s.append(decode / decode_s)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -98,30 +109,51 @@ def run_benchmark(
     threads: int,
     repeats: int,
     progress: Callable[[str], None] = lambda _msg: None,
+    mesh: MeshRows | None = None,
 ) -> dict[str, object]:
+    """Solo and in-process splits; with `mesh`, also its rows (nodes in other processes)."""
     configs = {
         "solo": [(0, spec.n_layers)],
         "split2": even_ranges(spec.n_layers, 2),
         "split3": even_ranges(spec.n_layers, 3),
     }
     pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
-    results = {name: RowResult() for name in configs}
+    mesh_names = list(mesh.names) if mesh else []
+    results = {name: RowResult() for name in [*configs, *mesh_names]}
     try:
         for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
             run_pipeline_once(pipeline, prompt[:64], 8, RowResult())
+        for name in mesh_names:
+            assert mesh is not None
+            mesh.run_once(name, prompt[:64], 8, lambda *_figures: None)
         for repeat in range(repeats):
             progress(f"repetition {repeat + 1}/{repeats}")
             for name, pipeline in pipelines.items():
                 run_pipeline_once(pipeline, prompt, DECODE_TOKENS, results[name])
+            for name in mesh_names:
+                assert mesh is not None
+                row = results[name]
+                mesh.run_once(
+                    name,
+                    prompt,
+                    DECODE_TOKENS,
+                    lambda p, t, d, row=row: row.record(p, t, d, len(prompt), DECODE_TOKENS),
+                )
     finally:
         for pipeline in pipelines.values():
             for stage in pipeline.stages:
                 stage.close()
+    if mesh is not None:
+        configs.update(mesh.splits)
     rows = {name: result.summary() for name, result in results.items()}
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_read_per_token(spec, output_bytes)
     ratios = {}
     for name in ("split2", "split3"):
+        for metric in ("decode", "prefill"):
+            key = f"{metric}_tok_s"
+            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)
+    for name in mesh_names:
         for metric in ("decode", "prefill"):
             key = f"{metric}_tok_s"
             ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)
@@ -138,6 +170,7 @@ def run_benchmark(
         "memory_bandwidth_gbs": round(bandwidth, 2),
         "bytes_per_token": per_token,
         "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
+        **(mesh.report() if mesh else {}),
     }
 
 
@@ -158,6 +191,9 @@ def format_table(report: dict[str, object]) -> str:
     assert isinstance(ratios, dict)
     lines.append("")
     lines += [f"{name:<28} {value:.3f}" for name, value in ratios.items()]
+    for key in ("hop_latency_ms_p50", "hop_latency_ms_p99", "wire_bytes_per_token"):
+        if key in report:
+            lines.append(f"{key:<28} {report[key]}")
     lines.append(f"{'memory_bandwidth_gbs':<28} {report['memory_bandwidth_gbs']}")
     lines.append(f"{'decode_bound_tok_s':<28} {report['decode_bound_tok_s']}")
     return "\n".join(lines)

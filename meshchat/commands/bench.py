@@ -42,8 +42,15 @@ def run_bench(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"meshchat bench: {message}", file=sys.stderr)
 
-    report = run_benchmark(
-        choice.spec, make_stages, prompt, output_bytes, threads, args.repeats, progress
-    )
+    from meshchat.inference.mesh_bench import MeshRows
+
+    mesh = MeshRows(choice.path, threads, n_ctx=1024, n_batch=PROMPT_TOKENS)
+    try:
+        mesh.start(progress)
+        report = run_benchmark(
+            choice.spec, make_stages, prompt, output_bytes, threads, args.repeats, progress, mesh
+        )
+    finally:
+        mesh.close()
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0

@@ -1,0 +1,195 @@
+"""The benchmark's mesh rows: the model split over separate processes on loopback.
+
+`MeshRows` starts three `meshchat --headless` workers (their own data dirs in a temp dir, the
+same thread count as the solo row, the model from the same file) and two heads in this process,
+on an event loop in a background thread:
+- mesh2: head [0, n/2) → worker 0 [n/2, n)
+- mesh3: head [0, n/3) → worker 1 → worker 2
+Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses; the bench
+thread waits for it, so the solo rows run with an idle event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meshchat.engine.sampling import SamplingParams
+from meshchat.errors import MeshchatError
+from meshchat.inference.coordinator import MeshCoordinator
+from meshchat.inference.local_model import LocalModel
+from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.inference.planner import Plan, StagePlan
+from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node
+from meshchat.paths import DataDir
+
+T = TypeVar("T")
+GREEDY = SamplingParams(temperature=0.0)
+_WORKERS = 3
+_START_TIMEOUT_S = 120.0
+
+
+def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * n_layers / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+class MeshRows:
+    names = ("mesh2", "mesh3")
+
+    def __init__(self, model_path: Path, threads: int, n_ctx: int, n_batch: int) -> None:
+        self.model_path = model_path
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.splits: dict[str, list[tuple[int, int]]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="meshchat-bench-")
+        self.root = Path(self._tmp.name)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._nodes: list[Node] = []
+        self._pipelines: dict[str, MeshPipeline] = {}
+        self._decode_bytes = 0
+        self._decode_frames = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def start(self, progress: Callable[[str], None]) -> None:
+        progress("starting 3 mesh workers on loopback")
+        invite = self._start_workers()
+        self._thread.start()
+        self._call(self._setup(invite), _START_TIMEOUT_S)
+
+    def _start_workers(self) -> str:
+        env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads)}
+        invite = ""
+        for i in range(_WORKERS):
+            invite_file = self.root / f"w{i}.invite"
+            args = [
+                sys.executable, "-m", "meshchat.cli", "--headless", "--listen", "127.0.0.1:0",
+                "--data-dir", str(self.root / f"w{i}"), "--model", str(self.model_path),
+                "--invite-file", str(invite_file), "--invite-uses", "8",
+            ]  # fmt: skip
+            if invite:
+                args += ["--join", invite]
+            log = (self.root / f"w{i}.log").open("wb")
+            self._procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=log))
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while not invite_file.exists():
+                if self._procs[-1].poll() is not None or time.monotonic() > deadline:
+                    raise MeshchatError(f"bench worker {i} did not start: see {log.name}")
+                time.sleep(0.05)
+            invite = invite or invite_file.read_text().strip()
+        return invite
+
+    async def _setup(self, invite: str) -> None:
+        model = LocalModel.open(self.model_path, DataDir(self.root / "head"))
+        workers: list[NodeId] = []
+        for name, parts in (("mesh2", 2), ("mesh3", 3)):
+            data = DataDir(self.root / name)
+            node = Node(data, "127.0.0.1:0")
+            await node.start()
+            self._nodes.append(node)
+            inviter = await node.join(invite)
+            coordinator = MeshCoordinator(node, model, data, threads=self.threads, n_ctx=self.n_ctx)
+            await coordinator.settle(inviter, timeout=10.0)
+            if not workers:
+                # Wait for every worker's start-up calibration, so none runs during a row.
+                peers = sorted(node.connected())
+                caps = await asyncio.gather(*(coordinator.query(p) for p in peers))
+                workers = [NodeId.parse(c.node_id) for c in caps]
+                if len(workers) < _WORKERS:
+                    raise MeshchatError(f"only {len(workers)} bench workers connected")
+            ranges = _even(model.n_layers, parts)
+            chosen = workers[:1] if parts == 2 else workers[1:3]
+            nodes = [str(node.node_id), *(str(w) for w in chosen)]
+            stages = tuple(StagePlan(n, *r) for n, r in zip(nodes, ranges, strict=True))
+            self.splits[name] = ranges
+            self._pipelines[name] = await coordinator.start(
+                Plan(stages), prefill_chunk=self.n_batch
+            )
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 600.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def run_once(
+        self, name: str, prompt: list[int], decode_tokens: int, record: Callable[..., None]
+    ) -> None:
+        """Prefill `prompt`, decode greedily; `record(prefill_s, ttft_s, decode_s)`."""
+        figures = self._call(self._once(self._pipelines[name], prompt, decode_tokens))
+        record(*figures)
+
+    async def _once(
+        self, pipeline: MeshPipeline, prompt: list[int], decode_tokens: int
+    ) -> tuple[float, float, float]:
+        session = uuid.uuid4().hex
+        await pipeline.open_session(session)
+        try:
+            await pipeline.configure_sampling(session, GREEDY)
+            started = time.perf_counter()
+            token = await pipeline.forward(session, 0, prompt)
+            first = time.perf_counter()
+            position = len(prompt)
+            bytes_before, tokens_before = pipeline.wire_bytes, pipeline.wire_tokens
+            for _ in range(decode_tokens):
+                token = await pipeline.forward(session, position, [token])
+                position += 1
+            done = time.perf_counter()
+            self._decode_bytes += pipeline.wire_bytes - bytes_before
+            self._decode_frames += pipeline.wire_tokens - tokens_before
+        finally:
+            await pipeline.close_session(session)
+        return first - started, first - started, done - first
+
+    def report(self) -> dict[str, float]:
+        hops = sorted(
+            itertools.chain.from_iterable(p.hop_samples for p in self._pipelines.values())
+        )
+        if not hops:
+            return {}
+        p99 = hops[min(len(hops) - 1, int(len(hops) * 0.99))]
+        return {
+            "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
+            "hop_latency_ms_p99": round(p99 * 1000, 3),
+            "wire_bytes_per_token": round(self._decode_bytes / max(self._decode_frames, 1), 1),
+        }
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self._call(self._teardown(), 30.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._tmp.cleanup()
+
+    async def _teardown(self) -> None:
+        for pipeline in self._pipelines.values():
+            with contextlib.suppress(Exception):
+                await pipeline.close()
+        for node in self._nodes:
+            await node.stop()
