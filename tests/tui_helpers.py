@@ -76,6 +76,9 @@ class FakeMesh:
     async def stop(self) -> None:
         self.stopped = True
 
+    def planning_node(self) -> None:
+        return None  # no real node: the planner stays off
+
 
 def two_peers() -> FakeMesh:
     return FakeMesh(

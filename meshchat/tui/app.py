@@ -45,6 +45,7 @@ from meshchat.tui.history import (
 from meshchat.tui.keys import APP_BINDINGS, check_keymap
 from meshchat.tui.markdown_text import code_blocks
 from meshchat.tui.mesh_view import MeshView, NodeMesh, PeerRow
+from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.chat_settings import ChatSettingsScreen, ChatSetup
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
 from meshchat.tui.screens.help import HelpScreen
@@ -117,6 +118,7 @@ class MeshchatApp(App[int]):
         self._gen_worker: Worker[None] | None = None
         self.editing: int | None = None  # index of the message being edited
         self._draft = ""
+        self.planning: MeshPlanning | None = None
         self.model_error = options.model_error
         self.mesh_error = ""
         self.theme_problems: list[str] = []
@@ -131,7 +133,12 @@ class MeshchatApp(App[int]):
             yield ChatList(id="chats")
             with Vertical(id="main"):
                 yield ChatLog(id="log")
-                yield PromptInput(id="prompt")
+                keys = self.config.keys
+                yield PromptInput(
+                    id="prompt",
+                    send_keys=keys.get("send", "enter"),
+                    newline_keys=keys.get("newline", "ctrl+j,shift+enter"),
+                )
                 yield StatusLine(id="status")
         with Vertical(id="mesh"):
             yield SplitEditor(id="split")
@@ -289,6 +296,7 @@ class MeshchatApp(App[int]):
         )
         self._publish_status()
         self._refresh_peers()
+        self._maybe_start_planning()
 
     def on_engine_failed(self, event: msg.EngineFailed) -> None:
         self.model_error = event.error
@@ -319,6 +327,7 @@ class MeshchatApp(App[int]):
         self._update_mesh_title()
         self._publish_status()
         self._refresh_peers()
+        self._maybe_start_planning()
         if self.options.join_code:
             self._join(self.options.join_code)
 
@@ -346,10 +355,15 @@ class MeshchatApp(App[int]):
         """Tell the mesh which layers this node runs and which model file it has."""
         if self.mesh is None or self.engine is None or self.split.applied is None:
             return
+        if not self.engine.is_local:
+            return  # the mesh pipeline says what this node serves
         mine = [s for s in self.split.applied.segments if s.node == SELF]
         layers = (mine[0].start, mine[-1].end) if mine else None
         info = self.engine.info
-        self.mesh.set_status(layers, {"name": info.name, "path": str(info.path)})
+        model: dict[str, Any] = {"name": info.name, "path": str(info.path)}
+        if self.planning is not None:
+            model.update(self.planning.model_status)
+        self.mesh.set_status(layers, model)
 
     async def on_unmount(self) -> None:
         if self._gen_worker is not None:
@@ -854,16 +868,21 @@ class MeshchatApp(App[int]):
             self.split.say("wait for the answer to finish (or Esc), then apply", error=True)
             return
         if not event.plan.is_local:
-            self.split.say(
-                "running layers on other nodes needs the mesh pipeline, which this build "
-                "lacks; keep every stage on this node",
-                error=True,
-            )
-            return
+            if self.planning is None:
+                self.split.say(
+                    "layers can go to other nodes once this node's mesh is up and has asked "
+                    "them what they run",
+                    error=True,
+                )
+                return
+            problems = self.planning.violations(event.plan)
+            if problems:
+                self.split.say(problems[0], error=True)
+                return
         if self.split.applied is not None and event.plan.same_layout(self.split.applied):
             self.split.say("that plan is already running")
             return
-        self.split.busy = "applying"
+        self.split.busy = "applying (nodes load their layers)"
         self._apply_split(event.plan)
 
     @work(exclusive=True, group="split", exit_on_error=False)
@@ -871,7 +890,13 @@ class MeshchatApp(App[int]):
         engine = self.engine
         assert engine is not None
         try:
-            await engine.resplit(plan.boundaries)
+            if plan.is_local:
+                await engine.resplit(plan.boundaries)
+            else:
+                assert self.planning is not None
+                pipeline = await self.planning.start(plan, engine.pipeline)
+                await engine.switch(pipeline, plan.ranges)
+                plan = self.planning.running(pipeline, plan.n_layers) or plan
         except MeshchatError as exc:
             self.post_message(msg.SplitFailed(str(exc)))
         except Exception as exc:
@@ -897,11 +922,74 @@ class MeshchatApp(App[int]):
         if self.engine is None:
             self.split.say("no model loaded", error=True)
             return
-        plan = SplitPlan.solo(self.engine.info.n_layers)
+        n_layers = self.engine.info.n_layers
+        if self.planning is None:
+            plan = SplitPlan.solo(n_layers)
+            note = "auto: every layer on this node (no other node known yet)"
+        else:
+            try:
+                plan, note = self.planning.auto(n_layers)
+            except (MeshchatError, ValueError) as exc:
+                self.split.say(str(exc), error=True)
+                return
+            note = f"auto: {note}"
         self.split.plan = plan
         self.split.selected = 0
-        note = "auto: every layer on this node (no planner for other nodes in this build)"
         self.split.say(note + ("; Enter applies" if self.split.edited else ""))
+
+    # --- the mesh planner -------------------------------------------------------------------
+
+    def _maybe_start_planning(self) -> None:
+        node = self.mesh.planning_node() if self.mesh is not None else None
+        if node is not None and self.engine is not None and self.planning is None:
+            self._setup_planning(node)
+
+    @work(exclusive=True, group="planning", exit_on_error=False)
+    async def _setup_planning(self, node: Any) -> None:
+        engine = self.engine
+        assert engine is not None
+
+        def notify(text: str) -> None:
+            self.notify(text, title="Mesh")
+
+        try:
+            planning = await asyncio.to_thread(
+                MeshPlanning.create,
+                node,
+                engine.info.path,
+                self.data,
+                threads=engine.options.n_threads,
+                n_ctx=engine.options.n_ctx,
+                notify=notify,
+            )
+            await planning.refresh()
+        except MeshchatError as exc:
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc}"))
+            return
+        except Exception as exc:
+            log.exception("planner start failed")
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc!r}"))
+            return
+        self.post_message(msg.PlanningReady(planning))
+
+    def on_planning_ready(self, event: msg.PlanningReady) -> None:
+        self.planning = event.planning
+        self.split.predictor = event.planning.predict
+        self._publish_status()
+        self._refresh_peers()
+        for note in event.planning.notes:
+            self.notify(note, title="Mesh", severity="warning")
+
+    @work(exclusive=True, group="caps", exit_on_error=False)
+    async def _refresh_caps(self) -> None:
+        planning = self.planning
+        if planning is None:
+            return
+        try:
+            await planning.refresh()
+        except Exception as exc:  # a peer that cannot answer: keep the previous answers
+            log.info("capabilities refresh failed: %s", exc)
+        self.post_message(msg.PlanningReady(planning))
 
     def _refresh_peers(self) -> None:
         rows: list[PeerRow] = [self._self_row()]
@@ -910,17 +998,40 @@ class MeshchatApp(App[int]):
                 rows += self.mesh.peers()
             except Exception:
                 log.exception("reading peers failed")
-        shares = {SELF: self._self_share()}
-        self.peers_table.sync(rows, shares)
+        self.peers_table.sync(rows, self._shares())
         self._note_lost_peers(rows)
+        self._follow_mesh_plan()
         if self.mesh is not None:
             names = {r.key: r.name for r in rows if r.key != SELF}
-            usable = self.mesh.usable_nodes(None) if self.engine else []
+            if self.planning is not None:
+                usable = self.planning.usable()
+            else:
+                usable = self.mesh.usable_nodes(None) if self.engine else []
             self.split.set_nodes(names, usable)
+
+    def _follow_mesh_plan(self) -> None:
+        """After a failover the mesh pipeline runs another plan: show that one."""
+        engine, planning = self.engine, self.planning
+        if engine is None or planning is None or self.split.busy:
+            return
+        running = planning.running(engine.pipeline, engine.info.n_layers)
+        applied = self.split.applied
+        if running is not None and applied is not None and not running.same_layout(applied):
+            edited = self.split.edited
+            plan = self.split.plan
+            self.split.load(running, self.split.allowed)
+            if edited and plan is not None:
+                self.split.plan = plan  # keep the user's unapplied edit on screen
+            self.split.say(f"the mesh re-planned: now {running.describe()}")
+            self.status.set(layout=self._layout_label(running))
 
     def _note_lost_peers(self, rows: list[PeerRow]) -> None:
         """Say so when a member that was connected is lost (and when it comes back)."""
         states = {r.key: r.state for r in rows if r.member and r.key != SELF}
+        up = {k for k, v in states.items() if v in ("idle", "serving")}
+        was_up = {k for k, v in self._peer_states.items() if v in ("idle", "serving")}
+        if up != was_up and self.planning is not None:
+            self._refresh_caps()  # who may take layers changed: ask the nodes again
         for key, state in states.items():
             before = self._peer_states.get(key)
             name = next(r.name for r in rows if r.key == key)
@@ -957,6 +1068,25 @@ class MeshchatApp(App[int]):
             member=True,
             model=self._model_label(),
         )
+
+    def _shares(self) -> dict[str, str]:
+        """Per node: its share of per-token time (compute), and the network's on this row."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        if engine.is_local:
+            return {SELF: self._self_share()}
+        step = getattr(engine.pipeline, "last_step", None)
+        plan = getattr(engine.pipeline, "plan", None)
+        if step is None or plan is None or step.wall_s <= 0 or not step.stage_compute_s:
+            return {}
+        shares: dict[str, str] = {}
+        for stage, compute in zip(plan.stages, step.stage_compute_s, strict=False):
+            key = SELF if self.planning and stage.node == self.planning.head else stage.node
+            shares[key] = f"compute {round(100 * compute / step.wall_s)}%"
+        net = round(100 * step.network_s / step.wall_s)
+        shares[SELF] = f"{shares.get(SELF, 'compute 0%')} · net {net}%"
+        return shares
 
     def _self_share(self) -> str:
         """Compute share of the last answer's time spent on this node's stages."""

@@ -23,6 +23,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
 from meshchat.inference.head import ChatPrompter, GenerationStats, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.inference.pipeline import Pipeline
 from meshchat.model.architectures import allowed_split_points, is_supported, split_ranges
 from meshchat.model.gguf_file import read_header
 from meshchat.model.spec import ModelSpec, spec_from_header
@@ -77,7 +78,7 @@ class ChatEngine:
         spec: ModelSpec,
         template_source: str | None,
         tokenizer: Tokenizer,
-        pipeline: LocalPipeline,
+        pipeline: Pipeline,
         ranges: Ranges,
         data: DataDir,
         options: StageOptions,
@@ -93,7 +94,7 @@ class ChatEngine:
         self.pipeline = pipeline
         self.ranges = ranges
         self._data = data
-        self._options = options
+        self.options = options
         self.session = HeadSession(pipeline, tokenizer)
         self._compute_before: list[float] = []
         self._tokens_before: list[int] = []
@@ -207,7 +208,8 @@ class ChatEngine:
         return len(self.session.tokens)
 
     def _stages(self) -> list[Stage]:
-        return list(self.pipeline.stages)
+        pipeline = self.pipeline
+        return list(pipeline.stages) if isinstance(pipeline, LocalPipeline) else []
 
     def _mark_timings(self) -> None:
         self._compute_before = [s.timings.compute_s for s in self._stages()]
@@ -235,20 +237,33 @@ class ChatEngine:
 
     # --- layout -----------------------------------------------------------------------------
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.pipeline, LocalPipeline)
+
     async def resplit(self, boundaries: list[int]) -> Ranges:
         """Run the model as in-process stages split at `boundaries` (SplitError if invalid)."""
         ranges = split_ranges(self.spec, boundaries)
-        if ranges == self.ranges:
+        if ranges == self.ranges and self.is_local:
             return ranges
         new = await asyncio.to_thread(
-            self._pipeline, self.spec.path, ranges, self._data, self._options
+            self._pipeline, self.spec.path, ranges, self._data, self.options
         )
-        await self.session.close()
-        old, self.pipeline, self.ranges = self.pipeline, new, ranges
-        self.session = HeadSession(new, self.tokenizer)
-        self._compute_before, self._tokens_before = [], []
-        await old.close()
+        await self.switch(new, ranges)
         return ranges
+
+    async def switch(self, pipeline: Pipeline, ranges: Ranges) -> None:
+        """Generate with `pipeline` from now on (a mesh pipeline, or new local stages).
+
+        The conversation's KV cache does not move: the next turn prefills it on the new
+        stages (a mesh pipeline that was re-planned replays it by itself).
+        """
+        await self.session.close()
+        old, self.pipeline, self.ranges = self.pipeline, pipeline, ranges
+        self.session = HeadSession(pipeline, self.tokenizer)
+        self._compute_before, self._tokens_before = [], []
+        if old is not pipeline:
+            await old.close()
 
     async def close(self) -> None:
         try:

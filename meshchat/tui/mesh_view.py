@@ -60,6 +60,10 @@ class MeshView(Protocol):
 
     async def stop(self) -> None: ...
 
+    def planning_node(self) -> Node | None:
+        """The real mesh node, for the planner (None: this mesh cannot run stages)."""
+        ...
+
 
 def _state(state: PeerState, layers: tuple[int, int] | None) -> str:
     if state is PeerState.CONNECTED:
@@ -134,3 +138,6 @@ class NodeMesh:
 
     async def stop(self) -> None:
         await self.node.stop()
+
+    def planning_node(self) -> Node | None:
+        return self.node

@@ -8,6 +8,7 @@ from textual.message import Message
 
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.mesh_view import MeshView
+from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.split import SplitPlan
 
 
@@ -70,3 +71,11 @@ class MeshActionDone(Message):
         super().__init__()
         self.text = text
         self.error = error
+
+
+class PlanningReady(Message):
+    """The planner knows the nodes' capabilities (again)."""
+
+    def __init__(self, planning: MeshPlanning) -> None:
+        super().__init__()
+        self.planning = planning

@@ -9,18 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from textual import events
 from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import TextArea
 
 
 class PromptInput(TextArea):
+    # Listed for the help screen and `[keys]`; the keys themselves are handled in `_on_key`.
+    # Not priority bindings: those run as the key arrives at the app, before characters typed
+    # just ahead of it reach this widget, so a fast typist (or a paste) would send half a line.
     BINDINGS: ClassVar[list[BindingType]] = [
-        # Priority: TextArea would otherwise take Enter as a newline before any binding runs.
-        Binding("enter", "submit", "Send", id="send", priority=True, show=False),
-        Binding(
-            "ctrl+j,shift+enter", "newline", "New line", id="newline", priority=True, show=False
-        ),
+        Binding("enter", "submit", "Send", id="send", show=False),
+        Binding("ctrl+j,shift+enter", "newline", "New line", id="newline", show=False),
     ]
 
     DEFAULT_CSS = """
@@ -43,7 +44,15 @@ class PromptInput(TextArea):
     class LeaveUp(Message):
         """Up was pressed on the first line."""
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        id: str | None = None,
+        send_keys: str = "enter",
+        newline_keys: str = "ctrl+j,shift+enter",
+    ) -> None:
+        self.send_keys = {k.strip() for k in send_keys.split(",")}
+        self.newline_keys = {k.strip() for k in newline_keys.split(",")}
         super().__init__(
             "",
             id=id,
@@ -54,6 +63,19 @@ class PromptInput(TextArea):
         )
         self.border_title = "Message"
         self.border_subtitle = "Enter send · Ctrl+J new line"
+
+    async def _on_key(self, event: events.Key) -> None:
+        # In order with the characters before it (see BINDINGS).
+        if event.key in self.send_keys:
+            event.stop()
+            event.prevent_default()
+            self.action_submit()
+        elif event.key in self.newline_keys:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
 
     def action_submit(self) -> None:
         text = self.text.strip()

@@ -8,7 +8,7 @@ boundary there. Edits that cannot run are refused with the reason on the line un
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 from rich.style import Style
@@ -69,6 +69,8 @@ class SplitEditor(Widget, can_focus=True):
         self.names: dict[str, str] = {SELF: "you"}
         self.colours: list[str] = ["#7aa2f7"]
         self.is_error = False
+        # Predicted tok/s of a plan, from the mesh planner (None until it knows the nodes).
+        self.predictor: Callable[[SplitPlan], float | None] | None = None
 
     # --- state from the app -----------------------------------------------------------------
 
@@ -247,8 +249,11 @@ class SplitEditor(Widget, can_focus=True):
             name = self.names.get(seg.node, seg.node[:10])
             style = Style(color=colours[i], bold=i == self.selected, underline=i == self.selected)
             head.append(f"{seg.label()} {name}", style=style)
-        if plan.predicted_tok_s:
-            head.append(f"  · predicted {plan.predicted_tok_s:.0f} tok/s", style="italic")
+        predicted = plan.predicted_tok_s
+        if predicted is None and self.predictor is not None:
+            predicted = self.predictor(plan)
+        if predicted:
+            head.append(f"  · predicted {predicted:.0f} tok/s", style="italic")
         state = self.busy or ("edited" if self.edited else "running")
         head.append(f"  · {state}", style="dim")
 
