@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -99,6 +98,8 @@ def make_app(
     model_error: str = "",
     theme_dirs: tuple[Path, ...] = (BUILTIN_DIR,),
     history_path: Path | None = None,
+    real_mesh: bool = False,
+    join_code: str | None = None,
 ) -> MeshchatApp:
     config = config or Config(sampling=GREEDY, listen="127.0.0.1:0", mdns=False, threads=1)
     if config.path is None:
@@ -115,8 +116,9 @@ def make_app(
         model_error=model_error,
         theme_dirs=theme_dirs,
         history_path=history_path,
+        join_code=join_code,
     )
-    return MeshchatApp(options, mesh_factory=start_mesh)
+    return MeshchatApp(options, mesh_factory=None if real_mesh else start_mesh)
 
 
 async def wait_for(
@@ -144,9 +146,13 @@ async def ask(pilot: Pilot[Any], text: str, timeout: float = 60.0) -> str:
     assert isinstance(app, MeshchatApp)
     app.prompt.focus()
     app.prompt.text = text
+    before = len(app.messages)
     await pilot.press("enter")
-    await wait_for(pilot, lambda: app.generation is not None or app.messages[-1:], what="start")
-    await wait_for(pilot, lambda: app.generation is None, timeout, what="answer")
-    await asyncio.sleep(0)
-    assert app.messages[-1].role == "assistant", app.messages
+    await wait_for(
+        pilot,
+        lambda: len(app.messages) >= before + 2 and app.generation is None,
+        timeout,
+        what="answer",
+    )
+    assert app.messages[-2].content == text and app.messages[-1].role == "assistant"
     return app.messages[-1].content
