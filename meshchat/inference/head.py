@@ -59,6 +59,9 @@ class HeadSession:
         self.tokens: list[int] = []  # what every stage's KV cache holds for this session
         self.last_stats = GenerationStats()
         self._opened = False
+        # Set when a generation was interrupted: a forward may have finished on the stages
+        # after we stopped listening, so they may hold more than `tokens`.
+        self._dirty = False
 
     async def generate(
         self,
@@ -120,12 +123,8 @@ class HeadSession:
             if tail:
                 yield tail
         except BaseException:
-            # A cancelled forward may still have finished on the stages: make them forget
-            # anything after what we know they hold.
             self._dirty = True
             raise
-
-    _dirty = False
 
     async def _reuse_prefix(self, prompt_tokens: list[int]) -> int:
         """Roll the stages back to the longest prefix they share with the prompt."""
