@@ -154,9 +154,9 @@ class MeshPipeline:
         self.wire_bytes = 0  # activation frame bytes the head sent (one hop)
         self.wire_tokens = 0
         self.failovers = 0
-        node.on(wire.Token, self._on_token)
-        node.on(wire.SessionDone, self._on_done)
-        node.on(wire.StageFault, self._on_fault)
+        node.on_arrival(wire.Token, self._on_token)
+        node.on_arrival(wire.SessionDone, self._on_done)
+        node.on_arrival(wire.StageFault, self._on_fault)
         node.add_listener(self._on_event)
 
     # -- plan ----------------------------------------------------------------------------------

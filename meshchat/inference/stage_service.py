@@ -103,9 +103,9 @@ class StageService:
         node = self.node
         node.on(wire.CapsQuery, self._on_caps)
         node.on(wire.Plan, self._on_plan)
-        node.on(wire.Activations, self._enqueue)
-        node.on(wire.SessionOp, self._enqueue)
-        node.on(wire.Cancel, self._on_cancel)
+        node.on_arrival(wire.Activations, self._enqueue)
+        node.on_arrival(wire.SessionOp, self._enqueue)
+        node.on_arrival(wire.Cancel, self._on_cancel)
         node.add_listener(self._on_event)
         self._worker = asyncio.ensure_future(self._work())
         if self.model is not None:

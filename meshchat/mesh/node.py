@@ -134,6 +134,7 @@ class Node:
         self._peers: dict[NodeId, Peer] = {}
         self._nearby: dict[NodeId, Peer] = {}
         self._handlers: dict[type[wire.Message], Handler] = {}
+        self._arrival: dict[type[wire.Message], Callable[[NodeId, Any], None]] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._callbacks: list[Callable[[NodeEvent], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -255,6 +256,14 @@ class Node:
         `send` run one at a time per peer, in arrival order.
         """
         self._handlers[message_type] = handler
+
+    def on_arrival(
+        self, message_type: type[wire.Message], handler: Callable[[NodeId, Any], None]
+    ) -> None:
+        """Like `on` for `send` messages, but the handler runs as the message arrives, from the
+        transport's callback: no task hop, so less latency. It must not block or await; use it
+        for every message type whose order matters relative to the others it handles."""
+        self._arrival[message_type] = handler
 
     def _conn(self, node: NodeId) -> Connection:
         peer = self._peers.get(node)
@@ -542,6 +551,11 @@ class Node:
                 self._on_peers(msg)
             elif isinstance(msg, wire.Roster):
                 self._on_roster(msg)
+            elif (fast := self._arrival.get(type(msg))) is not None:
+                try:
+                    fast(node, msg)
+                except Exception:
+                    log.exception("arrival handler for %s failed", msg.TYPE.name)
             elif queue.qsize() >= _INBOX_LIMIT:
                 c.abort("peer overran its inbox")
             else:
