@@ -37,7 +37,7 @@ from meshchat.inference.local_model import LocalModel, fingerprint_to_json
 from meshchat.inference.planner import Plan, PlanError
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
-from meshchat.mesh.node import Node, NodeEvent
+from meshchat.mesh.node import Node, NodeEvent, PeerState
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
@@ -433,14 +433,20 @@ class MeshPipeline:
         lost = self._lost_stage()
         if lost is not None:
             raise StageLost(lost, f"node {lost[:8]} left the mesh")
+        # A plain timer, not asyncio.wait_for: this runs once per token and wait_for costs an
+        # extra task wake-up.
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut, timeout)
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise StageLost(None, f"no answer from the stages within {timeout:.0f} s") from None
+            return await fut
+        finally:
+            timer.cancel()
 
     def _lost_stage(self) -> str | None:
-        connected = set(self.node.connected())
-        return next((str(n) for n in self._remote if n not in connected), None)
+        for node in self._remote:
+            peer = self.node.peer(node)
+            if peer is None or peer.state is not PeerState.CONNECTED:
+                return str(node)
+        return None
 
     # -- messages from the stages --------------------------------------------------------------
 
@@ -562,6 +568,11 @@ class MeshPipeline:
         self._fail_waiting(None, MeshchatError("pipeline closed"))
         await self._run(self._set_local, None)
         self._executor.shutdown(wait=True)
+
+
+def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(StageLost(None, f"no answer from the stages within {timeout:.0f} s"))
 
 
 def _raw(array: Any) -> memoryview:
