@@ -249,3 +249,36 @@ async def test_sessions_of_a_head_that_leaves_are_dropped(mesh: Mesh) -> None:
     await head.stop()  # the head goes away without closing its session
     await eventually(lambda: service.session_count == 0, timeout=15)
     await pipeline.close()
+
+
+async def test_cancelled_step_is_dropped_and_the_session_continues(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    reference = await _local_reference(mesh.model_path, tmp_path)
+    w1, service = await mesh.worker()
+    head, model, data = await mesh.head(w1)
+    pipeline = _pipeline(head, model, data, prefill_chunk=2)
+    try:
+        await pipeline.apply(
+            Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
+        )
+        session = "s"
+        await pipeline.open_session(session)
+        await pipeline.configure_sampling(session, GREEDY)
+        long_prompt = [(7 + 13 * i) % 2000 for i in range(200)]
+        step = asyncio.ensure_future(pipeline.forward(session, 0, long_prompt))
+        await asyncio.sleep(0.05)
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        # As HeadSession does after a cancel: roll back to what is known, then go on.
+        await pipeline.rollback(session, 0)
+        await pipeline.configure_sampling(session, GREEDY)
+        out = [await pipeline.forward(session, 0, PROMPT)]
+        for i in range(11):
+            out.append(await pipeline.forward(session, len(PROMPT) + i, [out[-1]]))
+        assert out == reference
+        await pipeline.close_session(session)
+        await eventually(lambda: service.session_count == 0)
+    finally:
+        await pipeline.close()
