@@ -43,7 +43,7 @@ class Tmux:
         ).stdout
 
     def start(self, command: str) -> None:
-        self.run("new-session", "-d", "-s", "t", "-x", "110", "-y", "34", command)
+        self.run("new-session", "-d", "-s", "t", "-x", "140", "-y", "34", command)
 
     def keys(self, *keys: str) -> None:
         self.run("send-keys", "-t", "t", *keys)

@@ -145,33 +145,21 @@ class MeshchatApp(App[int]):
             yield PeersTable(id="peers")
         yield Footer()
 
-    @property
-    def prompt(self) -> PromptInput:
-        return self.query_one("#prompt", PromptInput)
-
-    @property
-    def chat_log(self) -> ChatLog:
-        return self.query_one("#log", ChatLog)
-
-    @property
-    def status(self) -> StatusLine:
-        return self.query_one("#status", StatusLine)
-
-    @property
-    def split(self) -> SplitEditor:
-        return self.query_one("#split", SplitEditor)
-
-    @property
-    def peers_table(self) -> PeersTable:
-        return self.query_one("#peers", PeersTable)
-
-    @property
-    def chat_list(self) -> ChatList:
-        return self.query_one("#chats", ChatList)
+    def _keep_widgets(self) -> None:
+        # Held, not queried each time: a worker's message or a timer may still arrive while
+        # the app shuts down and its widgets are already gone from the screen.
+        self.prompt = self.query_one("#prompt", PromptInput)
+        self.chat_log = self.query_one("#log", ChatLog)
+        self.status = self.query_one("#status", StatusLine)
+        self.split = self.query_one("#split", SplitEditor)
+        self.peers_table = self.query_one("#peers", PeersTable)
+        self.chat_list = self.query_one("#chats", ChatList)
+        self.mesh_panel = self.query_one("#mesh", Vertical)
 
     # --- start-up ---------------------------------------------------------------------------
 
     async def on_mount(self) -> None:
+        self._keep_widgets()
         problems = list(self.config.problems)
         self._setup_themes(problems)
         problems += check_keymap(self.config.keys)
@@ -343,7 +331,7 @@ class MeshchatApp(App[int]):
         self._refresh_peers()
 
     def _update_mesh_title(self) -> None:
-        panel = self.query_one("#mesh")
+        panel = self.mesh_panel
         if self.mesh is not None:
             addresses = self.mesh.addresses
             where = f" at {addresses[0]}" if addresses else ""
@@ -851,10 +839,10 @@ class MeshchatApp(App[int]):
         self.peers_table.focus()
 
     def _show_mesh_panel(self) -> None:
-        self.query_one("#mesh").display = True
+        self.mesh_panel.display = True
 
     def action_toggle_mesh(self) -> None:
-        panel = self.query_one("#mesh")
+        panel = self.mesh_panel
         panel.display = not panel.display
         if not panel.display:
             self.prompt.focus()
@@ -1061,7 +1049,7 @@ class MeshchatApp(App[int]):
             key=SELF,
             name=mesh.node_id[:10] if mesh else "this node",
             address=mesh.addresses[0] if mesh and mesh.addresses else "",
-            via="this node",
+            via="this node, mesh offline" if self.mesh_error else "this node",
             rtt_ms=None,
             layers=layers,
             state=state,

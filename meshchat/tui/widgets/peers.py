@@ -16,15 +16,17 @@ from textual.widgets import DataTable
 
 from meshchat.tui.mesh_view import PeerRow
 
+# Most telling first: on an 80-column terminal the last columns are the ones cut off.
 COLUMNS = (
     ("node", "Node"),
-    ("address", "Address"),
-    ("via", "Found via"),
     ("rtt", "RTT"),
     ("layers", "Layers"),
     ("state", "State"),
     ("share", "Time share"),
+    ("address", "Address"),
+    ("via", "Found via"),
 )
+_STATE = 3  # index of the state column (coloured by state)
 
 _STATE_STYLE = {
     "serving": "green",
@@ -53,6 +55,10 @@ class PeersTable(DataTable[Text]):
             super().__init__()
             self.key = key
 
+    DEFAULT_CSS = """
+    PeersTable { scrollbar-size-horizontal: 0; }
+    """
+
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=False, show_cursor=True)
         self._cells: dict[str, tuple[str, ...]] = {}
@@ -62,10 +68,9 @@ class PeersTable(DataTable[Text]):
             self.add_column(label, key=key)
 
     def _cells_for(self, row: PeerRow, share: str) -> tuple[str, ...]:
-        name = row.name + (" (you)" if row.key == "self" else "")
         layers = f"[{row.layers[0]},{row.layers[1]})" if row.layers else "—"
         via = row.via if row.member else f"{row.via}, not a member"
-        return (name, row.address or "—", via, _rtt(row.rtt_ms), layers, row.state, share)
+        return (row.name, _rtt(row.rtt_ms), layers, row.state, share, row.address or "—", via)
 
     def sync(self, rows: Sequence[PeerRow], shares: Mapping[str, str] | None = None) -> None:
         """Make the table show `rows`: update changed cells, add new rows, drop gone ones."""
@@ -76,7 +81,7 @@ class PeersTable(DataTable[Text]):
             cells = self._cells_for(row, shares.get(row.key, "—"))
             old = self._cells.get(row.key)
             styled = [Text(c) for c in cells]
-            styled[5].stylize(_STATE_STYLE.get(row.state, ""))
+            styled[_STATE].stylize(_STATE_STYLE.get(row.state, ""))
             if old is None:
                 self.add_row(*styled, key=row.key)
             else:

@@ -44,7 +44,7 @@ class SplitEditor(Widget, can_focus=True):
     ]
 
     DEFAULT_CSS = """
-    SplitEditor { height: 4; padding: 0 1; }
+    SplitEditor { height: 3; padding: 0 1; }
     SplitEditor:focus { background: $boost; }
     """
 
@@ -295,16 +295,21 @@ class SplitEditor(Widget, can_focus=True):
             for j, ch in enumerate(text):
                 if x + j < width:
                     marks[x + j] = ch
-        axis.append("".join(marks), style="bold" if self.has_focus else "dim")
+        axis.append("".join(marks).rstrip(), style="bold" if self.has_focus else "dim")
 
-        note = Text(no_wrap=True, overflow="ellipsis")
+        # Line 3: a message (a refusal, say) replaces the boundary marks; otherwise a hint
+        # follows them where it fits. Three lines keep the chat roomy on a 24-line terminal.
         if self.message:
-            note.append(self.message, style="bold red" if self.is_error else "italic")
-        elif self.has_focus:
-            note.append(HINT, style="dim")
+            third = Text(no_wrap=True, overflow="ellipsis")
+            third.append(self.message, style="bold red" if self.is_error else "italic")
         else:
-            note.append("Ctrl+L edits the split", style="dim")
-        return Text("\n").join([head, bar, axis, note])
+            hint = HINT if self.has_focus else "Ctrl+L edits the split"
+            third = axis
+            room = width - len(axis.plain) - 3
+            if room >= len(hint):
+                third.append(" " * (width - len(axis.plain) - len(hint)))
+                third.append(hint, style="dim")
+        return Text("\n").join([head, bar, third])
 
     def on_focus(self) -> None:
         self.refresh()
