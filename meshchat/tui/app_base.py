@@ -1,0 +1,168 @@
+"""The app's shared state and the hooks its parts offer each other.
+
+`MeshchatApp` (app.py) is assembled from parts, each a subclass of `AppBase` with one job:
+conversations (app_chats.py), sending and generating (app_chat.py), the mesh, split editor and
+peers (app_mesh.py). They share the state declared here; a part calls another part's methods
+through the hooks below, which the assembled class resolves by the usual method order.
+"""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from textual.app import App
+from textual.containers import Vertical
+from textual.worker import Worker
+
+from meshchat.config import ChatSettings, Config
+from meshchat.engine.chat_template import ChatMessage
+from meshchat.paths import DataDir
+from meshchat.tui.engine import ChatEngine
+from meshchat.tui.history import (
+    Conversation,
+    History,
+    HistoryError,
+    StoredMessage,
+)
+from meshchat.tui.mesh_view import MeshView
+from meshchat.tui.planning import MeshPlanning
+from meshchat.tui.split import SplitPlan
+from meshchat.tui.widgets.chat import ChatLog, MessageView
+from meshchat.tui.widgets.chats import ChatList
+from meshchat.tui.widgets.peers import PeersTable
+from meshchat.tui.widgets.prompt import PromptInput
+from meshchat.tui.widgets.split_editor import SplitEditor
+from meshchat.tui.widgets.status import StatusLine
+
+log = logging.getLogger(__name__)
+
+PEERS_REFRESH_S = 1.0
+MeshFactory = Callable[[], Awaitable[MeshView]]
+EngineLoader = Callable[[], ChatEngine]
+
+
+@dataclass
+class AppOptions:
+    data: DataDir
+    config: Config
+    model_path: Path | None
+    model_error: str = ""
+    join_code: str | None = None
+    theme_dirs: tuple[Path, ...] = ()
+    history_path: Path | None = None  # default: chats.sqlite3 in the data dir
+    debug: bool = False  # show Textual's traceback on a crash instead of one line
+    crash_log: Path | None = None  # where a crash's traceback goes when not debugging
+
+
+@dataclass
+class Generation:
+    """The answer being written now."""
+
+    id: int
+    conversation_id: int
+    view: MessageView
+    dropped: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+class AppBase(App[int]):
+    def __init__(
+        self,
+        options: AppOptions,
+        *,
+        mesh_factory: MeshFactory | None = None,
+        engine_loader: EngineLoader | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = options
+        self.config = options.config
+        self.data = options.data
+        self._mesh_factory = mesh_factory
+        self._engine_loader = engine_loader
+        self.engine: ChatEngine | None = None
+        self.mesh: MeshView | None = None
+        self.history: History | None = None
+        self.conversation: Conversation | None = None
+        self.messages: list[StoredMessage] = []
+        self.generation: Generation | None = None
+        self._generation_ids = 0
+        self._gen_worker: Worker[None] | None = None
+        self.editing: int | None = None  # index of the message being edited
+        self._draft = ""
+        self.planning: MeshPlanning | None = None
+        self.model_error = options.model_error
+        self.mesh_error = ""
+        self.theme_problems: list[str] = []
+        self.crash_message = ""  # set when the app died of a bug; the launcher prints it
+        self._peer_states: dict[str, str] = {}
+
+    def _keep_widgets(self) -> None:
+        # Held, not queried each time: a worker's message or a timer may still arrive while
+        # the app shuts down and its widgets are already gone from the screen.
+        self.prompt = self.query_one("#prompt", PromptInput)
+        self.chat_log = self.query_one("#log", ChatLog)
+        self.status = self.query_one("#status", StatusLine)
+        self.split = self.query_one("#split", SplitEditor)
+        self.peers_table = self.query_one("#peers", PeersTable)
+        self.chat_list = self.query_one("#chats", ChatList)
+        self.mesh_panel = self.query_one("#mesh", Vertical)
+
+    def _history_call(self, fn: Callable[[History], Any], default: Any = None) -> Any:
+        """Run a history operation; a failure is shown, never raised."""
+        if self.history is None:
+            return default
+        try:
+            return fn(self.history)
+        except HistoryError as exc:
+            self.notify(str(exc), title="Chat history", severity="error", timeout=10)
+            return default
+
+    def _model_label(self) -> str:
+        if self.engine is not None:
+            return self.engine.info.path.stem
+        path = self.options.model_path
+        return path.name if path else "no model"
+
+    # --- hooks: provided by the parts (app_chat, app_chats, app_mesh) ------------------------
+
+    async def _stop_generation(self) -> None:
+        raise NotImplementedError
+
+    def _leave_edit(self, restore: bool) -> None:
+        raise NotImplementedError
+
+    async def _finish_generation(self, gen: Generation, meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _count_context(self) -> int:
+        raise NotImplementedError
+
+    def _chat_messages(self) -> list[ChatMessage]:
+        raise NotImplementedError
+
+    def _settings(self) -> ChatSettings:
+        raise NotImplementedError
+
+    def _ensure_conversation(self, first_text: str) -> Conversation | None:
+        raise NotImplementedError
+
+    def _refresh_chat_list(self) -> None:
+        raise NotImplementedError
+
+    async def _show_conversation(self, conversation: Conversation | None) -> None:
+        raise NotImplementedError
+
+    def _refresh_peers(self) -> None:
+        raise NotImplementedError
+
+    def _publish_status(self) -> None:
+        raise NotImplementedError
+
+    def _layout_label(self, plan: SplitPlan) -> str:
+        raise NotImplementedError
+
+    def _maybe_start_planning(self) -> None:
+        raise NotImplementedError

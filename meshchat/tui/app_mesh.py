@@ -1,0 +1,460 @@
+"""The app's mesh side: the in-app node, the split editor and the planner behind it, the
+peers table, and the mesh actions (invite, join, remove a member)."""
+
+import asyncio
+import logging
+from typing import Any
+
+from textual import on, work
+
+from meshchat.errors import MeshchatError
+from meshchat.tui import messages as msg
+from meshchat.tui.app_base import AppBase
+from meshchat.tui.mesh_view import NodeMesh, PeerRow
+from meshchat.tui.planning import MeshPlanning
+from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
+from meshchat.tui.split import SELF, SplitPlan
+from meshchat.tui.widgets.peers import PeersTable
+from meshchat.tui.widgets.split_editor import SplitEditor
+
+log = logging.getLogger(__name__)
+
+
+class MeshMixin(AppBase):
+    @work(exclusive=True, group="mesh", exit_on_error=False)
+    async def _start_mesh(self) -> None:
+        try:
+            if self._mesh_factory is not None:
+                mesh = await self._mesh_factory()
+            else:
+                mesh = await NodeMesh.start(self.data, self.config.listen, self.config.mdns)
+        except MeshchatError as exc:
+            self.post_message(msg.MeshFailed(str(exc)))
+            return
+        except Exception as exc:
+            log.exception("mesh start failed")
+            self.post_message(msg.MeshFailed(f"cannot start the mesh node: {exc!r}"))
+            return
+        self.post_message(msg.MeshReady(mesh))
+
+    def on_mesh_ready(self, event: msg.MeshReady) -> None:
+        self.mesh = event.mesh
+        self.mesh_error = ""
+        self._update_mesh_title()
+        self._publish_status()
+        self._refresh_peers()
+        self._maybe_start_planning()
+        if self.options.join_code:
+            self._join(self.options.join_code)
+
+    def on_mesh_failed(self, event: msg.MeshFailed) -> None:
+        self.mesh_error = event.error
+        self._update_mesh_title()
+        self.notify(
+            f"{event.error}. Chat works on this machine alone.",
+            title="Mesh",
+            severity="warning",
+            timeout=15,
+        )
+        self._refresh_peers()
+
+    def _update_mesh_title(self) -> None:
+        panel = self.mesh_panel
+        if self.mesh is not None:
+            addresses = self.mesh.addresses
+            where = f" at {addresses[0]}" if addresses else ""
+            panel.border_title = f"Mesh · node {self.mesh.node_id[:10]}{where}"
+        else:
+            panel.border_title = f"Mesh · offline: {self.mesh_error}" if self.mesh_error else "Mesh"
+
+    def _publish_status(self) -> None:
+        """Tell the mesh which layers this node runs and which model file it has."""
+        if self.mesh is None or self.engine is None or self.split.applied is None:
+            return
+        if not self.engine.is_local:
+            return  # the mesh pipeline says what this node serves
+        mine = [s for s in self.split.applied.segments if s.node == SELF]
+        layers = (mine[0].start, mine[-1].end) if mine else None
+        info = self.engine.info
+        model: dict[str, Any] = {"name": info.name, "path": str(info.path)}
+        if self.planning is not None:
+            model.update(self.planning.model_status)
+        self.mesh.set_status(layers, model)
+
+    def _layout_label(self, plan: SplitPlan) -> str:
+        if plan.is_local:
+            where = "local" if len(plan.segments) == 1 else f"local, {len(plan.segments)} stages"
+            return f"{where} {plan.describe()}"
+        return f"mesh {plan.describe()}"
+
+    def action_focus_split(self) -> None:
+        self._show_mesh_panel()
+        self.split.focus()
+
+    def action_focus_peers(self) -> None:
+        self._show_mesh_panel()
+        self.peers_table.focus()
+
+    def _show_mesh_panel(self) -> None:
+        self.mesh_panel.display = True
+
+    def action_toggle_mesh(self) -> None:
+        panel = self.mesh_panel
+        panel.display = not panel.display
+        if not panel.display:
+            self.prompt.focus()
+
+    @on(SplitEditor.Apply)
+    def _on_split_apply(self, event: SplitEditor.Apply) -> None:
+        if self.engine is None:
+            self.split.say("no model loaded", error=True)
+            return
+        if self.generation is not None:
+            self.split.say("wait for the answer to finish (or Esc), then apply", error=True)
+            return
+        if not event.plan.is_local:
+            if self.planning is None:
+                self.split.say(
+                    "layers can go to other nodes once this node's mesh is up and has asked "
+                    "them what they run",
+                    error=True,
+                )
+                return
+            problems = self.planning.violations(event.plan)
+            if problems:
+                self.split.say(problems[0], error=True)
+                return
+        if self.split.applied is not None and event.plan.same_layout(self.split.applied):
+            self.split.say("that plan is already running")
+            return
+        self.split.busy = "applying (nodes load their layers)"
+        self._apply_split(event.plan)
+
+    @work(exclusive=True, group="split", exit_on_error=False)
+    async def _apply_split(self, plan: SplitPlan) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            if plan.is_local:
+                await engine.resplit(plan.boundaries)
+            else:
+                assert self.planning is not None
+                pipeline = await self.planning.start(plan, engine.pipeline)
+                await engine.switch(pipeline, plan.ranges)
+                plan = self.planning.running(pipeline, plan.n_layers) or plan
+        except MeshchatError as exc:
+            self.post_message(msg.SplitFailed(str(exc)))
+        except Exception as exc:
+            log.exception("re-split failed")
+            self.post_message(msg.SplitFailed(f"internal error: {exc!r}"))
+        else:
+            self.post_message(msg.SplitApplied(plan))
+
+    def on_split_applied(self, event: msg.SplitApplied) -> None:
+        self.split.busy = ""
+        self.split.load(event.plan, self.split.allowed)
+        self.split.say(f"running {event.plan.describe()}")
+        self.status.set(layout=self._layout_label(event.plan), context_used=self._count_context())
+        self._publish_status()
+        self._refresh_peers()
+
+    def on_split_failed(self, event: msg.SplitFailed) -> None:
+        self.split.busy = ""
+        self.split.say(f"not applied: {event.error}", error=True)
+
+    @on(SplitEditor.Auto)
+    def _on_split_auto(self) -> None:
+        if self.engine is None:
+            self.split.say("no model loaded", error=True)
+            return
+        n_layers = self.engine.info.n_layers
+        if self.planning is None:
+            plan = SplitPlan.solo(n_layers)
+            note = "auto: every layer on this node (no other node known yet)"
+        else:
+            try:
+                plan, note = self.planning.auto(n_layers)
+            except (MeshchatError, ValueError) as exc:
+                self.split.say(str(exc), error=True)
+                return
+            note = f"auto: {note}"
+        self.split.plan = plan
+        self.split.selected = 0
+        self.split.say(note + ("; Enter applies" if self.split.edited else ""))
+
+    # --- the mesh planner -------------------------------------------------------------------
+
+    def _maybe_start_planning(self) -> None:
+        node = self.mesh.planning_node() if self.mesh is not None else None
+        if node is not None and self.engine is not None and self.planning is None:
+            self._setup_planning(node)
+
+    @work(exclusive=True, group="planning", exit_on_error=False)
+    async def _setup_planning(self, node: Any) -> None:
+        engine = self.engine
+        assert engine is not None
+
+        def notify(text: str) -> None:
+            self.notify(text, title="Mesh")
+
+        try:
+            planning = await asyncio.to_thread(
+                MeshPlanning.create,
+                node,
+                engine.info.path,
+                self.data,
+                threads=engine.options.n_threads,
+                n_ctx=engine.options.n_ctx,
+                notify=notify,
+            )
+            await planning.refresh()
+        except MeshchatError as exc:
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc}"))
+            return
+        except Exception as exc:
+            log.exception("planner start failed")
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc!r}"))
+            return
+        self.post_message(msg.PlanningReady(planning))
+
+    def on_planning_ready(self, event: msg.PlanningReady) -> None:
+        self.planning = event.planning
+        self.split.predictor = event.planning.predict
+        self._publish_status()
+        self._refresh_peers()
+        for note in event.planning.notes:
+            self.notify(note, title="Mesh", severity="warning")
+
+    @work(exclusive=True, group="caps", exit_on_error=False)
+    async def _refresh_caps(self) -> None:
+        planning = self.planning
+        if planning is None:
+            return
+        try:
+            await planning.refresh()
+        except Exception as exc:  # a peer that cannot answer: keep the previous answers
+            log.info("capabilities refresh failed: %s", exc)
+        self.post_message(msg.PlanningReady(planning))
+
+    def _refresh_peers(self) -> None:
+        rows: list[PeerRow] = [self._self_row()]
+        if self.mesh is not None:
+            try:
+                rows += self.mesh.peers()
+            except Exception:
+                log.exception("reading peers failed")
+        self.peers_table.sync(rows, self._shares())
+        self._note_lost_peers(rows)
+        self._follow_mesh_plan()
+        if self.mesh is not None:
+            names = {r.key: r.name for r in rows if r.key != SELF}
+            if self.planning is not None:
+                usable = self.planning.usable()
+            else:
+                usable = self.mesh.usable_nodes(None) if self.engine else []
+            self.split.set_nodes(names, usable)
+
+    def _follow_mesh_plan(self) -> None:
+        """After a failover the mesh pipeline runs another plan: show that one."""
+        engine, planning = self.engine, self.planning
+        if engine is None or planning is None or self.split.busy:
+            return
+        running = planning.running(engine.pipeline, engine.info.n_layers)
+        applied = self.split.applied
+        if running is not None and applied is not None and not running.same_layout(applied):
+            edited = self.split.edited
+            plan = self.split.plan
+            self.split.load(running, self.split.allowed)
+            if edited and plan is not None:
+                self.split.plan = plan  # keep the user's unapplied edit on screen
+            self.split.say(f"the mesh re-planned: now {running.describe()}")
+            self.status.set(layout=self._layout_label(running))
+
+    def _note_lost_peers(self, rows: list[PeerRow]) -> None:
+        """Say so when a member that was connected is lost (and when it comes back)."""
+        states = {r.key: r.state for r in rows if r.member and r.key != SELF}
+        up = {k for k, v in states.items() if v in ("idle", "serving")}
+        was_up = {k for k, v in self._peer_states.items() if v in ("idle", "serving")}
+        if up != was_up and self.planning is not None:
+            self._refresh_caps()  # who may take layers changed: ask the nodes again
+        for key, state in states.items():
+            before = self._peer_states.get(key)
+            name = next(r.name for r in rows if r.key == key)
+            if state == "lost" and before not in (None, "lost", "connecting"):
+                self.notify(
+                    f"node {name} stopped answering (lost); it is retried in the background",
+                    title="Peer lost",
+                    severity="warning",
+                    timeout=10,
+                )
+            elif before == "lost" and state in ("idle", "serving"):
+                self.notify(f"node {name} is back", title="Peer")
+        self._peer_states = states
+
+    def _self_row(self) -> PeerRow:
+        plan = self.split.applied
+        mine = [s for s in plan.segments if s.node == SELF] if plan else []
+        layers = (mine[0].start, mine[-1].end) if mine else None
+        if self.engine is None:
+            state = "error" if self.model_error else "loading"
+        elif self.generation is not None:
+            state = "generating"
+        else:
+            state = "serving" if layers else "idle"
+        mesh = self.mesh
+        return PeerRow(
+            key=SELF,
+            name=mesh.node_id[:10] if mesh else "this node",
+            address=mesh.addresses[0] if mesh and mesh.addresses else "",
+            via="this node, mesh offline" if self.mesh_error else "this node",
+            rtt_ms=None,
+            layers=layers,
+            state=state,
+            member=True,
+            model=self._model_label(),
+        )
+
+    def _shares(self) -> dict[str, str]:
+        """Per node: its share of per-token time (compute), and the network's on this row."""
+        engine = self.engine
+        if engine is None:
+            return {}
+        if engine.is_local:
+            return {SELF: self._self_share()}
+        step = getattr(engine.pipeline, "last_step", None)
+        plan = getattr(engine.pipeline, "plan", None)
+        if step is None or plan is None or step.wall_s <= 0 or not step.stage_compute_s:
+            return {}
+        shares: dict[str, str] = {}
+        for stage, compute in zip(plan.stages, step.stage_compute_s, strict=False):
+            key = SELF if self.planning and stage.node == self.planning.head else stage.node
+            shares[key] = f"compute {round(100 * compute / step.wall_s)}%"
+        net = round(100 * step.network_s / step.wall_s)
+        shares[SELF] = f"{shares.get(SELF, 'compute 0%')} · net {net}%"
+        return shares
+
+    def _self_share(self) -> str:
+        """Compute share of the last answer's time spent on this node's stages."""
+        engine = self.engine
+        if engine is None:
+            return "—"
+        stats = engine.last_stats
+        total = (stats.ttft_s or 0.0) + stats.decode_s
+        if total <= 0:
+            return "—"
+        compute = sum(s.compute_s for s in engine.stage_shares())
+        return f"compute {min(100, round(100 * compute / total))}%"
+
+    def action_invite(self) -> None:
+        mesh = self.mesh
+        if mesh is None:
+            self.notify(self.mesh_error or "the mesh node is still starting", severity="warning")
+            return
+        try:
+            code = mesh.create_invite(uses=1, ttl=3600.0)
+        except MeshchatError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.push_screen(ShowInvite(code, "valid for an hour"))
+
+    def action_join(self) -> None:
+        if self.mesh is None:
+            self.notify(self.mesh_error or "the mesh node is still starting", severity="warning")
+            return
+
+        def check(code: str) -> str | None:
+            from meshchat.mesh.invites import InviteCode
+
+            try:
+                InviteCode.parse(code.strip())
+            except MeshchatError as exc:
+                return str(exc)
+            return None
+
+        def done(code: str | None) -> None:
+            if code:
+                self._join(code)
+
+        self.push_screen(
+            AskText(
+                "Join a mesh with an invite code",
+                placeholder="mc1…",
+                hint="Get a code with F5 in meshchat, or from `meshchat --headless` output.",
+                check=check,
+            ),
+            done,
+        )
+
+    @work(group="mesh-action", exit_on_error=False)
+    async def _join(self, code: str) -> None:
+        mesh = self.mesh
+        if mesh is None:
+            return
+        try:
+            inviter = await mesh.join(code)
+        except MeshchatError as exc:
+            self.post_message(msg.MeshActionDone("", f"join failed: {exc}"))
+        except Exception as exc:
+            log.exception("join failed")
+            self.post_message(msg.MeshActionDone("", f"join failed: {exc!r}"))
+        else:
+            self.post_message(msg.MeshActionDone(f"joined the mesh of {inviter}"))
+
+    def on_mesh_action_done(self, event: msg.MeshActionDone) -> None:
+        if event.error:
+            self.notify(event.error, title="Mesh", severity="error", timeout=10)
+        else:
+            self.notify(event.text, title="Mesh")
+        self._publish_status()
+        self._refresh_peers()
+
+    def _members(self) -> list[PeerRow]:
+        if self.mesh is None:
+            return []
+        return [r for r in self.mesh.peers() if r.member and r.key != SELF]
+
+    def action_remove_member(self) -> None:
+        members = self._members()
+        if not members:
+            self.notify("no other member in this mesh", severity="warning")
+            return
+
+        def chosen(key: str | None) -> None:
+            if key:
+                self._confirm_remove(key)
+
+        self.push_screen(
+            Pick(
+                "Remove which member? It needs a new invite to come back.",
+                [(r.key, f"{r.name}  {r.address}  {r.state}") for r in members],
+            ),
+            chosen,
+        )
+
+    @on(PeersTable.RemoveRequested)
+    def _on_remove_requested(self, event: PeersTable.RemoveRequested) -> None:
+        if event.key == SELF:
+            self.notify("this is you: a node cannot remove itself", severity="warning")
+        elif event.key not in {r.key for r in self._members()}:
+            self.notify("only members can be removed", severity="warning")
+        else:
+            self._confirm_remove(event.key)
+
+    def _confirm_remove(self, key: str) -> None:
+        def done(yes: bool | None) -> None:
+            if yes:
+                self._remove(key)
+
+        self.push_screen(Confirm(f"Remove node {key[:10]} from the mesh?", yes="Remove"), done)
+
+    @work(group="mesh-action", exit_on_error=False)
+    async def _remove(self, key: str) -> None:
+        mesh = self.mesh
+        if mesh is None:
+            return
+        try:
+            await mesh.remove(key)
+        except MeshchatError as exc:
+            self.post_message(msg.MeshActionDone("", f"remove failed: {exc}"))
+        else:
+            self.post_message(msg.MeshActionDone(f"removed {key[:10]} from the mesh"))
