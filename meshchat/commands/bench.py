@@ -44,7 +44,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from meshchat.inference.mesh_bench import MeshRows
 
-    mesh = MeshRows(choice.path, threads, n_ctx=1024, n_batch=PROMPT_TOKENS)
+    mesh = MeshRows(choice.path, data, threads, n_ctx=1024, n_batch=PROMPT_TOKENS)
     try:
         mesh.start(progress)
         report = run_benchmark(

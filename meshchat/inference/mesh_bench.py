@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 from meshchat.engine.sampling import SamplingParams
 from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import calibration, calibration_file
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
@@ -50,8 +52,11 @@ def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
 class MeshRows:
     names = ("mesh2", "mesh3")
 
-    def __init__(self, model_path: Path, threads: int, n_ctx: int, n_batch: int) -> None:
+    def __init__(
+        self, model_path: Path, data: DataDir, threads: int, n_ctx: int, n_batch: int
+    ) -> None:
         self.model_path = model_path
+        self.data = data  # the heads' slices and calibration cache (identities are temporary)
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -65,10 +70,21 @@ class MeshRows:
         self._pipelines: dict[str, MeshPipeline] = {}
         self._decode_bytes = 0
         self._decode_frames = 0
+        self.predicted: dict[str, float] = {}  # the planner's decode tok/s for each row
+        self._measured: dict[str, list[float]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
     def start(self, progress: Callable[[str], None]) -> None:
+        # Every node runs on this machine: calibrate once here and give the workers the result,
+        # rather than have three processes calibrate at once and slow each other down.
+        model = LocalModel.open(self.model_path, self.data)
+        calibration(model, self.data, self.threads)
+        source = calibration_file(model, self.data, self.threads)
+        for i in range(_WORKERS):
+            target = calibration_file(model, DataDir(self.root / f"w{i}"), self.threads)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
         progress("starting 3 mesh workers on loopback")
         invite = self._start_workers()
         self._thread.start()
@@ -97,11 +113,11 @@ class MeshRows:
         return invite
 
     async def _setup(self, invite: str) -> None:
-        model = LocalModel.open(self.model_path, DataDir(self.root / "head"))
+        data = self.data
+        model = LocalModel.open(self.model_path, data)
         workers: list[NodeId] = []
         for name, parts in (("mesh2", 2), ("mesh3", 3)):
-            data = DataDir(self.root / name)
-            node = Node(data, "127.0.0.1:0")
+            node = Node(DataDir(self.root / name), "127.0.0.1:0")
             await node.start()
             self._nodes.append(node)
             inviter = await node.join(invite)
@@ -119,9 +135,10 @@ class MeshRows:
             nodes = [str(node.node_id), *(str(w) for w in chosen)]
             stages = tuple(StagePlan(n, *r) for n, r in zip(nodes, ranges, strict=True))
             self.splits[name] = ranges
-            self._pipelines[name] = await coordinator.start(
-                Plan(stages), prefill_chunk=self.n_batch
-            )
+            plan = Plan(stages)
+            caps = await coordinator.gather()
+            self.predicted[name] = coordinator.planner(caps).predict(plan).decode_tok_s
+            self._pipelines[name] = await coordinator.start(plan, prefill_chunk=self.n_batch)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -133,6 +150,7 @@ class MeshRows:
     ) -> None:
         """Prefill `prompt`, decode greedily; `record(prefill_s, ttft_s, decode_s)`."""
         figures = self._call(self._once(self._pipelines[name], prompt, decode_tokens))
+        self._measured.setdefault(name, []).append(decode_tokens / figures[2])
         record(*figures)
 
     async def _once(
@@ -164,7 +182,15 @@ class MeshRows:
         if not hops:
             return {}
         p99 = hops[min(len(hops) - 1, int(len(hops) * 0.99))]
+        accuracy = {}
+        for name, predicted in self.predicted.items():
+            runs = self._measured.get(name, [])[1:]  # the first run is the warm-up
+            if runs:
+                measured = statistics.median(runs)
+                accuracy[f"{name}_predicted_decode_tok_s"] = round(predicted, 1)
+                accuracy[f"{name}_prediction_error"] = round(predicted / measured - 1, 3)
         return {
+            **accuracy,
             "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
             "hop_latency_ms_p99": round(p99 * 1000, 3),
             "wire_bytes_per_token": round(self._decode_bytes / max(self._decode_frames, 1), 1),
