@@ -9,7 +9,7 @@ theme = "meshchat-dusk"
 model = "/path/to/model.gguf"   # used when --model is not given
 context_size = 4096
 threads = 0                     # 0 = pick from the CPU count
-listen = "0.0.0.0:0"            # where the in-app mesh node listens
+listen = ""                     # where the in-app node listens; "" = port 47470, else any
 mdns = true                     # find peers on the LAN by multicast DNS
 system_prompt = ""              # for new chats
 
@@ -116,7 +116,7 @@ class Config:
     model: str = ""
     context_size: int = 4096
     threads: int = 0
-    listen: str = "0.0.0.0:0"
+    listen: str = ""  # "" = 0.0.0.0:47470, or any free port when that one is taken
     mdns: bool = True
     system_prompt: str = ""
     sampling: ChatSettings = field(default_factory=ChatSettings)

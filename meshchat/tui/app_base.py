@@ -98,6 +98,7 @@ class AppBase(App[int]):
         self.theme_problems: list[str] = []
         self.crash_message = ""  # set when the app died of a bug; the launcher prints it
         self._peer_states: dict[str, str] = {}
+        self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
 
     def _keep_widgets(self) -> None:
         # Held, not queried each time: a worker's message or a timer may still arrive while

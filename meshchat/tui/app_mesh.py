@@ -3,6 +3,7 @@ peers table, and the mesh actions (invite, join, remove a member)."""
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 from textual import on, work
@@ -128,6 +129,8 @@ class MeshMixin(AppBase):
             self.split.say("that plan is already running")
             return
         self.split.busy = "applying (nodes load their layers)"
+        self._pending_plan = event.plan
+        self._refresh_peers()
         self._apply_split(event.plan)
 
     @work(exclusive=True, group="split", exit_on_error=False)
@@ -243,6 +246,11 @@ class MeshMixin(AppBase):
                 rows += self.mesh.peers()
             except Exception:
                 log.exception("reading peers failed")
+        pending = self._pending_plan if self.split.busy else None
+        if pending is not None:
+            # While a plan is applied, its nodes are loading their layers.
+            loading = {s.node for s in pending.segments}
+            rows = [replace(r, state="loading") if r.key in loading else r for r in rows]
         self.peers_table.sync(rows, self._shares())
         self._note_lost_peers(rows)
         self._follow_mesh_plan()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshchat.errors import MeshchatError
+from meshchat.headless import DEFAULT_PORT
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node, PeerState
 from meshchat.paths import DataDir
@@ -79,9 +80,18 @@ class NodeMesh:
 
     @classmethod
     async def start(cls, data: DataDir, listen: str, mdns: bool) -> NodeMesh:
+        """Start the node on `listen`; empty: the usual port as headless, else any free one."""
         mdns = mdns and os.environ.get(MDNS_ENV, "1") != "0"
-        node = Node(data, listen, discovery=mdns)
-        await node.start()
+        if listen:
+            node = Node(data, listen, discovery=mdns)
+            await node.start()
+            return cls(node)
+        node = Node(data, f"0.0.0.0:{DEFAULT_PORT}", discovery=mdns)
+        try:
+            await node.start()
+        except MeshchatError:  # taken (say, by a headless worker on this machine)
+            node = Node(data, "0.0.0.0:0", discovery=mdns)
+            await node.start()
         return cls(node)
 
     @property
