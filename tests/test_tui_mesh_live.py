@@ -60,6 +60,8 @@ async def test_worker_takes_layers_and_answers_stay_the_same(
         await wait_for(
             pilot, lambda: app.planning and worker_id in app.planning.usable(), 120, "planner"
         )
+        # The planner says once what it would do with the worker (its advice).
+        await wait_for(pilot, lambda: any("predict" in n.message for n in app._notifications))
         # Split in two, give the second stage to the worker, apply.
         await pilot.press("ctrl+l", "plus", "right_square_bracket", "n")
         split = app.split

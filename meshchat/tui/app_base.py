@@ -99,6 +99,8 @@ class AppBase(App[int]):
         self.crash_message = ""  # set when the app died of a bug; the launcher prints it
         self._peer_states: dict[str, str] = {}
         self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
+        self._told: set[str] = set()  # planner notes already shown
+        self._advised_for: frozenset[str] = frozenset()  # usable nodes the advice was for
 
     def _keep_widgets(self) -> None:
         # Held, not queried each time: a worker's message or a timer may still arrive while

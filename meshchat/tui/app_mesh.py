@@ -226,7 +226,26 @@ class MeshMixin(AppBase):
         self._publish_status()
         self._refresh_peers()
         for note in event.planning.notes:
-            self.notify(note, title="Mesh", severity="warning")
+            if note not in self._told:
+                self._told.add(note)
+                self.notify(note, title="Mesh", severity="warning")
+        self._advise(event.planning)
+
+    def _advise(self, planning: MeshPlanning) -> None:
+        """When other nodes can take layers, say once what the planner would do with them."""
+        usable = frozenset(planning.usable())
+        if not usable or usable == self._advised_for or self.engine is None:
+            return
+        self._advised_for = usable
+        try:
+            _, advice = planning.auto(self.engine.info.n_layers)
+        except (MeshchatError, ValueError):
+            return
+        self.notify(
+            f"{advice}. Ctrl+L then a shows that plan; n gives a stage to a node; Enter applies.",
+            title="Planner",
+            timeout=12,
+        )
 
     @work(exclusive=True, group="caps", exit_on_error=False)
     async def _refresh_caps(self) -> None:
