@@ -117,7 +117,10 @@ async def test_help_screen_lists_keys_and_config_rebinds_them(
     tmp_path: Path, smollm2: Path
 ) -> None:
     config = Config(
-        sampling=GREEDY, mdns=False, threads=1, keys={"regenerate": "ctrl+g", "nope": "x"}
+        sampling=GREEDY,
+        mdns=False,
+        threads=1,
+        keys={"regenerate": "ctrl+g", "newline": "ctrl+o", "nope": "x"},
     )
     app = make_app(tmp_path, smollm2, config=config)
     async with app.run_test(size=(100, 40)) as pilot:
@@ -131,7 +134,11 @@ async def test_help_screen_lists_keys_and_config_rebinds_them(
         assert ["Ctrl+G", "Regenerate", "regenerate"] in rows
         assert ["Enter", "Send", "send"] in rows
         assert any(r[2] == "split.apply" for r in rows)
+        assert ["Ctrl+O", "New line", "newline"] in rows
         await pilot.press("escape")
+        await pilot.press("a", "ctrl+o", "b")
+        assert app.prompt.text == "a\nb"
+        app.prompt.clear()
         first = await ask(pilot, "What is 2+2?")
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: app._generation_ids == 2 and app.generation is None)
