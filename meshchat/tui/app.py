@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import work
-from textual.app import SystemCommand
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
@@ -56,7 +56,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
     TITLE = "meshchat"
     BINDINGS: ClassVar[list[BindingType]] = APP_BINDINGS
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         yield Header(icon="◆")
         with Horizontal(id="body"):
             yield ChatList(id="chats")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
@@ -76,7 +77,7 @@ class ChatSettingsScreen(ModalScreen[ChatSetup | None]):
         super().__init__()
         self._title, self._system, self._settings = title, system_prompt, settings
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         current = self._settings
         with Vertical(classes="dialog"):
             yield Label(f"Settings of “{self._title}”", classes="title")

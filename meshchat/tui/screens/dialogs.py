@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
@@ -48,7 +49,7 @@ class AskText(ModalScreen[str | None]):
         self._title, self._value, self._placeholder = title, value, placeholder
         self._hint, self._check = hint, check
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self._title, classes="title")
             yield Input(self._value, placeholder=self._placeholder, id="answer")
@@ -77,7 +78,7 @@ class Confirm(ModalScreen[bool]):
         super().__init__()
         self._question, self._yes = question, yes
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(self._question, classes="title")
             with Horizontal(classes="buttons"):
@@ -101,7 +102,7 @@ class Pick(ModalScreen[str | None]):
         super().__init__()
         self._title, self._choices = title, list(choices)
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self._title, classes="title")
             yield OptionList(*(Option(label, id=key) for key, label in self._choices))
@@ -127,7 +128,7 @@ class ShowInvite(ModalScreen[None]):
         super().__init__()
         self.code, self._expires = code, expires
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Invite another machine", classes="title")
             yield Static(self.code, id="code")

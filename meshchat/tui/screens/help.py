@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rich.text import Text
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
@@ -30,7 +31,7 @@ class HelpScreen(ModalScreen[None]):
         super().__init__()
         self._keymap, self._config_path = keymap, config_path
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Keys", classes="title")
             yield DataTable(cursor_type="row", zebra_stripes=True, id="keys")

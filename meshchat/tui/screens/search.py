@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rich.text import Text
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
@@ -29,7 +30,7 @@ class SearchScreen(ModalScreen[int | None]):
         super().__init__()
         self._history = history
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Search chats", classes="title")
             yield Input(placeholder="words in a title or a message", id="query")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
@@ -62,7 +63,7 @@ class MessageView(Vertical):
         self.meta: dict[str, Any] = dict(meta or {})
         self._stream: MarkdownStream | None = None
 
-    def compose(self) -> Any:
+    def compose(self) -> ComposeResult:
         yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
         yield Markdown(self.text)
         yield Static(describe_meta(self.meta), classes="meta")

@@ -106,9 +106,8 @@ class SplitEditor(Widget, can_focus=True):
 
     # --- actions ----------------------------------------------------------------------------
 
-    def _edit(self, make: object) -> None:
+    def _edit(self, make: Callable[[], None]) -> None:
         """Run an edit; show its refusal instead of applying it."""
-        assert callable(make)
         try:
             make()
         except SplitEditError as exc:
