@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from meshchat.config import load_config, user_themes_dir
-from meshchat.errors import MeshchatError
+from meshchat.errors import MeshchatError, UsageError
 from meshchat.model.store import ModelStore, StoreError
 from meshchat.paths import DataDir
 from meshchat.tui.theming import BUILTIN_DIR
@@ -21,6 +21,8 @@ from meshchat.tui.theming import BUILTIN_DIR
 def run_tui(args: argparse.Namespace) -> int:
     from meshchat.tui.app import AppOptions, MeshchatApp
 
+    if getattr(args, "api", None):
+        raise UsageError("--api is served by `meshchat --headless`; the app does not serve it")
     data = DataDir.resolve(args.data_dir)
     config = load_config()
     model_path: Path | None = None
