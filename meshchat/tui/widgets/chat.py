@@ -145,8 +145,8 @@ class ChatLog(VerticalScroll, can_focus=True):
         if not messages:
             await self.mount(
                 Static(
-                    "Ask anything. [b]Enter[/] sends, [b]Ctrl+J[/] adds a line, "
-                    "[b]Esc[/] stops an answer, [b]F1[/] lists every key.",
+                    "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
+                    "picks a message to copy or edit, [b]F1[/] lists every key.",
                     id="welcome",
                 )
             )

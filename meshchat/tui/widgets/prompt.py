@@ -53,6 +53,9 @@ class PromptInput(TextArea):
     ) -> None:
         self.send_keys = {k.strip() for k in send_keys.split(",")}
         self.newline_keys = {k.strip() for k in newline_keys.split(",")}
+        # The first key of each, as people read it ("enter" → "Enter").
+        self._send_name = _key_name(send_keys)
+        self._newline_name = _key_name(newline_keys)
         super().__init__(
             "",
             id=id,
@@ -61,8 +64,11 @@ class PromptInput(TextArea):
             tab_behavior="focus",
             highlight_cursor_line=False,
         )
-        self.border_title = "Message"
-        self.border_subtitle = "Enter send · Ctrl+J new line"
+        self.set_editing(False)
+
+    @property
+    def hint(self) -> str:
+        return f"{self._send_name} send · {self._newline_name} new line"
 
     async def _on_key(self, event: events.Key) -> None:
         # In order with the characters before it (see BINDINGS).
@@ -95,7 +101,14 @@ class PromptInput(TextArea):
         self.set_class(editing, "-editing")
         if editing:
             self.border_title = "Editing a message"
-            self.border_subtitle = "Enter resend · Esc keep the chat as it is"
+            self.border_subtitle = f"{self._send_name} resend · Esc keep the chat as it is"
         else:
             self.border_title = "Message"
-            self.border_subtitle = "Enter send · Ctrl+J new line"
+            self.border_subtitle = self.hint
+
+
+def _key_name(keys: str) -> str:
+    first = keys.split(",")[0].strip()
+    return "+".join(
+        part.capitalize() if len(part) > 1 else part.upper() for part in first.split("+")
+    )
