@@ -268,14 +268,16 @@ class SplitEditor(Widget, can_focus=True):
                 chars[at : at + len(label)] = label
         # A thin line in the screen's background colour marks each boundary, so two stages on
         # one node (same colour) still read as two.
-        edge_colour = Color.parse(self.app.current_theme.background or "black").rich_color
+        screen_bg = Color.parse(self.app.current_theme.background or "black")
+        edge_colour = screen_bg.rich_color
         edges = {p * width // plan.n_layers for p in plan.boundaries}
         bar = Text(no_wrap=True)
         for x in range(width):
             layer = min(plan.n_layers - 1, x * plan.n_layers // width)
             index = plan.segment_at(layer)
             colour = Color.parse(colours[index])
-            background = colour if index == self.selected else colour.darken(0.3)
+            # Stages not selected fade toward the screen (works for light and dark themes).
+            background = colour if index == self.selected else colour.blend(screen_bg, 0.35)
             if x in edges and chars[x] == " ":
                 bar.append("▏", style=Style(bgcolor=background.rich_color, color=edge_colour))
                 continue
