@@ -19,6 +19,14 @@ API for that certificate; we read `QuicConnection.tls._peer_certificate` (aioqui
 CertificateVerify signature with CA checks off, so the peer holds the key.
 Other private reads, guarded by the same test: a stream's unacked send buffer (bounded sends)
 and the connection state (a peer's close is acted on at once, not after the draining period).
+
+ACK policy (private: the 1-RTT packet space's `ack_at`): aioquic sends a lone ACK 1 ms after
+a packet. In a request/response exchange (one activation out, one token back, milliseconds
+apart) each lone ACK wakes the other process while a stage computes, and costs both of them CPU
+the stage needs. So while less than ACK_MESSAGE bytes await our ACK, it may wait up to ACK_DELAY
+for our next packet to carry it (well below the 25 ms max_ack_delay aioquic advertises); past
+that it is a transfer and aioquic's 1 ms applies, so bulk throughput is as before. Any pending
+ACK rides on the next packet we send.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -50,6 +59,8 @@ CONTROL_STREAM = 0
 APP_ERROR_PROTOCOL = 0x101  # QUIC application error codes we use when resetting
 APP_ERROR_REFUSED = 0x102
 APP_ERROR_DUPLICATE = 0x103
+ACK_DELAY = 0.02  # seconds a lone small packet's ACK may wait to ride on ours (module doc)
+ACK_MESSAGE = 16384  # bytes awaiting an ACK: below, a message exchange; above, a transfer
 
 Address = tuple[str, int]
 
@@ -138,6 +149,8 @@ class Connection(QuicConnectionProtocol):
         self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
         self.on_request: Callable[[Connection, wire.Message], Awaitable[wire.Message]] | None = None
         self.on_ping: Callable[[Connection, wire.Message], None] = lambda c, m: None
+        self._ack_first = 0.0  # when the first packet awaiting our ACK arrived
+        self._ack_bytes = 0  # and how many bytes came since
 
     # --- lifecycle
 
@@ -185,14 +198,43 @@ class Connection(QuicConnectionProtocol):
     # --- aioquic hooks
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        self.last_heard = self._loop.time()
-        super().datagram_received(data, addr)
+        self.last_heard = now = self._loop.time()
+        # QuicConnectionProtocol.datagram_received, with our ACK policy before transmitting.
+        was_pending = self._ack_pending()
+        self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+        self._ack_policy(now, len(data), was_pending)
+        self._process_events()
+        self.transmit()
         self._drained.set()
         if not self._terminated and self._quic._state in END_STATES:
             # The peer closed: aioquic reports that only after its draining period (3 PTO);
             # tell the node now so it stops using the connection.
             event = self._quic._close_event
             self._on_terminated(event.reason_phrase if event else "closed by peer")
+
+    def _ack_space(self) -> Any:
+        return self._quic._spaces.get(tls.Epoch.ONE_RTT)
+
+    def _ack_pending(self) -> bool:
+        space = self._ack_space()
+        return space is not None and space.ack_at is not None
+
+    def _ack_policy(self, now: float, size: int, was_pending: bool) -> None:
+        space = self._ack_space()
+        if space is None or space.ack_at is None:
+            return
+        if not was_pending:  # the first packet since our last ACK
+            self._ack_first, self._ack_bytes = now, 0
+        self._ack_bytes += size
+        # A message (a few KB) waits for our reply to carry its ACK; a transfer gets 1 ms.
+        delay = ACK_DELAY if self._ack_bytes < ACK_MESSAGE else 0.001
+        space.ack_at = self._ack_first + delay
+
+    def _ack_now(self) -> None:
+        """Let the packet about to be sent carry any pending ACK."""
+        space = self._ack_space()
+        if space is not None and space.ack_at is not None:
+            space.ack_at = self._loop.time()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -362,6 +404,7 @@ class Connection(QuicConnectionProtocol):
                 raise ConnectionLost(f"connection closed: {self.close_reason}")
             last = end and i == len(pieces) - 1
             self._quic.send_stream_data(sid, bytes(piece), end_stream=last)
+            self._ack_now()
             self.transmit()
             # Bound what we hold for a slow peer: wait for acks before writing more.
             while self._backlog(sid) > self.tuning.send_buffer and not self._terminated:
