@@ -185,3 +185,28 @@ def test_sigstop_past_the_dead_peer_timeout_keeps_the_output(
     again = fresh_mesh.generate(PROMPT, smollm2, "--max-tokens", "8", "--split", "10,20")
     assert again.returncode == 0, again.stderr
     assert solo_long.startswith(again.stdout.rstrip("\n"))
+
+
+def test_no_plan_fits_the_survivors_fails_with_a_clear_message(
+    smollm2: Path, tmp_path: Path, calibration_cache: Path, solo_long: str
+) -> None:
+    # Three nodes of 110 MiB each can hold the model; two cannot.
+    small = {"MESHCHAT_MEMORY_LIMIT": "110M"}
+    cluster = Cluster(tmp_path, calibration_cache)
+    try:
+        cluster.add(smollm2, env=small)
+        cluster.add(smollm2, env=small)
+        cluster.wait_connected()
+        head = StreamingHead(
+            cluster.head_args(PROMPT, smollm2, "head", "--max-tokens", LONG_TOKENS), env=small
+        )
+        wait_for(lambda: all(w.layers for w in cluster.workers), what="stages loaded")
+        head.wait_output(len(solo_long) // 5)
+        cluster.workers[-1].proc.kill()
+        code, out, err = head.finish(timeout=60)
+    finally:
+        cluster.close()
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert "no plan fits the remaining nodes" in last and "conversation is kept" in last, err
+    assert solo_long.startswith(out) and len(out) >= len(solo_long) // 5  # nothing shown is lost
