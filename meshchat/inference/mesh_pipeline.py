@@ -111,6 +111,27 @@ class StepTiming:
         return max(0.0, self.wall_s - sum(self.stage_compute_s))
 
 
+@dataclass
+class Totals:
+    """Time per stage and on the network, summed over steps since `reset` (for the UI)."""
+
+    steps: int = 0
+    wall_s: float = 0.0
+    stage_compute_s: list[float] = field(default_factory=list)
+
+    def add(self, step: StepTiming) -> None:
+        self.steps += 1
+        self.wall_s += step.wall_s
+        if len(self.stage_compute_s) != len(step.stage_compute_s):
+            self.stage_compute_s = [0.0] * len(step.stage_compute_s)
+        for i, seconds in enumerate(step.stage_compute_s):
+            self.stage_compute_s[i] += seconds
+
+    @property
+    def network_s(self) -> float:
+        return max(0.0, self.wall_s - sum(self.stage_compute_s))
+
+
 class MeshPipeline:
     """Implements `Pipeline` over a plan on the mesh (see module doc)."""
 
@@ -150,6 +171,7 @@ class MeshPipeline:
         self._excluded: set[str] = set()
         self._broken: str | None = None  # why the last failover failed (retried on next use)
         self.last_step = StepTiming()
+        self.totals = Totals()  # reset when a plan is applied
         self.hop_samples: deque[float] = deque(maxlen=4096)  # network seconds per hop, decode
         self.wire_bytes = 0  # activation frame bytes the head sent (one hop)
         self.wire_tokens = 0
@@ -172,6 +194,7 @@ class MeshPipeline:
     async def apply(self, plan: Plan) -> None:
         """Install `plan` (at start, or a re-plan while idle): load ranges, replay sessions."""
         self._excluded.clear()
+        self.totals = Totals()
         await self._install(plan)
         await self._replay_all()
         self._broken = None
@@ -345,6 +368,7 @@ class MeshPipeline:
         if not self._remote:
             token, micros = await self._run(self._local_only, s.local_id, position, chunks)
             self.last_step = StepTiming(time.perf_counter() - started, [micros / 1e6])
+            self.totals.add(self.last_step)
             return token
         last_position = position + sum(len(c) for c in chunks[:-1])
         key = (s.wire_id, last_position)
@@ -363,6 +387,7 @@ class MeshPipeline:
             self._tokens.pop(key, None)
         wall = time.perf_counter() - started
         self.last_step = StepTiming(wall, [us / 1e6 for us in trace])
+        self.totals.add(self.last_step)
         if len(chunks) == 1 and len(chunks[0]) == 1:
             # Decode: one hop per remote stage, and one back to the head.
             self.hop_samples.append(self.last_step.network_s / (len(self._remote) + 1))
