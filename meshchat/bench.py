@@ -191,7 +191,8 @@ def format_table(report: dict[str, object]) -> str:
     assert isinstance(ratios, dict)
     lines.append("")
     lines += [f"{name:<28} {value:.3f}" for name, value in ratios.items()]
-    for key in ("hop_latency_ms_p50", "hop_latency_ms_p99", "wire_bytes_per_token"):
+    mesh_keys = [k for k in report if k.startswith(("mesh2_", "mesh3_"))]
+    for key in ("hop_latency_ms_p50", "hop_latency_ms_p99", "wire_bytes_per_token", *mesh_keys):
         if key in report:
             lines.append(f"{key:<28} {report[key]}")
     lines.append(f"{'memory_bandwidth_gbs':<28} {report['memory_bandwidth_gbs']}")
