@@ -30,8 +30,8 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT_ENV = "MESHCHAT_MEMORY_LIMIT"  # e.g. "300M": cap what this node offers the mesh
-_CALIBRATION_FORMAT = 2
-_PREFILL_TOKENS = 64
+_CALIBRATION_FORMAT = 3
+_PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
 _DECODE_TOKENS = 24
 
 
@@ -187,7 +187,7 @@ def run_calibration(model: LocalModel, data: DataDir, threads: int) -> Calibrati
             position += 1
     # Other programs only ever slow a run down: the faster runs are the machine's own speed.
     prefill_s = min(prefills)
-    decode_s = sorted(steps)[len(steps) // 4]
+    decode_s = sorted(steps)[len(steps) * 2 // 5]
     weights = sum(model.spec.layer_bytes[first:end])
     if end == model.n_layers:
         weights += model.output_bytes
