@@ -44,7 +44,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from meshchat.inference.mesh_bench import MeshRows
 
-    mesh = MeshRows(choice.path, data, threads, n_ctx=1024, n_batch=PROMPT_TOKENS)
+    # The mesh rows send the prompt in generate --join's micro-batches (its default chunk).
+    mesh = MeshRows(choice.path, data, threads, n_ctx=1024)
     try:
         mesh.start(progress)
         report = run_benchmark(

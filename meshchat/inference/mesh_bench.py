@@ -52,14 +52,11 @@ def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
 class MeshRows:
     names = ("mesh2", "mesh3")
 
-    def __init__(
-        self, model_path: Path, data: DataDir, threads: int, n_ctx: int, n_batch: int
-    ) -> None:
+    def __init__(self, model_path: Path, data: DataDir, threads: int, n_ctx: int) -> None:
         self.model_path = model_path
         self.data = data  # the heads' slices and calibration cache (identities are temporary)
         self.threads = threads
         self.n_ctx = n_ctx
-        self.n_batch = n_batch
         self.splits: dict[str, list[tuple[int, int]]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="meshchat-bench-")
         self.root = Path(self._tmp.name)
@@ -138,7 +135,7 @@ class MeshRows:
             plan = Plan(stages)
             caps = await coordinator.gather()
             self.predicted[name] = coordinator.planner(caps).predict(plan).decode_tok_s
-            self._pipelines[name] = await coordinator.start(plan, prefill_chunk=self.n_batch)
+            self._pipelines[name] = await coordinator.start(plan)
 
     # -- running -------------------------------------------------------------------------------
 

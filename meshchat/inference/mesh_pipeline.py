@@ -145,7 +145,7 @@ class MeshPipeline:
         n_ctx: int,
         max_sessions: int = 2,
         transport_dtype: str = "f32",
-        prefill_chunk: int = 128,
+        prefill_chunk: int = 256,
         replanner: Replanner | None = None,
         notify: Callable[[str], None] = lambda _m: None,
     ) -> None:
