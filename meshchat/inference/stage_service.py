@@ -177,10 +177,13 @@ class StageService:
             return wire.Error(
                 "busy", f"node {self.node.node_id.short} serves another head's sessions"
             )
-        await self._drop_sessions(lambda _s: True)  # they belong to the old plan
         if mine is None:
+            if self._assignment is not None and self._assignment.head != head:
+                return wire.Ack(body={"layers": list(self.layers or ())})  # not theirs to free
+            await self._drop_sessions(lambda _s: True)
             await self._release()
             return wire.Ack(body={"layers": None})
+        await self._drop_sessions(lambda _s: True)  # they belong to the old plan
         model = self.model
         if model is None:
             return wire.Error("no-model", f"node {self.node.node_id.short} has no model file")
