@@ -195,8 +195,14 @@ class MeshPipeline:
         """Install `plan` (at start, or a re-plan while idle): load ranges, replay sessions."""
         self._excluded.clear()
         self.totals = Totals()
-        await self._install(plan)
-        await self._replay_all()
+        try:
+            await self._install(plan)
+            await self._replay_all()
+        except StageLost as exc:
+            self._broken = str(exc)  # the next call re-plans without the node that failed
+            if exc.node is not None:
+                self._excluded.add(exc.node)
+            raise
         self._broken = None
 
     async def _install(self, plan: Plan) -> None:
