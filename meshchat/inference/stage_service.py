@@ -40,6 +40,7 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 8192  # work items waiting for the stage thread
+MAX_QUEUED_BYTES = 256 << 20  # activation bytes waiting: a peer cannot make us hoard more
 MAX_SESSIONS = 16
 _NP_DTYPE = {wire.DType.F32: np.float32, wire.DType.F16: np.float16}
 
@@ -96,6 +97,7 @@ class StageService:
         self._calibration: asyncio.Future[Calibration | None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._queued_bytes = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -255,9 +257,11 @@ class StageService:
     # -- work ----------------------------------------------------------------------------------
 
     def _enqueue(self, peer: NodeId, msg: wire.Message) -> None:
-        if self._jobs.qsize() >= MAX_QUEUED:
+        size = len(msg.data) if isinstance(msg, wire.Activations) else 0
+        if self._jobs.qsize() >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
             self._spawn_fault(getattr(msg, "session", 0), [peer], "overload", "stage queue full")
             return
+        self._queued_bytes += size
         self._jobs.put_nowait(("msg", peer, msg, None))
 
     def _on_cancel(self, peer: NodeId, msg: wire.Cancel) -> None:
@@ -272,6 +276,8 @@ class StageService:
     async def _work(self) -> None:
         while True:
             kind, peer, msg, done = await self._jobs.get()
+            if isinstance(msg, wire.Activations):
+                self._queued_bytes -= len(msg.data)
             try:
                 if kind == "plan":
                     reply = await self._apply_plan(peer, msg)
