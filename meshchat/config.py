@@ -12,6 +12,7 @@ threads = 0                     # 0 = pick from the CPU count
 listen = ""                     # where the in-app node listens; "" = port 47470, else any
 mdns = true                     # find peers on the LAN by multicast DNS
 system_prompt = ""              # for new chats
+api_key = ""                    # bearer key the HTTP API requires (--api-key wins); "" = none
 
 [sampling]                      # defaults for new chats; each chat keeps its own copy
 temperature = 0.7
@@ -119,6 +120,7 @@ class Config:
     listen: str = ""  # "" = 0.0.0.0:47470, or any free port when that one is taken
     mdns: bool = True
     system_prompt: str = ""
+    api_key: str = ""
     sampling: ChatSettings = field(default_factory=ChatSettings)
     keys: dict[str, str] = field(default_factory=dict)
     # Not saved: where the file lives and what was wrong with it.
@@ -139,6 +141,7 @@ class Config:
             "listen": self.listen,
             "mdns": self.mdns,
             "system_prompt": self.system_prompt,
+            "api_key": self.api_key,
             "sampling": self.sampling.to_dict(),
             "keys": dict(self.keys),
         }
@@ -153,6 +156,7 @@ _SCALARS: dict[str, type] = {
     "listen": str,
     "mdns": bool,
     "system_prompt": str,
+    "api_key": str,
 }
 
 

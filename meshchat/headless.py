@@ -10,6 +10,10 @@ Listening: `--listen HOST:PORT`; by default 0.0.0.0:47470, or a random port if t
 Serving layers: the node runs the stage service with `--model PATH`, or with the default model
 if the model store has it (a worker never downloads by surprise: `meshchat model pull` first).
 Heads assign it a layer range; the status file shows it. MESHCHAT_THREADS sets its threads.
+
+Serving the API: with `--api HOST:PORT` the node is also a head. Once joined, it plans over the
+mesh and answers OpenAI-style requests there (bearer key: `--api-key`, else `api_key` in
+config.toml).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ def run_headless(
     """Run until SIGINT/SIGTERM. `layers`/`model` feed the status (the inference layer's)."""
     if args.invite_uses < 1:
         raise UsageError("--invite-uses must be at least 1")
+    if args.api:
+        from meshchat.api.mesh_host import parse_host_port
+
+        parse_host_port(args.api)  # a usage error before anything starts
     return asyncio.run(serve(args, layers=layers, model=model, on_ready=on_ready))
 
 
@@ -79,8 +87,12 @@ async def serve(
     data_dir = DataDir.resolve(args.data_dir)
     node = await _start_node(args, data_dir)
     service = None
+    api = None
     try:
         service, note = await _start_stage_service(args, node, data_dir)
+        if args.api and service.model is None:
+            raise MeshchatError(f"--api needs a model: {note}")
+        inviter = None
         if args.join:
             inviter = await node.join(args.join)
             print(f"joined mesh {node.mesh_id} via {inviter.short}", file=sys.stderr)
@@ -93,6 +105,8 @@ async def serve(
         print(f"addresses: {' '.join(node.addresses)}")
         print(f"mesh_id: {node.mesh_id}")
         print(f"invite: {invite}", flush=True)
+        if args.api:
+            api = await _start_api(args, node, data_dir, service, inviter)
         if on_ready is not None:
             await on_ready(node)
         while not stop.is_set():
@@ -105,6 +119,8 @@ async def serve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
     finally:
+        if api is not None:
+            await api.close()
         if service is not None:
             await service.stop()
         await node.stop()
@@ -140,6 +156,22 @@ async def _start_stage_service(
     service = StageService(node, model, data, threads)
     await service.start()
     return service, note
+
+
+async def _start_api(
+    args: argparse.Namespace, node: Node, data: DataDir, service: Any, inviter: Any
+) -> Any:
+    from meshchat.api.mesh_host import start_mesh_api
+    from meshchat.config import load_config
+
+    key = args.api_key or load_config().api_key or None
+    return await start_mesh_api(
+        node, service.model, data, args.api, key, service.threads, _say, settle_via=inviter
+    )
+
+
+def _say(message: str) -> None:
+    print(f"meshchat: {message}", file=sys.stderr, flush=True)
 
 
 def _path(text: str) -> Path:

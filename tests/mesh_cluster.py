@@ -175,3 +175,49 @@ class StreamingHead:
         self._reader.join(timeout=10)
         assert self.proc.stderr is not None
         return code, self.out.decode(), self.proc.stderr.read().decode()
+
+
+class ApiHead:
+    """A `meshchat --headless --api` node joined to a cluster: the head the API clients use."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        model: Path,
+        port: int,
+        key: str,
+        name: str = "api",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.dir = cluster.root / name
+        cluster._seed(self.dir)
+        self.log = cluster.root / f"{name}.log"
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        args = [
+            *CMD, "--headless", "--listen", "127.0.0.1:0", "--data-dir", str(self.dir),
+            "--model", str(model), "--join", cluster.invite,
+            "--api", f"127.0.0.1:{port}", "--api-key", key,
+        ]  # fmt: skip
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(args, env={**ENV, **(env or {})}, stdout=log, stderr=log)
+        wait_for(self._serving, timeout=120, what="API serving")
+
+    def _serving(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"API head exited: {self.log.read_text()}")
+        return "API on http" in self.log.read_text()
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

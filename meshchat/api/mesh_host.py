@@ -1,0 +1,91 @@
+"""Serve the API from a mesh node: this node is the head, the mesh runs the model.
+
+At start the node asks every connected peer what it can run, plans, and starts one mesh
+pipeline with a session slot per concurrent request on every stage. That pipeline lives as
+long as the API: a stage lost on the way is replaced by the pipeline's own failover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from meshchat.api.server import ApiModel, api_model, start_api
+from meshchat.engine.tokenizer import Tokenizer
+from meshchat.errors import UsageError
+from meshchat.inference.coordinator import MeshCoordinator
+from meshchat.inference.local_model import LocalModel
+from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node
+from meshchat.paths import DataDir
+
+API_SESSIONS = 4  # concurrent requests, each with its own KV cache on every stage
+API_QUEUE = 16  # requests that may wait for a session before the API answers 429
+API_CONTEXT = 4096
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--api wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass
+class MeshApi:
+    runner: web.AppRunner
+    pipeline: MeshPipeline
+    model: ApiModel
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.model.pool.close()
+        await self.pipeline.close()
+
+
+async def start_mesh_api(
+    node: Node,
+    model: LocalModel,
+    data: DataDir,
+    address: str,
+    api_key: str | None,
+    threads: int,
+    notify: Callable[[str], None],
+    settle_via: NodeId | None = None,
+) -> MeshApi:
+    host, port = parse_host_port(address)
+    n_ctx = min(model.spec.context_length, API_CONTEXT)
+    coordinator = MeshCoordinator(
+        node, model, data, threads=threads, n_ctx=n_ctx, sessions=API_SESSIONS, notify=notify
+    )
+    if settle_via is not None:
+        await coordinator.settle(settle_via)  # plan over every node the mesh has
+    plan, advice, planner = await coordinator.choose()
+    for note in coordinator.mismatch_notes(planner):
+        notify(note)
+    if advice is not None:
+        notify(advice.advice)
+    notify(f"API plan {plan.describe(str(node.node_id))}")
+    pipeline = await coordinator.start(plan)
+    tokenizer = Tokenizer(model.path)
+    served = api_model(
+        model.path.name.removesuffix(".gguf"),
+        model.fingerprint.model,
+        model.header,
+        tokenizer,
+        pipeline,
+        max_sessions=API_SESSIONS,
+        max_waiting=API_QUEUE,
+    )
+    try:
+        runner = await start_api(served, host, port, api_key)
+    except BaseException:
+        await pipeline.close()
+        raise
+    notify(f"API on http://{host}:{port}/v1")
+    return MeshApi(runner, pipeline, served)

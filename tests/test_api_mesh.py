@@ -1,0 +1,132 @@
+"""The API served by a headless node that heads a two-node mesh on loopback (real processes):
+the official `openai` client streams answers equal to the solo run's, eight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from meshchat.engine.chat_template import ChatMessage
+from meshchat.engine.stage import StageOptions
+from meshchat.engine.tokenizer import Tokenizer
+from meshchat.inference.head import ChatPrompter, HeadSession
+from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.model.gguf_file import read_header
+from tests.cli_helpers import run_meshchat
+from tests.engine_helpers import GREEDY
+from tests.mesh_cluster import ApiHead, Cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+KEY = "mesh-key"
+MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+PROMPTS = [f"Write one sentence about the number {i}." for i in range(8)]
+MAX_TOKENS = 24
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def api_mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiHead]:
+    root = tmp_path_factory.mktemp("apimesh")
+    cluster = Cluster(root, root / "calibration")
+    head = None
+    try:
+        cluster.add(smollm2)
+        # The whole model with four 4096-token sessions needs about 480 MB; with 300 MB the
+        # head must share the layers with the worker.
+        limit = {"MESHCHAT_MEMORY_LIMIT": "300M"}
+        head = ApiHead(cluster, smollm2, _free_port(), KEY, env=limit)
+        yield head
+    finally:
+        if head is not None:
+            head.stop()
+        cluster.close()
+
+
+def _solo_answers(model: Path, tmp: Path) -> list[str]:
+    """The same chats run greedily on one machine, in this process."""
+
+    async def run() -> list[str]:
+        options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=256, n_threads=2)
+        pipeline = LocalPipeline(build_stages(model, [(0, 30)], tmp, tmp, options))
+        tokenizer = Tokenizer(model)
+        prompter = ChatPrompter.for_model(read_header(model), tokenizer)
+        answers = []
+        for prompt in PROMPTS:
+            session = HeadSession(pipeline, tokenizer)
+            tokens = prompter.tokens([ChatMessage("user", prompt)])
+            answers.append("".join([t async for t in session.generate(tokens, GREEDY, MAX_TOKENS)]))
+            await session.close()
+        await pipeline.close()
+        return answers
+
+    return asyncio.run(run())
+
+
+async def _stream(base_url: str, prompt: str) -> str:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=180)
+    stream = await client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
+    )
+    parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    await client.close()
+    return "".join(parts)
+
+
+def test_the_plan_uses_the_worker(api_mesh: ApiHead) -> None:
+    log = api_mesh.log.read_text()
+    plan = next(line for line in log.splitlines() if "API plan" in line)
+    assert plan.count(" on ") == 2, plan  # two stages: the head and the worker
+
+
+def test_stream_equals_meshchat_generate(api_mesh: ApiHead, smollm2: Path, tmp_path: Path) -> None:
+    question = "What is the tallest mountain on Earth?"
+    streamed = asyncio.run(_stream(api_mesh.base_url, question))
+    cli = run_meshchat(
+        "generate",
+        "--model",
+        str(smollm2),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        question,
+        data_dir=tmp_path,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert streamed == cli.stdout[:-1] and streamed
+
+
+def test_eight_concurrent_streams_equal_solo(
+    api_mesh: ApiHead, smollm2: Path, tmp_path: Path
+) -> None:
+    solo = _solo_answers(smollm2, tmp_path)
+
+    async def burst() -> list[str]:
+        return list(await asyncio.gather(*(_stream(api_mesh.base_url, p) for p in PROMPTS)))
+
+    asyncio.run(_stream(api_mesh.base_url, PROMPTS[0]))  # warm: the pool's sessions exist
+    idle = api_mesh.rss_bytes()
+    assert asyncio.run(burst()) == solo
+    # KV caches are allocated up front per session slot: a burst leaves no growth behind.
+    assert api_mesh.rss_bytes() < idle + 64 * 2**20
+
+
+def test_wrong_key_is_refused(api_mesh: ApiHead) -> None:
+    client = openai.OpenAI(base_url=api_mesh.base_url, api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
