@@ -14,6 +14,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.inference.pipeline import Pipeline
 from meshchat.model.architectures import parse_split, split_ranges
 from meshchat.paths import DataDir
 
@@ -70,16 +71,24 @@ def run_generate(args: argparse.Namespace) -> int:
         plan = " ".join(f"[{a},{b})" for a, b in ranges)
         print(f"meshchat: running stages {plan} in this process", file=sys.stderr)
     pipeline = LocalPipeline(stages, transport_dtype=args.transport_dtype)
-    return asyncio.run(_stream(pipeline, tokenizer, tokens, params, args.max_tokens))
+
+    async def run() -> int:
+        try:
+            return await stream_to_stdout(pipeline, tokenizer, tokens, params, args.max_tokens)
+        finally:
+            await pipeline.close()
+
+    return asyncio.run(run())
 
 
-async def _stream(
-    pipeline: LocalPipeline,
+async def stream_to_stdout(
+    pipeline: Pipeline,
     tokenizer: Tokenizer,
     tokens: list[int],
     params: SamplingParams,
     max_tokens: int,
 ) -> int:
+    """Generate after `tokens` on `pipeline`, writing the text to stdout as it comes."""
     session = HeadSession(pipeline, tokenizer)
     try:
         async for text in session.generate(tokens, params, max_tokens):
@@ -89,5 +98,4 @@ async def _stream(
         sys.stdout.flush()
     finally:
         await session.close()
-        await pipeline.close()
     return 0

@@ -15,12 +15,16 @@ import os
 import sys
 
 from meshchat.commands.common import choose_model, thread_count
-from meshchat.commands.generate import DEFAULT_CONTEXT, prompt_tokens, sampling_from_args
+from meshchat.commands.generate import (
+    DEFAULT_CONTEXT,
+    prompt_tokens,
+    sampling_from_args,
+    stream_to_stdout,
+)
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
 from meshchat.inference.coordinator import MeshCoordinator
-from meshchat.inference.head import HeadSession
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
 from meshchat.mesh.invites import InviteCode
@@ -75,7 +79,7 @@ async def _run(
         tok_s = planner.predict(plan).decode_tok_s
         _say(f"plan {plan.describe(str(node.node_id))} (predicted {tok_s:.1f} tok/s)")
         pipeline = await coordinator.start(plan, transport_dtype=args.transport_dtype)
-        return await _stream(pipeline, tokenizer, tokens, params, args.max_tokens)
+        return await stream_to_stdout(pipeline, tokenizer, tokens, params, args.max_tokens)
     finally:
         if pipeline is not None:
             await pipeline.close()
@@ -90,22 +94,3 @@ def _listen_for(code: str) -> str:
         return "0.0.0.0:0"  # join() reports the bad code
     local = hosts and all(ipaddress.ip_address(h).is_loopback for h in hosts)
     return "127.0.0.1:0" if local else "0.0.0.0:0"
-
-
-async def _stream(
-    pipeline: MeshPipeline,
-    tokenizer: Tokenizer,
-    tokens: list[int],
-    params: SamplingParams,
-    max_tokens: int,
-) -> int:
-    session = HeadSession(pipeline, tokenizer)
-    try:
-        async for text in session.generate(tokens, params, max_tokens):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    finally:
-        await session.close()
-    return 0
