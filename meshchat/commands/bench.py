@@ -47,7 +47,6 @@ def run_bench(args: argparse.Namespace) -> int:
     # The mesh rows send the prompt in generate --join's micro-batches (its default chunk).
     mesh = MeshRows(choice.path, data, threads, n_ctx=1024)
     try:
-        mesh.start(progress)
         report = run_benchmark(
             choice.spec, make_stages, prompt, output_bytes, threads, args.repeats, progress, mesh
         )
