@@ -118,7 +118,7 @@ def write_tiny_model(path: Path, cfg: TinyConfig, tokenizer_source: Path) -> Pat
     """Write a tiny random model of `cfg.arch` to `path`; returns `path`."""
     source = read_header(tokenizer_source)
     tokenizer = {k: e.raw for k, e in source.metadata.items() if k.startswith("tokenizer.")}
-    n_vocab = int.from_bytes(source.metadata["tokenizer.ggml.tokens"].raw[8:16], "little")
+    n_vocab = source.metadata["tokenizer.ggml.tokens"].array_length or 0
     rng = np.random.default_rng(cfg.seed)
     tensors: list[tuple[str, GGMLQuantizationType, tuple[int, ...], bytes]] = []
 

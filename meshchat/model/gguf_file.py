@@ -99,6 +99,20 @@ class MetadataEntry:
     _has_decoded: bool = field(default=False, repr=False)
 
     @property
+    def item_type(self) -> ValueType | None:
+        """The element type of an array (read from its header, without decoding it)."""
+        if self.value_type != ValueType.ARRAY:
+            return None
+        return ValueType(struct.unpack_from("<I", self.raw, 4)[0])
+
+    @property
+    def array_length(self) -> int | None:
+        """The element count of an array (read from its header, without decoding it)."""
+        if self.value_type != ValueType.ARRAY:
+            return None
+        return int(struct.unpack_from("<Q", self.raw, 8)[0])
+
+    @property
     def value(self) -> Any:
         if not self._has_decoded:
             self._decoded = _decode_value(self.raw)

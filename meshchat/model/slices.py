@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +84,7 @@ def _slice_entry(entry: MetadataEntry, arch: str, n_layers: int, layers: LayerRa
         value = entry.value
         if isinstance(value, list) and len(value) == n_layers:
             # A per-layer array (head counts, ffn sizes, patterns): keep the range's part.
-            item_type = ValueType(struct.unpack_from("<I", entry.raw, 4)[0])
-            return encode_value(ValueType.ARRAY, value[layers.first : layers.end], item_type)
+            return encode_value(ValueType.ARRAY, value[layers.first : layers.end], entry.item_type)
     return entry.raw
 
 

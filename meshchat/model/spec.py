@@ -75,8 +75,7 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     vocab = header.get(f"{arch}.vocab_size")
     if not isinstance(vocab, int):
-        # The array's length sits in its header: 4-byte type tag, 4-byte item type, 8-byte count.
-        vocab = int.from_bytes(tokens.raw[8:16], "little") if tokens is not None else 0
+        vocab = (tokens.array_length or 0) if tokens is not None else 0
     rope = header.get(f"{arch}.rope.freq_base")
     bos = header.get("tokenizer.ggml.bos_token_id")
     eos = header.get("tokenizer.ggml.eos_token_id")
