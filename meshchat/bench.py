@@ -96,16 +96,15 @@ def memory_bandwidth_gbs(size_bytes: int = 256 << 20, repeats: int = 5) -> float
     return statistics.median(samples) / 1e9
 
 
-def bytes_read_per_token(spec: ModelSpec, output_bytes: int) -> int:
+def bytes_read_per_token(spec: ModelSpec) -> int:
     """Weights one decode step reads: every layer plus the output matrix."""
-    return sum(spec.layer_bytes) + output_bytes
+    return sum(spec.layer_bytes) + spec.output_bytes
 
 
 def run_benchmark(
     spec: ModelSpec,
     make_stages: Callable[[list[tuple[int, int]]], list[Stage]],
     prompt: list[int],
-    output_bytes: int,
     threads: int,
     repeats: int,
     progress: Callable[[str], None] = lambda _msg: None,
@@ -150,17 +149,12 @@ def run_benchmark(
                     DECODE_TOKENS,
                     lambda p, t, d, row=row: row.record(p, t, d, len(prompt), DECODE_TOKENS),
                 )
-    if mesh is not None:
         configs.update(mesh.splits)
     rows = {name: result.summary() for name, result in results.items()}
     bandwidth = memory_bandwidth_gbs()
-    per_token = bytes_read_per_token(spec, output_bytes)
+    per_token = bytes_read_per_token(spec)
     ratios = {}
-    for name in ("split2", "split3"):
-        for metric in ("decode", "prefill"):
-            key = f"{metric}_tok_s"
-            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)
-    for name in mesh_names:
+    for name in [n for n in rows if n != "solo"]:
         for metric in ("decode", "prefill"):
             key = f"{metric}_tok_s"
             ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)

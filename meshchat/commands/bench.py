@@ -33,8 +33,6 @@ def run_bench(args: argparse.Namespace) -> int:
         prompt += tokenizer.tokenize(_FILLER, add_special=False)
     prompt = prompt[:PROMPT_TOKENS]
     options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=PROMPT_TOKENS, n_threads=threads)
-    names = {t.name: t.n_bytes for t in choice.header.tensors}
-    output_bytes = names.get("output.weight", names.get("token_embd.weight", 0))
 
     def make_stages(ranges: list[tuple[int, int]]) -> list[Stage]:
         return build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
@@ -48,7 +46,7 @@ def run_bench(args: argparse.Namespace) -> int:
     mesh = MeshRows(choice.path, data, threads, n_ctx=1024)
     try:
         report = run_benchmark(
-            choice.spec, make_stages, prompt, output_bytes, threads, args.repeats, progress, mesh
+            choice.spec, make_stages, prompt, threads, args.repeats, progress, mesh
         )
     finally:
         mesh.close()

@@ -39,8 +39,7 @@ class LocalModel:
     @property
     def output_bytes(self) -> int:
         """Bytes of the output matrix (the token embeddings when the model ties them)."""
-        sizes = {t.name: t.n_bytes for t in self.header.tensors}
-        return sizes.get("output.weight", sizes.get("token_embd.weight", 0))
+        return self.spec.output_bytes
 
     @property
     def kv_bytes_per_token_layer(self) -> int:

@@ -27,6 +27,7 @@ class ModelSpec:
     tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> tensor count
     layer_bytes: tuple[int, ...] = ()  # bytes of weights in each block
     global_bytes: int = 0  # bytes of weights outside the blocks (embeddings, output)
+    output_bytes: int = 0  # the output matrix (the token embeddings when the model ties them)
     has_chat_template: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -72,6 +73,7 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
             layer_bytes[layer] += tensor.n_bytes
         else:
             raise ModelFileError(f"tensor {tensor.name} is outside block_count in {header.path}")
+    sizes = {t.name: t.n_bytes for t in header.tensors}
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     vocab = header.get(f"{arch}.vocab_size")
     if not isinstance(vocab, int):
@@ -97,6 +99,7 @@ def spec_from_header(header: GGUFHeader) -> ModelSpec:
         tensor_types=dict(Counter(t.type_name for t in header.tensors)),
         layer_bytes=tuple(layer_bytes),
         global_bytes=global_bytes,
+        output_bytes=sizes.get("output.weight", sizes.get("token_embd.weight", 0)),
         has_chat_template="tokenizer.chat_template" in header.metadata,
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_id=eos if isinstance(eos, int) else None,
