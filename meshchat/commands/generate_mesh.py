@@ -47,7 +47,7 @@ def run_generate_on_mesh(args: argparse.Namespace) -> int:
     n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
     if len(tokens) >= n_ctx:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
-    model = LocalModel.open(choice.path, data)
+    model = LocalModel.from_header(choice.header, data)
     return asyncio.run(_run(args, data, model, tokenizer, tokens, params, split, n_ctx))
 
 

@@ -28,9 +28,13 @@ class LocalModel:
     @classmethod
     def open(cls, path: Path, data: DataDir) -> LocalModel:
         """Read the header and the (cached) fingerprint; hashing a new file takes a while."""
-        header = read_header(path)
+        return cls.from_header(read_header(path), data)
+
+    @classmethod
+    def from_header(cls, header: GGUFHeader, data: DataDir) -> LocalModel:
+        """The model whose header is already read; only the fingerprint is looked up."""
         fingerprint = FingerprintCache(data.fingerprints).get(header)
-        return cls(path, header, spec_from_header(header), fingerprint)
+        return cls(header.path, header, spec_from_header(header), fingerprint)
 
     @property
     def n_layers(self) -> int:

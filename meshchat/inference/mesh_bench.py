@@ -65,6 +65,7 @@ class MeshRows:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._nodes: list[Node] = []
         self._pipelines: dict[str, MeshPipeline] = {}
+        self._model: LocalModel  # opened by start()
         self._decode_bytes = 0
         self._decode_frames = 0
         self.predicted: dict[str, float] = {}  # the planner's decode tok/s for each row
@@ -75,7 +76,7 @@ class MeshRows:
     def start(self, progress: Callable[[str], None]) -> None:
         # Every node runs on this machine: calibrate once here and give the workers the result,
         # rather than have three processes calibrate at once and slow each other down.
-        model = LocalModel.open(self.model_path, self.data)
+        model = self._model = LocalModel.open(self.model_path, self.data)
         calibration(model, self.data, self.threads)
         source = calibration_file(model, self.data, self.threads)
         for i in range(_WORKERS):
@@ -111,7 +112,7 @@ class MeshRows:
 
     async def _setup(self, invite: str) -> None:
         data = self.data
-        model = LocalModel.open(self.model_path, data)
+        model = self._model
         workers: list[NodeId] = []
         for name, parts in (("mesh2", 2), ("mesh3", 3)):
             node = Node(DataDir(self.root / name), "127.0.0.1:0")
