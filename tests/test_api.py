@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.model.gguf_file import read_header
-from tests.cli_helpers import run_meshchat
+from tests.cli_helpers import free_port, run_meshchat
 from tests.engine_helpers import GREEDY
 
 KEY = "test-key-123"
@@ -40,12 +39,6 @@ class Served:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _serve(
     smollm2: Path, tmp: Path, max_sessions: int, max_waiting: int
 ) -> AsyncIterator[Served]:
@@ -55,7 +48,7 @@ async def _serve(
     header = read_header(smollm2)
     tokenizer = Tokenizer(smollm2)
     model = api_model(MODEL_ID, "f" * 64, header, tokenizer, pipeline, max_sessions, max_waiting)
-    port = _free_port()
+    port = free_port()
     runner = await start_api(model, "127.0.0.1", port, api_key=KEY)
     try:
         yield Served(f"http://127.0.0.1:{port}/v1", pipeline, tokenizer, model.prompter)

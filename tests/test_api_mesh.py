@@ -4,7 +4,6 @@ the official `openai` client streams answers equal to the solo run's, eight at o
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.model.gguf_file import read_header
-from tests.cli_helpers import run_meshchat
+from tests.cli_helpers import free_port, run_meshchat
 from tests.engine_helpers import GREEDY
 from tests.mesh_cluster import ApiHead, Cluster
 
@@ -27,12 +26,6 @@ KEY = "mesh-key"
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 PROMPTS = [f"Write one sentence about the number {i}." for i in range(8)]
 MAX_TOKENS = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def api_mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         # The whole model with four 4096-token sessions needs about 480 MB; with 300 MB the
         # head must share the layers with the worker.
         limit = {"MESHCHAT_MEMORY_LIMIT": "300M"}
-        head = ApiHead(cluster, smollm2, _free_port(), KEY, env=limit)
+        head = ApiHead(cluster, smollm2, free_port(), KEY, env=limit)
         yield head
     finally:
         if head is not None:
