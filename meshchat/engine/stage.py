@@ -6,8 +6,9 @@ the graph tensor `l_out-{n-1}` by llama.cpp's eval callback, which also stops th
 (the final norm and output matrix are the next stages' business). The last stage gives logits
 and samples with llama.cpp's sampler chain.
 
-Each session owns one llama.cpp sequence (its own KV cache). Calls are blocking and heavy: run
-them in a worker thread, one at a time per stage (a lock enforces it).
+Each session owns one llama.cpp sequence (its own KV cache). `forward` is blocking and heavy; it
+runs on the process's one compute thread (meshchat.engine.compute), so async callers await
+`compute.run(stage.forward, ...)`. A lock keeps the other calls one at a time per stage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from meshchat.engine import compute
 from meshchat.engine.llama_lib import ggml_base, init_backend
 from meshchat.engine.sampling import SamplerChain, SamplingParams
 from meshchat.errors import MeshchatError
@@ -263,8 +265,22 @@ class Stage:
 
         `position` must equal the session's current length: the KV cache holds tokens
         [0, position). Non-first stages get the token ids too, so the last stage's sampler sees
-        the history (repeat penalty). Longer inputs run in chunks of n_batch.
+        the history (repeat penalty). Longer inputs run in chunks of n_batch. The work runs on
+        the process's compute thread (see meshchat.engine.compute); this call waits for it.
         """
+        return compute.run_sync(
+            self._forward, session_id, position, tokens, hidden, sample, all_logits
+        )
+
+    def _forward(
+        self,
+        session_id: str,
+        position: int,
+        tokens: list[int],
+        hidden: FloatArray | None,
+        sample: bool,
+        all_logits: bool,
+    ) -> StageOutput:
         with self._lock:
             session = self._session(session_id)
             if position != len(session.tokens):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from meshchat.engine import compute
 from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import NodeCaps, calibration, local_caps
 from meshchat.inference.local_model import LocalModel
@@ -59,10 +60,7 @@ class MeshCoordinator:
 
     async def own_caps(self) -> NodeCaps:
         if self._calibration is None:
-            loop = asyncio.get_running_loop()
-            self._calibration = await loop.run_in_executor(
-                None, calibration, self.model, self.data, self.threads
-            )
+            self._calibration = await compute.run(calibration, self.model, self.data, self.threads)
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
         return local_caps(self.head, self.model, self._calibration, rtts, peers)

@@ -1,19 +1,19 @@
 """A pipeline whose stages all run in this process (`generate --split` without a mesh).
 
-Stage work runs on one worker thread, so the event loop stays free and calls stay ordered:
-a rollback queued after a cancelled forward waits for that forward to finish.
+Stage work runs on the process's compute thread (meshchat.engine.compute), so the event loop
+stays free and calls stay ordered: a rollback queued after a cancelled forward waits for that
+forward to finish.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
+from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage, StageError, StageOptions
 from meshchat.model.fingerprint import FingerprintCache
@@ -57,14 +57,13 @@ class LocalPipeline:
         self.stages = stages
         # f16 halves the bytes a hop carries; round-tripping here shows its effect exactly.
         self._lossy = transport_dtype == "f16"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stages")
 
     @property
     def n_ctx(self) -> int:
         return min(stage.n_ctx for stage in self.stages)
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await compute.run(fn)
 
     async def open_session(self, session_id: str) -> None:
         def open_all() -> None:
@@ -110,4 +109,3 @@ class LocalPipeline:
                 stage.close()
 
         await self._run(close_all)
-        self._executor.shutdown(wait=True)

@@ -1,6 +1,6 @@
 """A pipeline whose stages run on mesh nodes: the head's side of distributed generation.
 
-The head usually runs stage 0 itself (a local Stage on a worker thread) and sends each step's
+The head usually runs stage 0 itself (a local Stage on the compute thread) and sends each step's
 hidden states to the next node; every stage forwards to its successor and the last one sends
 the sampled token id back here. Session operations (open, rollback, sampler) travel the same
 chain, so each stage applies them in order with the work; the last stage confirms.
@@ -24,12 +24,12 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
+from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageError, StageOptions
 from meshchat.errors import MeshchatError
@@ -163,7 +163,6 @@ class MeshPipeline:
         self._plan: Plan | None = None
         self._remote: list[NodeId] = []  # plan nodes after the head's own stage, in order
         self._local: Stage | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-stage")
         self._sessions: dict[str, _Session] = {}
         self._tokens: dict[tuple[int, int], asyncio.Future[tuple[int, list[int]]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -268,7 +267,7 @@ class MeshPipeline:
             self._local = Stage(path, LayerRange(*layers), self.model.n_layers, options)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await compute.run(fn, *args)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -598,7 +597,6 @@ class MeshPipeline:
         self.node.remove_listener(self._on_event)
         self._fail_waiting(None, MeshchatError("pipeline closed"))
         await self._run(self._set_local, None)
-        self._executor.shutdown(wait=True)
 
 
 def _expire(fut: asyncio.Future[Any], timeout: float) -> None:

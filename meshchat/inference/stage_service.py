@@ -6,7 +6,7 @@
 - SessionOp and Activations arrive from the previous stage (or the head) on one ordered
   stream, so a stage applies them in order; each is passed on to the next stage, and the last
   stage answers the head (SessionDone, or Token with the sampled id). A chain, not a star.
-- Everything that touches llama.cpp runs on one worker thread, in arrival order.
+- Everything that touches llama.cpp runs on the process's compute thread, in arrival order.
 - Bad input (unknown session, wrong sender, wrong shape, stale plan) gets a StageFault to the
   sender and the head; it never stops the node. A head that leaves loses its sessions here,
   so no KV cache outlives the conversation it belongs to.
@@ -18,12 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageOptions, StageOutput
 from meshchat.errors import MeshchatError
@@ -90,7 +90,6 @@ class StageService:
         self.data = data
         self.threads = threads
         self.n_batch = n_batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._jobs: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._assignment: _Assignment | None = None
         self._sessions: dict[int, _Session] = {}
@@ -125,7 +124,6 @@ class StageService:
         self._sessions.clear()
         if assignment is not None:
             await self._run(assignment.stage.close)
-        self._executor.shutdown(wait=True)
 
     @property
     def layers(self) -> tuple[int, int] | None:
@@ -137,7 +135,7 @@ class StageService:
         return len(self._sessions)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await compute.run(fn, *args)
 
     async def _calibrate(self) -> Calibration | None:
         assert self.model is not None

@@ -1,0 +1,76 @@
+"""All llama.cpp compute of a process runs on its one compute thread (meshchat.engine.compute).
+
+Why it matters: libgomp gives every thread that computes an OpenMP team of its own, and once the
+process has more OpenMP threads than cores every barrier of every graph sleeps in the kernel
+(decode twice as slow on 2 cores). These tests call stages from several threads and from an
+event loop, and check that the decode calls ran on one thread and that no new OS threads (new
+OpenMP teams) appeared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from meshchat.engine import compute
+from tests.engine_helpers import open_chain, stage_chain
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_stage_compute_runs_on_one_thread_from_any_caller(
+    smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decode_threads: set[int] = set()
+    real_decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx: object, batch: object) -> int:
+        decode_threads.add(threading.get_ident())
+        return int(real_decode(ctx, batch))
+
+    with stage_chain(smollm2, [(0, 30)], tmp_path) as (stage,):
+        open_chain([stage], "s")
+        stage.forward("s", 0, [1, 2, 3])  # the compute thread's OpenMP team exists from here
+        threads_before = _os_threads()
+        monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+        position = 3
+
+        def step() -> None:
+            nonlocal position
+            stage.forward("s", position, [4])
+            position += 1
+
+        step()  # from the main thread
+        for _ in range(2):  # from two other threads
+            caller = threading.Thread(target=step)
+            caller.start()
+            caller.join()
+
+        async def from_loop() -> None:
+            await compute.run(step)
+
+        asyncio.run(from_loop())
+        assert position == 7
+        assert len(decode_threads) == 1
+        assert decode_threads != {threading.get_ident()}
+        assert _os_threads() == threads_before  # no second OpenMP team
+
+
+def test_run_sync_on_the_compute_thread_calls_directly() -> None:
+    def thread_name() -> str:
+        return threading.current_thread().name
+
+    def nested() -> str:
+        # A stage call made from the compute thread must not queue behind itself (deadlock).
+        return compute.run_sync(thread_name)
+
+    assert compute.run_sync(nested) == compute.run_sync(thread_name)
+    assert compute.run_sync(compute.on_compute_thread) is True
+    assert compute.on_compute_thread() is False
