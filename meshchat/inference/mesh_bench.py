@@ -1,8 +1,8 @@
 """The benchmark's mesh rows: the model split over separate processes on loopback.
 
-`MeshRows` starts three `meshchat --headless` workers (their own data dirs in a temp dir, the
-same thread count as the solo row, the model from the same file) and two heads in this process,
-on an event loop in a background thread:
+`MeshRows` starts three `meshchat --headless` workers (their own data dirs in a temp dir that
+share this run's cache, the same thread count as the solo row, the model from the same file)
+and two heads in this process, on an event loop in a background thread:
 - mesh2: head [0, n/2) → worker 0 [n/2, n)
 - mesh3: head [0, n/3) → worker 1 → worker 2
 Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses; the bench
@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,9 +26,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import calibration, calibration_file
+from meshchat.inference.capabilities import calibration
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
@@ -76,13 +76,16 @@ class MeshRows:
     def start(self, progress: Callable[[str], None]) -> None:
         # Every node runs on this machine: calibrate once here and give the workers the result,
         # rather than have three processes calibrate at once and slow each other down.
+        # The workers also share this data dir's cache: the slices the in-process rows wrote
+        # and the fingerprint. Else each worker writes its own slice files (100+ MB in all),
+        # and the kernel's writeback of them competes with the rows for the two cores.
         model = self._model = LocalModel.open(self.model_path, self.data)
-        calibration(model, self.data, self.threads)
-        source = calibration_file(model, self.data, self.threads)
+        compute.run_sync(calibration, model, self.data, self.threads)
+        cache = self.data.ensure(self.data.root / "cache")
         for i in range(_WORKERS):
-            target = calibration_file(model, DataDir(self.root / f"w{i}"), self.threads)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, target)
+            worker = self.root / f"w{i}"
+            worker.mkdir()
+            (worker / "cache").symlink_to(cache, target_is_directory=True)
         progress("starting 3 mesh workers on loopback")
         invite = self._start_workers()
         self._thread.start()
