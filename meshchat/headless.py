@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from meshchat.engine import compute
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.fsutil import atomic_write_text
 from meshchat.mesh.node import Node
@@ -80,6 +81,7 @@ async def serve(
     model: ModelFn | None = None,
     on_ready: Callable[[Node], Awaitable[None]] | None = None,
 ) -> int:
+    compute.adopt_loop()  # stage work runs on this loop's thread (meshchat.engine.compute)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -74,3 +74,41 @@ def test_run_sync_on_the_compute_thread_calls_directly() -> None:
     assert compute.run_sync(nested) == compute.run_sync(thread_name)
     assert compute.run_sync(compute.on_compute_thread) is True
     assert compute.on_compute_thread() is False
+
+
+def test_an_adopting_event_loop_computes_steps_inline_and_long_work_aside(
+    smollm2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decode_threads: list[int] = []  # native thread ids
+    real_decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx: object, batch: object) -> int:
+        decode_threads.append(threading.get_native_id())
+        return int(real_decode(ctx, batch))
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    with stage_chain(smollm2, [(0, 30)], tmp_path) as (stage,):
+        open_chain([stage], "s")
+
+        async def serve() -> None:
+            compute.adopt_loop()
+            loop_thread = threading.get_native_id()
+            prompt = list(range(1, 17))
+            await compute.run(stage.forward, "s", 0, prompt, short=compute.is_short(len(prompt)))
+            (long_thread,) = set(decode_threads)
+            assert long_thread != loop_thread  # a prompt does not block the loop
+            decode_threads.clear()
+            await compute.run(stage.forward, "s", 16, [4])  # a decode step: inline
+            await asyncio.to_thread(stage.forward, "s", 17, [5])  # another thread hops here
+            assert set(decode_threads) == {loop_thread}
+            # The long-work thread ends (and its OpenMP team with it) once it has answered.
+            for _ in range(100):
+                if not os.path.exists(f"/proc/self/task/{long_thread}"):
+                    break
+                await asyncio.sleep(0.01)
+            assert not os.path.exists(f"/proc/self/task/{long_thread}")
+
+        asyncio.run(serve())
+        decode_threads.clear()
+        stage.forward("s", 18, [6])  # the loop is gone: the default compute thread takes over
+        assert decode_threads and decode_threads[0] != threading.get_native_id()

@@ -21,6 +21,7 @@ from meshchat.commands.generate import (
     sampling_from_args,
     stream_to_stdout,
 )
+from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
@@ -61,6 +62,7 @@ async def _run(
     split: list[tuple[int, int]] | None,
     n_ctx: int,
 ) -> int:
+    compute.adopt_loop()  # the head's stage computes on this loop's thread
     mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
     node = Node(data, _listen_for(args.join), discovery=mdns)
     await node.start()

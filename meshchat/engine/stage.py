@@ -209,6 +209,11 @@ class Stage:
                 session.sampler.free()
             self._free_slots.append(session.slot)
 
+    @property
+    def busy(self) -> bool:
+        """True while a call holds the stage (another would wait for it)."""
+        return self._lock.locked()
+
     def session_ids(self) -> list[str]:
         with self._lock:
             return list(self._sessions)

@@ -62,8 +62,8 @@ class LocalPipeline:
     def n_ctx(self) -> int:
         return min(stage.n_ctx for stage in self.stages)
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await compute.run(fn)
+    async def _run(self, fn: Callable[[], T], short: bool = True) -> T:
+        return await compute.run(fn, short=short)
 
     async def open_session(self, session_id: str) -> None:
         def open_all() -> None:
@@ -77,7 +77,7 @@ class LocalPipeline:
             for stage in self.stages:
                 stage.close_session(session_id)
 
-        await self._run(close_all)
+        await self._run(close_all, short=False)
 
     async def rollback(self, session_id: str, position: int) -> None:
         def rollback_all() -> None:
@@ -101,11 +101,15 @@ class LocalPipeline:
         return token
 
     async def forward(self, session_id: str, position: int, tokens: list[int]) -> int:
-        return await self._run(lambda: self.forward_sync(session_id, position, tokens))
+        busy = any(stage.busy for stage in self.stages)
+        return await self._run(
+            lambda: self.forward_sync(session_id, position, tokens),
+            short=compute.is_short(len(tokens)) and not busy,
+        )
 
     async def close(self) -> None:
         def close_all() -> None:
             for stage in self.stages:
                 stage.close()
 
-        await self._run(close_all)
+        await self._run(close_all, short=False)

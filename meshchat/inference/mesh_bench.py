@@ -114,6 +114,7 @@ class MeshRows:
         return invite
 
     async def _setup(self, invite: str) -> None:
+        compute.adopt_loop()  # the heads' stages compute on this loop, as in generate --join
         data = self.data
         model = self._model
         workers: list[NodeId] = []

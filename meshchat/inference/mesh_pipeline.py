@@ -212,7 +212,7 @@ class MeshPipeline:
         self._remote = [NodeId.parse(s.node) for s in plan.stages if s.node != self._me]
         mine = plan.stage_of(self._me)
         layers = (mine.first, mine.end) if mine else None
-        await self._run(self._set_local, layers)
+        await self._run(self._set_local, layers, short=False)
         self.node.set_status(layers, self.model.status())
         body = {
             "head": self._me,
@@ -266,8 +266,14 @@ class MeshPipeline:
             )
             self._local = Stage(path, LayerRange(*layers), self.model.n_layers, options)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await compute.run(fn, *args)
+    async def _run(self, fn: Callable[..., T], *args: Any, short: bool = True) -> T:
+        return await compute.run(fn, *args, short=short)
+
+    async def _compute(self, n_tokens: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run stage work on `n_tokens` tokens: a decode step inline when this thread computes
+        (meshchat.engine.compute), unless the stage is busy with another session's work."""
+        busy = self._local is not None and self._local.busy
+        return await self._run(fn, *args, short=compute.is_short(n_tokens) and not busy)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -371,7 +377,10 @@ class MeshPipeline:
     async def _step(self, s: _Session, position: int, chunks: list[list[int]]) -> int:
         started = time.perf_counter()
         if not self._remote:
-            token, micros = await self._run(self._local_only, s.local_id, position, chunks)
+            n_tokens = sum(len(c) for c in chunks)
+            token, micros = await self._compute(
+                n_tokens, self._local_only, s.local_id, position, chunks
+            )
             self.last_step = StepTiming(time.perf_counter() - started, [micros / 1e6])
             self.totals.add(self.last_step)
             return token
@@ -413,7 +422,9 @@ class MeshPipeline:
         if self._local is None:
             msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk), want_token=want)
         else:
-            hidden, micros = await self._run(self._compute_local, s.local_id, position, chunk)
+            hidden, micros = await self._compute(
+                len(chunk), self._compute_local, s.local_id, position, chunk
+            )
             msg = wire.Activations(
                 s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
                 _raw(hidden), want, (micros,),
@@ -567,7 +578,9 @@ class MeshPipeline:
                 if self._remote:
                     await self._send_step(s, position, fed, want=False)
                 elif self._local is not None:
-                    await self._run(self._local.forward, s.local_id, position, fed, None, False)
+                    await self._compute(
+                        len(fed), self._local.forward, s.local_id, position, fed, None, False
+                    )
                 if keep < len(fed):
                     await self._rollback_quietly(s, position + keep)
                 position += keep
@@ -596,7 +609,7 @@ class MeshPipeline:
                 await self.close_session(session_id)
         self.node.remove_listener(self._on_event)
         self._fail_waiting(None, MeshchatError("pipeline closed"))
-        await self._run(self._set_local, None)
+        await self._run(self._set_local, None, short=False)
 
 
 def _expire(fut: asyncio.Future[Any], timeout: float) -> None:

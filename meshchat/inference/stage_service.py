@@ -134,13 +134,13 @@ class StageService:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await compute.run(fn, *args)
+    async def _run(self, fn: Any, *args: Any, short: bool = True) -> Any:
+        return await compute.run(fn, *args, short=short)
 
     async def _calibrate(self) -> Calibration | None:
         assert self.model is not None
         try:
-            return await self._run(calibration, self.model, self.data, self.threads)
+            return await self._run(calibration, self.model, self.data, self.threads, short=False)
         except Exception as exc:
             log.warning("calibration failed: %s", exc)
             return None
@@ -222,7 +222,9 @@ class StageService:
         else:
             await self._release()
             try:
-                stage = await self._run(self._load, model, mine.first, mine.end, options)
+                stage = await self._run(
+                    self._load, model, mine.first, mine.end, options, short=False
+                )
             except MeshchatError as exc:
                 return wire.Error("load", f"cannot load layers {mine}: {exc}")
         self._assignment = _Assignment(
@@ -329,7 +331,9 @@ class StageService:
                 culprit=peer,
             )
         try:
-            output, micros = await self._run(self._compute, stage, session.local_id, msg)
+            output, micros = await self._run(
+                self._compute, stage, session.local_id, msg, short=compute.is_short(len(msg.tokens))
+            )
         except ContextOverflowError as exc:
             raise Fault("overflow", str(exc)) from None
         except MeshchatError as exc:
