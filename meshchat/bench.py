@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
+# Solo again, run between the mesh rows: their reference (see run_benchmark).
+SOLO_BESIDE_MESH = "solo_beside_mesh"
 
 
 @dataclass
@@ -113,9 +115,9 @@ def run_benchmark(
 ) -> dict[str, object]:
     """Solo and in-process splits; with `mesh` (not started yet), also its rows.
 
-    The in-process rows run first, with no mesh running: a node's event loop in this process
-    and idle workers on the same two cores would slow them (12% and more, measured), and solo
-    is the reference. Then the mesh starts and its rows run, interleaved with each other.
+    The in-process rows run first, with no mesh running. Then the mesh starts, and its rows run
+    interleaved with solo once more ("solo_beside_mesh"): the mesh ratios compare runs of the
+    same minutes, since this machine's speed drifts by 10% and more between minutes.
     """
     configs = {
         "solo": [(0, spec.n_layers)],
@@ -124,42 +126,51 @@ def run_benchmark(
     }
     pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
     mesh_names = list(mesh.names) if mesh else []
-    results = {name: RowResult() for name in [*configs, *mesh_names]}
+    beside = [SOLO_BESIDE_MESH] if mesh else []
+    results = {name: RowResult() for name in [*configs, *beside, *mesh_names]}
+
+    def run_solo(result: RowResult, prompt: list[int], decode: int) -> None:
+        # The whole run goes to the compute thread: no thread hop per step, as a native loop.
+        compute.run_sync(run_pipeline_once, pipelines["solo"], prompt, decode, result)
+
     try:
-        # Each run goes whole to the compute thread: no thread hop per step, as a native loop.
         for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
             compute.run_sync(run_pipeline_once, pipeline, prompt[:64], 8, RowResult())
         for repeat in range(repeats):
             progress(f"repetition {repeat + 1}/{repeats} in this process")
             for name, pipeline in pipelines.items():
                 compute.run_sync(run_pipeline_once, pipeline, prompt, DECODE_TOKENS, results[name])
+        if mesh is not None:
+            mesh.start(progress)
+            run_solo(RowResult(), prompt[:64], 8)
+            for name in mesh_names:
+                mesh.run_once(name, prompt[:64], 8, lambda *_figures: None)
+            for repeat in range(repeats):
+                progress(f"repetition {repeat + 1}/{repeats} on the mesh")
+                run_solo(results[SOLO_BESIDE_MESH], prompt, DECODE_TOKENS)
+                for name in mesh_names:
+                    row = results[name]
+                    mesh.run_once(
+                        name,
+                        prompt,
+                        DECODE_TOKENS,
+                        lambda p, t, d, row=row: row.record(p, t, d, len(prompt), DECODE_TOKENS),
+                    )
+            configs[SOLO_BESIDE_MESH] = configs["solo"]
+            configs.update(mesh.splits)
     finally:
         for pipeline in pipelines.values():
             for stage in pipeline.stages:
                 stage.close()
-    if mesh is not None:
-        mesh.start(progress)
-        for name in mesh_names:
-            mesh.run_once(name, prompt[:64], 8, lambda *_figures: None)
-        for repeat in range(repeats):
-            progress(f"repetition {repeat + 1}/{repeats} on the mesh")
-            for name in mesh_names:
-                row = results[name]
-                mesh.run_once(
-                    name,
-                    prompt,
-                    DECODE_TOKENS,
-                    lambda p, t, d, row=row: row.record(p, t, d, len(prompt), DECODE_TOKENS),
-                )
-        configs.update(mesh.splits)
     rows = {name: result.summary() for name, result in results.items()}
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_read_per_token(spec)
     ratios = {}
-    for name in [n for n in rows if n != "solo"]:
+    for name in [n for n in rows if n not in ("solo", SOLO_BESIDE_MESH)]:
+        reference = rows[SOLO_BESIDE_MESH if name in mesh_names else "solo"]
         for metric in ("decode", "prefill"):
             key = f"{metric}_tok_s"
-            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / rows["solo"][key], 3)
+            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / reference[key], 3)
     return {
         "model": spec.name,
         "model_path": str(spec.path),
@@ -183,11 +194,11 @@ def format_table(report: dict[str, object]) -> str:
     lines = [
         f"model {report['model']}  threads {report['threads']}  "
         f"median of {report['repeats']} interleaved runs",
-        f"{'row':<8} {'decode tok/s':>13} {'prefill tok/s':>14} {'ttft ms':>9}",
+        f"{'row':<17} {'decode tok/s':>13} {'prefill tok/s':>14} {'ttft ms':>9}",
     ]
     for name, row in rows.items():
         lines.append(
-            f"{name:<8} {row['decode_tok_s']:>13.1f} {row['prefill_tok_s']:>14.1f} "
+            f"{name:<17} {row['decode_tok_s']:>13.1f} {row['prefill_tok_s']:>14.1f} "
             f"{row['ttft_ms']:>9.1f}"
         )
     ratios = report["ratios"]

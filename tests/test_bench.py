@@ -26,11 +26,14 @@ def test_bench_json(smollm2: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["threads"] >= 1 and report["prompt_tokens"] == 512
-    for row in ("solo", "split2", "split3"):
+    for row in ("solo", "split2", "split3", "solo_beside_mesh", "mesh2", "mesh3"):
         figures = report["rows"][row]
         assert figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
         assert figures["ttft_ms"] > 0
-    for ratio in ("split2_vs_solo_decode", "split2_vs_solo_prefill"):
+    for ratio in ("split2_vs_solo_decode", "split2_vs_solo_prefill", "mesh2_vs_solo_decode"):
         assert 0 < report["ratios"][ratio] < 10
+    assert report["splits"]["mesh3"] == [[0, 10], [10, 20], [20, 30]]
+    assert 0 < report["hop_latency_ms_p50"] <= report["hop_latency_ms_p99"]
+    assert report["wire_bytes_per_token"] > 4 * 576  # one float32 hidden vector, plus framing
     assert report["memory_bandwidth_gbs"] > 0
     assert report["decode_bound_tok_s"] > report["rows"]["solo"]["decode_tok_s"]
