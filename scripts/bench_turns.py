@@ -70,6 +70,7 @@ def stage_process(
             stage.rollback("s", PROMPT)
             position = PROMPT
         os.write(give, b"t")
+    os.write(give, b"q")  # pass the quit on down the chain
 
 
 def turns(model: Path, data: DataDir, n: int, repeats: int) -> list[float]:
