@@ -60,7 +60,9 @@ class MeshCoordinator:
 
     async def own_caps(self) -> NodeCaps:
         if self._calibration is None:
-            self._calibration = await compute.run(calibration, self.model, self.data, self.threads)
+            self._calibration = await compute.run(
+                calibration, self.model, self.data, self.threads, short=False
+            )
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
         return local_caps(self.head, self.model, self._calibration, rtts, peers)

@@ -5,8 +5,9 @@ share this run's cache, the same thread count as the solo row, the model from th
 and two heads in this process, on an event loop in a background thread:
 - mesh2: head [0, n/2) → worker 0 [n/2, n)
 - mesh3: head [0, n/3) → worker 1 → worker 2
-Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses; the bench
-thread waits for it, so the solo rows run with an idle event loop.
+Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses. The loop's
+thread is the process's compute thread (meshchat.engine.compute), as in `generate --join`; the
+bench's solo runs between the mesh rows run on it too.
 """
 
 from __future__ import annotations
