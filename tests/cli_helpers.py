@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -20,6 +21,21 @@ def free_port() -> int:
 def meshchat_command() -> list[str]:
     installed = shutil.which("meshchat")
     return [installed] if installed else [sys.executable, "-m", "meshchat.cli"]
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> bool:
+    """SIGTERM `proc` and wait; SIGKILL it if it has not exited within `timeout`.
+    True if it stopped on SIGTERM."""
+    if proc.poll() is not None:
+        return True
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        return False
+    return True
 
 
 def run_meshchat(

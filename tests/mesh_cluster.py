@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.cli_helpers import stop_process
+
 ENV = {**os.environ, "MESHCHAT_MDNS": "0", "PYTHONUNBUFFERED": "1"}
 CMD = [sys.executable, "-m", "meshchat.cli"]
 
@@ -74,13 +76,8 @@ class Worker:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        stop_process(self.proc)
 
 
 class Cluster:
@@ -214,10 +211,4 @@ class ApiHead:
         raise AssertionError("no VmRSS")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshchat.tui.split import SELF
+from tests.cli_helpers import stop_process
 from tests.tui_helpers import CAPITAL, ask, make_app, ready, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,12 +39,7 @@ def worker(tmp_path: Path, smollm2: Path) -> Iterator[tuple[str, str]]:
             time.sleep(0.1)
         yield first.split()[1], invite.read_text().strip()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout=20)
 
 
 async def test_worker_takes_layers_and_answers_stay_the_same(

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from tests.cli_helpers import stop_process
+
 pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux"),
@@ -166,10 +168,5 @@ def test_headless_worker_appears_in_the_peers_table(
         tmux.keys("C-q")
         assert _wait_exit(tmp_path) == 0
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=10)
-            raise AssertionError("the headless worker did not stop on SIGTERM") from None
+        if not stop_process(worker, timeout=20):
+            raise AssertionError("the headless worker did not stop on SIGTERM")
