@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -107,8 +107,15 @@ def run_sync(fn: Callable[..., T], *args: Any) -> T:
     return done.result()
 
 
-def is_short(tokens: int) -> bool:
-    return tokens <= SHORT_TOKENS
+class _Holdable(Protocol):
+    @property
+    def busy(self) -> bool: ...
+
+
+def is_short(tokens: int, stages: Iterable[_Holdable] = ()) -> bool:
+    """Whether work on `tokens` tokens is short. Not if one of the `stages` it needs is busy
+    with other work: waiting for that would block an owning event loop."""
+    return tokens <= SHORT_TOKENS and not any(stage.busy for stage in stages)
 
 
 async def run(fn: Callable[..., T], *args: Any, short: bool = True) -> T:

@@ -101,10 +101,9 @@ class LocalPipeline:
         return token
 
     async def forward(self, session_id: str, position: int, tokens: list[int]) -> int:
-        busy = any(stage.busy for stage in self.stages)
         return await self._run(
             lambda: self.forward_sync(session_id, position, tokens),
-            short=compute.is_short(len(tokens)) and not busy,
+            short=compute.is_short(len(tokens), self.stages),
         )
 
     async def close(self) -> None:

@@ -272,8 +272,8 @@ class MeshPipeline:
     async def _compute(self, n_tokens: int, fn: Callable[..., T], *args: Any) -> T:
         """Run stage work on `n_tokens` tokens: a decode step inline when this thread computes
         (meshchat.engine.compute), unless the stage is busy with another session's work."""
-        busy = self._local is not None and self._local.busy
-        return await self._run(fn, *args, short=compute.is_short(n_tokens) and not busy)
+        stages = [] if self._local is None else [self._local]
+        return await self._run(fn, *args, short=compute.is_short(n_tokens, stages))
 
     # -- sessions ------------------------------------------------------------------------------
 
