@@ -26,14 +26,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
-    ).validated()
+    return SamplingParams.from_settings(args)
 
 
 def prompt_tokens(choice: ModelChoice, tokenizer: Tokenizer, args: argparse.Namespace) -> list[int]:

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import llama_cpp
 
 from meshchat.errors import UsageError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per chain
+
+
+class SamplingSettings(Protocol):
+    """Anything that names the sampling settings the user sets: command-line arguments, a
+    chat's stored settings."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repeat_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,17 @@ class SamplingParams:
             "repeat_last_n": self.repeat_last_n,
             "seed": self.seed,
         }
+
+    @classmethod
+    def from_settings(cls, settings: SamplingSettings) -> SamplingParams:
+        return cls(
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            min_p=settings.min_p,
+            repeat_penalty=settings.repeat_penalty,
+            seed=settings.seed,
+        ).validated()
 
     @classmethod
     def from_dict(cls, data: dict[str, float | int | None]) -> SamplingParams:

@@ -55,17 +55,6 @@ class StageShare:
     tokens: int
 
 
-def sampling_params(settings: ChatSettings) -> SamplingParams:
-    return SamplingParams(
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        min_p=settings.min_p,
-        repeat_penalty=settings.repeat_penalty,
-        seed=settings.seed,
-    ).validated()
-
-
 @dataclass(frozen=True)
 class FittedPrompt:
     tokens: list[int]
@@ -194,7 +183,7 @@ class ChatEngine:
 
     async def stream(self, tokens: list[int], settings: ChatSettings) -> AsyncIterator[str]:
         """Stream an answer to `tokens`; cancel by closing the iterator or its task."""
-        params = sampling_params(settings)
+        params = SamplingParams.from_settings(settings)
         self._mark_timings()
         async for text in self.session.generate(tokens, params, settings.max_tokens):
             yield text
