@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage
+from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.local import LocalPipeline
 from meshchat.model.spec import ModelSpec
 
@@ -31,6 +33,11 @@ PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 # Solo again, run between the mesh rows: their reference (see run_benchmark).
 SOLO_BESIDE_MESH = "solo_beside_mesh"
+# Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
+_FILLER = (
+    "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
+    "passes the hidden state of every token to the next machine in the chain. "
+)
 
 
 @dataclass
@@ -54,6 +61,15 @@ class RowResult:
             "prefill_tok_s": round(statistics.median(self.prefill_tok_s), 2),
             "ttft_ms": round(statistics.median(self.ttft_ms), 2),
         }
+
+
+def bench_prompt(model_path: Path) -> list[int]:
+    """PROMPT_TOKENS tokens of English text for the model at `model_path`."""
+    tokenizer = Tokenizer(model_path)
+    prompt: list[int] = []
+    while len(prompt) < PROMPT_TOKENS:
+        prompt += tokenizer.tokenize(_FILLER, add_special=False)
+    return prompt[:PROMPT_TOKENS]
 
 
 def even_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:

@@ -6,19 +6,12 @@ import argparse
 import json
 import sys
 
-from meshchat.bench import PROMPT_TOKENS, format_table, run_benchmark
+from meshchat.bench import PROMPT_TOKENS, bench_prompt, format_table, run_benchmark
 from meshchat.commands.common import choose_model, thread_count
 from meshchat.engine.stage import Stage, StageOptions
-from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import UsageError
 from meshchat.inference.local import build_stages
 from meshchat.paths import DataDir
-
-# Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
-_FILLER = (
-    "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
-    "passes the hidden state of every token to the next machine in the chain. "
-)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -27,11 +20,7 @@ def run_bench(args: argparse.Namespace) -> int:
     data = DataDir.resolve(args.data_dir)
     choice = choose_model(args, data)
     threads = thread_count(args.threads)
-    tokenizer = Tokenizer(choice.path)
-    prompt: list[int] = []
-    while len(prompt) < PROMPT_TOKENS:
-        prompt += tokenizer.tokenize(_FILLER, add_special=False)
-    prompt = prompt[:PROMPT_TOKENS]
+    prompt = bench_prompt(choice.path)
     options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=PROMPT_TOKENS, n_threads=threads)
 
     def make_stages(ranges: list[tuple[int, int]]) -> list[Stage]:

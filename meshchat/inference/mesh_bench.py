@@ -1,10 +1,11 @@
 """The benchmark's mesh rows: the model split over separate processes on loopback.
 
-`MeshRows` starts three `meshchat --headless` workers (their own data dirs in a temp dir that
-share this run's cache, the same thread count as the solo row, the model from the same file)
-and two heads in this process, on an event loop in a background thread:
+`MeshRows` starts `meshchat --headless` workers (their own data dirs in a temp dir that share
+this run's cache, the same thread count as the solo row, the model from the same file) and a
+head per row in this process, on an event loop in a background thread:
 - mesh2: head [0, n/2) → worker 0 [n/2, n)
 - mesh3: head [0, n/3) → worker 1 → worker 2
+`worker_cpus` pins the workers to those CPUs (scripts/bench_own_cores.py gives each node a core).
 Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses. The loop's
 thread is the process's compute thread (meshchat.engine.compute), as in `generate --join`; the
 bench's solo runs between the mesh rows run on it too.
@@ -41,7 +42,7 @@ from meshchat.paths import DataDir
 
 T = TypeVar("T")
 GREEDY = SamplingParams(temperature=0.0)
-_WORKERS = 3
+_WORKERS_NEEDED = {"mesh2": 1, "mesh3": 3}  # worker 0 serves mesh2, workers 1 and 2 mesh3
 _START_TIMEOUT_S = 120.0
 
 
@@ -51,9 +52,18 @@ def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
 
 
 class MeshRows:
-    names = ("mesh2", "mesh3")
-
-    def __init__(self, model_path: Path, data: DataDir, threads: int, n_ctx: int) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        data: DataDir,
+        threads: int,
+        n_ctx: int,
+        names: tuple[str, ...] = ("mesh2", "mesh3"),
+        worker_cpus: set[int] | None = None,
+    ) -> None:
+        self.names = names
+        self.n_workers = max(_WORKERS_NEEDED[name] for name in names)
+        self.worker_cpus = worker_cpus
         self.model_path = model_path
         self.data = data  # the heads' slices and calibration cache (identities are temporary)
         self.threads = threads
@@ -83,11 +93,11 @@ class MeshRows:
         model = self._model = LocalModel.open(self.model_path, self.data)
         compute.run_sync(calibration, model, self.data, self.threads)
         cache = self.data.ensure(self.data.root / "cache")
-        for i in range(_WORKERS):
+        for i in range(self.n_workers):
             worker = self.root / f"w{i}"
             worker.mkdir()
             (worker / "cache").symlink_to(cache, target_is_directory=True)
-        progress("starting 3 mesh workers on loopback")
+        progress(f"starting {self.n_workers} mesh worker(s) on loopback")
         invite = self._start_workers()
         self._thread.start()
         self._call(self._setup(invite), _START_TIMEOUT_S)
@@ -95,7 +105,7 @@ class MeshRows:
     def _start_workers(self) -> str:
         env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads)}
         invite = ""
-        for i in range(_WORKERS):
+        for i in range(self.n_workers):
             invite_file = self.root / f"w{i}.invite"
             args = [
                 sys.executable, "-m", "meshchat.cli", "--headless", "--listen", "127.0.0.1:0",
@@ -106,6 +116,8 @@ class MeshRows:
                 args += ["--join", invite]
             log = (self.root / f"w{i}.log").open("wb")
             self._procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=log))
+            if self.worker_cpus:  # before the worker starts any thread: they inherit it
+                os.sched_setaffinity(self._procs[-1].pid, self.worker_cpus)
             deadline = time.monotonic() + _START_TIMEOUT_S
             while not invite_file.exists():
                 if self._procs[-1].poll() is not None or time.monotonic() > deadline:
@@ -119,7 +131,8 @@ class MeshRows:
         data = self.data
         model = self._model
         workers: list[NodeId] = []
-        for name, parts in (("mesh2", 2), ("mesh3", 3)):
+        for name in self.names:
+            parts = int(name.removeprefix("mesh"))
             node = Node(DataDir(self.root / name), "127.0.0.1:0")
             await node.start()
             self._nodes.append(node)
@@ -131,7 +144,7 @@ class MeshRows:
                 peers = sorted(node.connected())
                 caps = await asyncio.gather(*(coordinator.query(p) for p in peers))
                 workers = [NodeId.parse(c.node_id) for c in caps]
-                if len(workers) < _WORKERS:
+                if len(workers) < self.n_workers:
                     raise MeshchatError(f"only {len(workers)} bench workers connected")
             ranges = _even(model.n_layers, parts)
             chosen = workers[:1] if parts == 2 else workers[1:3]
