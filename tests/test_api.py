@@ -21,11 +21,11 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.model.gguf_file import read_header
+from tests.api_helpers import MODEL_ID, stream_chat
 from tests.cli_helpers import free_port, run_meshchat
 from tests.engine_helpers import GREEDY
 
 KEY = "test-key-123"
-MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 
 
 @dataclass
@@ -77,21 +77,6 @@ async def _chat(
     return response.choices[0].message.content or ""
 
 
-async def _stream_chat(client: openai.AsyncOpenAI, prompt: str, max_tokens: int = 32) -> str:
-    stream = await client.chat.completions.create(
-        model=MODEL_ID,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=max_tokens,
-        stream=True,
-    )
-    parts = []
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            parts.append(chunk.choices[0].delta.content)
-    return "".join(parts)
-
-
 async def test_models_lists_the_mesh_model(served: Served) -> None:
     models = await served.client().models.list()
     assert [m.id for m in models.data] == [MODEL_ID]
@@ -102,7 +87,7 @@ async def test_chat_equals_meshchat_generate(served: Served, smollm2: Path, tmp_
     question = "Give me three tips for sleeping well."
     client = served.client()
     whole = await _chat(client, question, 40)
-    streamed = await _stream_chat(client, question, 40)
+    streamed = await stream_chat(client, question, 40)
     cli = await asyncio.to_thread(
         run_meshchat,
         "generate",
@@ -192,7 +177,7 @@ async def test_eight_concurrent_streams_equal_solo(served: Served) -> None:
     prompts = [f"Write one sentence about the number {i}." for i in range(8)]
     client = served.client()
     solo = [await _chat(client, p, 24) for p in prompts]
-    concurrent = await asyncio.gather(*(_stream_chat(served.client(), p, 24) for p in prompts))
+    concurrent = await asyncio.gather(*(stream_chat(served.client(), p, 24) for p in prompts))
     assert list(concurrent) == solo
     for stage in served.pipeline.stages:
         assert len(stage.session_ids()) <= 4  # the pool never holds more than its sessions

@@ -16,6 +16,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.model.gguf_file import read_header
+from tests.api_helpers import stream_chat
 from tests.cli_helpers import free_port, run_meshchat
 from tests.engine_helpers import GREEDY
 from tests.mesh_cluster import ApiHead, Cluster
@@ -23,7 +24,6 @@ from tests.mesh_cluster import ApiHead, Cluster
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 KEY = "mesh-key"
-MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 PROMPTS = [f"Write one sentence about the number {i}." for i in range(8)]
 MAX_TOKENS = 24
 
@@ -68,16 +68,10 @@ def _solo_answers(model: Path, tmp: Path) -> list[str]:
 
 async def _stream(base_url: str, prompt: str) -> str:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=180)
-    stream = await client.chat.completions.create(
-        model=MODEL_ID,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=MAX_TOKENS,
-        stream=True,
-    )
-    parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-    await client.close()
-    return "".join(parts)
+    try:
+        return await stream_chat(client, prompt, MAX_TOKENS)
+    finally:
+        await client.close()
 
 
 def test_the_plan_uses_the_worker(api_mesh: ApiHead) -> None:
