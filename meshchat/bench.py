@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meshchat.engine import compute
+from meshchat.engine.profile import EngineProfile, llama_defaults
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.local import LocalPipeline
+from meshchat.inference.profiling import Calibration
 from meshchat.model.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 # Solo again, run between the mesh rows: their reference (see run_benchmark).
 SOLO_BESIDE_MESH = "solo_beside_mesh"
+# Plain llama-cpp-python (its high-level `Llama`, no meshchat code) with the same settings.
+LLAMA_CPP = "llama_cpp"
 # Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
 _FILLER = (
     "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
@@ -102,6 +106,46 @@ def run_pipeline_once(
     result.decode_tok_s.append(decode_tokens / (done - first))
 
 
+class LlamaCppRow:
+    """The reference row: llama-cpp-python's own greedy loop with this machine's profile.
+
+    It is what a user would write without meshchat: `Llama(...)` and `generate`, with the
+    engine profile meshchat chose here (flash attention, extra buffer types, threads), so the
+    `solo_vs_llama_cpp` ratios show what meshchat's own loop costs or saves.
+    """
+
+    def __init__(self, model_path: Path, profile: EngineProfile, n_ctx: int) -> None:
+        from llama_cpp import Llama
+
+        with llama_defaults(profile):
+            self.llm = Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_batch=PROMPT_TOKENS,
+                n_ubatch=PROMPT_TOKENS,
+                n_threads=profile.threads,
+                n_threads_batch=profile.threads,
+                flash_attn=profile.flash_attn,
+                verbose=False,
+            )
+
+    def run_once(self, prompt: list[int], decode_tokens: int, result: RowResult) -> None:
+        self.llm.reset()
+        started = time.perf_counter()
+        first = 0.0
+        stream = self.llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0)
+        for count, _token in enumerate(stream):
+            if count == 0:
+                first = time.perf_counter()
+            elif count == decode_tokens:
+                break
+        done = time.perf_counter()
+        result.record(first - started, first - started, done - first, len(prompt), decode_tokens)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
 def memory_bandwidth_gbs(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
     """Copy bandwidth of main memory: bytes read plus bytes written per second (median)."""
     source = np.ones(size_bytes // 8, dtype=np.float64)
@@ -128,8 +172,13 @@ def run_benchmark(
     repeats: int,
     progress: Callable[[str], None] = lambda _msg: None,
     mesh: MeshRows | None = None,
+    reference: LlamaCppRow | None = None,
+    profile: Calibration | None = None,
 ) -> dict[str, object]:
     """Solo and in-process splits; with `mesh` (not started yet), also its rows.
+
+    With `reference`, plain llama-cpp-python runs in every repetition too, after the
+    in-process rows; `profile` (the engine profile and its trials) goes into the report.
 
     The in-process rows run first, with no mesh running. Then the mesh starts, and its rows run
     interleaved with solo once more ("solo_beside_mesh"): the mesh ratios compare runs of the
@@ -143,7 +192,8 @@ def run_benchmark(
     pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
     mesh_names = list(mesh.names) if mesh else []
     beside = [SOLO_BESIDE_MESH] if mesh else []
-    results = {name: RowResult() for name in [*configs, *beside, *mesh_names]}
+    plain = [LLAMA_CPP] if reference else []
+    results = {name: RowResult() for name in [*configs, *plain, *beside, *mesh_names]}
 
     def run_solo(result: RowResult, prompt: list[int], decode: int) -> None:
         # The whole run goes to the compute thread: no thread hop per step, as a native loop.
@@ -152,10 +202,14 @@ def run_benchmark(
     try:
         for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
             compute.run_sync(run_pipeline_once, pipeline, prompt[:64], 8, RowResult())
+        if reference is not None:
+            compute.run_sync(reference.run_once, prompt[:64], 8, RowResult())
         for repeat in range(repeats):
             progress(f"repetition {repeat + 1}/{repeats} in this process")
             for name, pipeline in pipelines.items():
                 compute.run_sync(run_pipeline_once, pipeline, prompt, DECODE_TOKENS, results[name])
+            if reference is not None:
+                compute.run_sync(reference.run_once, prompt, DECODE_TOKENS, results[LLAMA_CPP])
         if mesh is not None:
             mesh.start(progress)
             run_solo(RowResult(), prompt[:64], 8)
@@ -182,11 +236,17 @@ def run_benchmark(
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_read_per_token(spec)
     ratios = {}
-    for name in [n for n in rows if n not in ("solo", SOLO_BESIDE_MESH)]:
-        reference = rows[SOLO_BESIDE_MESH if name in mesh_names else "solo"]
+    for name in [n for n in rows if n not in ("solo", SOLO_BESIDE_MESH, LLAMA_CPP)]:
+        solo = rows[SOLO_BESIDE_MESH if name in mesh_names else "solo"]
         for metric in ("decode", "prefill"):
             key = f"{metric}_tok_s"
-            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / reference[key], 3)
+            ratios[f"{name}_vs_solo_{metric}"] = round(rows[name][key] / solo[key], 3)
+    if LLAMA_CPP in rows:
+        for metric in ("decode", "prefill"):
+            key = f"{metric}_tok_s"
+            ratios[f"solo_vs_llama_cpp_{metric}"] = round(
+                rows["solo"][key] / rows[LLAMA_CPP][key], 3
+            )
     return {
         "model": spec.name,
         "model_path": str(spec.path),
@@ -201,6 +261,27 @@ def run_benchmark(
         "bytes_per_token": per_token,
         "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
         **(mesh.report() if mesh else {}),
+        **({"engine": engine_report(profile)} if profile else {}),
+    }
+
+
+def engine_report(calibration: Calibration) -> dict[str, object]:
+    """The chosen engine profile, llama.cpp's system info, and every probe behind the choice."""
+    trials = []
+    for trial in calibration.trials:
+        entry: dict[str, object] = {"profile": trial.profile.label, "outcome": trial.outcome.value}
+        if trial.speed is not None:
+            entry["decode_s_per_gb"] = round(trial.speed.decode_s_per_byte * 1e9, 4)
+            entry["prefill_s_per_gb"] = round(trial.speed.prefill_s_per_byte * 1e9, 4)
+        if trial.detail:
+            entry["detail"] = trial.detail
+        trials.append(entry)
+    return {
+        "profile": calibration.profile.to_json(),
+        "label": calibration.profile.label,
+        "system_info": calibration.system_info,
+        "measured_layers": list(calibration.measured_layers),
+        "trials": trials,
     }
 
 
@@ -227,4 +308,7 @@ def format_table(report: dict[str, object]) -> str:
             lines.append(f"{key:<28} {report[key]}")
     lines.append(f"{'memory_bandwidth_gbs':<28} {report['memory_bandwidth_gbs']}")
     lines.append(f"{'decode_bound_tok_s':<28} {report['decode_bound_tok_s']}")
+    engine = report.get("engine")
+    if isinstance(engine, dict):
+        lines.append(f"{'engine_profile':<28} {engine['label']}")
     return "\n".join(lines)

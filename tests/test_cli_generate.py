@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from meshchat.engine.profile import EngineProfile, llama_defaults
 from tests.cli_helpers import run_meshchat
 
 PROMPT = "The three primary colours are"
@@ -20,14 +21,23 @@ def _seed_store(smollm2: Path, data_dir: Path) -> None:
         target.symlink_to(smollm2)
 
 
-def _plain_llama_cpp_greedy(model: Path, prompt: str, max_tokens: int) -> str:
-    """The reference: llama-cpp-python's own high-level API, greedy, with the llama.cpp
-    settings meshchat uses (flash attention on: it changes numerics, so both must agree)."""
+def _plain_llama_cpp_greedy(
+    model: Path, prompt: str, max_tokens: int, profile: EngineProfile
+) -> str:
+    """The reference: llama-cpp-python's own high-level API, greedy, with the engine profile
+    meshchat chose here (flash attention changes numerics, so both must agree; the profile's
+    buffer types are the ones proven safe on this machine)."""
     from llama_cpp import Llama
 
-    llm = Llama(
-        model_path=str(model), n_ctx=4096, n_batch=512, n_threads=2, verbose=False, flash_attn=True
-    )
+    with llama_defaults(profile):
+        llm = Llama(
+            model_path=str(model),
+            n_ctx=4096,
+            n_batch=512,
+            n_threads=profile.threads,
+            verbose=False,
+            flash_attn=profile.flash_attn,
+        )
     result = llm.create_completion(
         prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, top_k=1
     )
@@ -35,7 +45,7 @@ def _plain_llama_cpp_greedy(model: Path, prompt: str, max_tokens: int) -> str:
 
 
 def test_generate_is_identical_unsplit_split_and_plain_llama_cpp(
-    smollm2: Path, tmp_path: Path
+    smollm2: Path, smollm2_profile: EngineProfile, tmp_path: Path
 ) -> None:
     _seed_store(smollm2, tmp_path)
     outputs = {}
@@ -48,7 +58,7 @@ def test_generate_is_identical_unsplit_split_and_plain_llama_cpp(
         outputs[split] = result.stdout
     assert outputs[None] == outputs["15"] == outputs["5,12,24"]
     assert len(outputs[None].split()) > 10
-    reference = _plain_llama_cpp_greedy(smollm2, PROMPT, 48)
+    reference = _plain_llama_cpp_greedy(smollm2, PROMPT, 48, smollm2_profile)
     assert outputs[None] == reference + "\n"
 
 

@@ -12,6 +12,7 @@ from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import StageOptions
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError, UsageError
+from meshchat.inference.capabilities import tuned_options
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.inference.pipeline import Pipeline
@@ -58,7 +59,11 @@ def run_generate(args: argparse.Namespace) -> int:
     n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
     if len(tokens) >= n_ctx:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
-    options = StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads))
+    options = tuned_options(
+        choice.path,
+        data,
+        StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
+    )
     stages = build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
     if len(ranges) > 1:
         plan = " ".join(f"[{a},{b})" for a, b in ranges)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import llama_cpp
@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from meshchat.engine import compute
 from meshchat.engine.llama_lib import ggml_base, init_backend
+from meshchat.engine.profile import EngineProfile, flash_attn_type, model_params
 from meshchat.engine.sampling import SamplerChain, SamplingParams
 from meshchat.errors import MeshchatError
 from meshchat.model.slices import LayerRange
@@ -51,9 +52,22 @@ class StageOptions:
     n_batch: int = 512  # most tokens in one llama_decode call; longer inputs go in chunks
     n_threads: int = 2
     use_mmap: bool = True
-    # Set explicitly, not left to llama.cpp's "auto": it changes numerics (greedy text may
-    # differ), and every stage of a pipeline must agree. On: 30% faster prefill here.
-    flash_attn: bool = True
+    # The engine profile's switches (meshchat.engine.profile): the safe values by default;
+    # callers take them from the profile measured on this machine (`with_profile`).
+    flash_attn: bool = False
+    extra_bufts: bool = False
+
+    @property
+    def profile(self) -> EngineProfile:
+        return EngineProfile(self.flash_attn, self.extra_bufts, self.n_threads)
+
+    def with_profile(self, profile: EngineProfile) -> StageOptions:
+        return replace(
+            self,
+            flash_attn=profile.flash_attn,
+            extra_bufts=profile.extra_bufts,
+            n_threads=profile.threads,
+        )
 
 
 @dataclass
@@ -124,9 +138,7 @@ class Stage:
     # -- setup -------------------------------------------------------------------------------
 
     def _load_model(self, path: Path) -> ctypes.c_void_p:
-        params = llama_cpp.llama_model_default_params()
-        params.use_mmap = self.options.use_mmap
-        params.n_gpu_layers = 0
+        params = model_params(self.options.profile, self.options.use_mmap)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise StageError(f"llama.cpp could not load {path} (run with --debug for its log)")
@@ -143,11 +155,7 @@ class Stage:
         params.n_threads = opts.n_threads
         params.n_threads_batch = opts.n_threads
         params.no_perf = True
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if opts.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        params.flash_attn_type = flash_attn_type(opts.flash_attn)
         if not self.is_last:
             params.cb_eval = self._eval_callback
             params.cb_eval_user_data = None

@@ -1,49 +1,33 @@
 """What a node can run: free memory, its model's fingerprint, and how fast it runs layers.
 
-Speed comes from a short calibration on the node's own hardware: prefill a few dozen tokens
-and decode a few more through the model (or, if the model would crowd memory, through a slice
-of its first layers), then express the cost per byte of layer weights, which is what a decode
-step reads. The result is cached per model fingerprint and machine, so it runs once.
+Speed comes from the node's calibration (meshchat.inference.profiling): each candidate engine
+profile prefills and decodes a few dozen tokens through the model (or a slice of its first
+layers) in a child process, and the cost is expressed per byte of layer weights, which is what a
+decode step reads. Peers get the speeds for each flash attention setting the node can run, since
+the plan fixes that setting for every stage.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import math
 import os
-import platform
-import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from meshchat.engine.stage import Stage, StageOptions
+from meshchat.engine.profile import EngineProfile
+from meshchat.engine.stage import StageOptions
 from meshchat.errors import MeshchatError, UsageError
-from meshchat.fsutil import atomic_write_text
+from meshchat.inference import profiling
 from meshchat.inference.local_model import LocalModel, fingerprint_from_json, fingerprint_to_json
+from meshchat.inference.profiling import Calibration, Speed
 from meshchat.model.fingerprint import Fingerprint
-from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
 
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT_ENV = "MESHCHAT_MEMORY_LIMIT"  # e.g. "300M": cap what this node offers the mesh
-_CALIBRATION_FORMAT = 3
-_PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
-_DECODE_TOKENS = 24
-
-
-@dataclass(frozen=True)
-class Calibration:
-    decode_s_per_byte: float  # seconds per byte of layer weights, per decoded token
-    prefill_s_per_byte: float  # the same per prompt token, in a batch
-    threads: int
-    measured_layers: tuple[int, int]
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "measured_layers": list(self.measured_layers)}
 
 
 @dataclass(frozen=True)
@@ -59,6 +43,20 @@ class NodeCaps:
     rtt_ms: dict[str, float] = field(default_factory=dict)  # to the peers it is connected to
     model_path: str = ""
     peers: tuple[str, ...] = ()  # the nodes it is connected to right now
+    # Its speeds with flash attention on and off (only the values it runs safely): a plan
+    # fixes that setting for every stage, and the planner predicts each value from these.
+    flash_speeds: dict[bool, Speed] = field(default_factory=dict)
+
+    def for_flash(self, flash_attn: bool) -> NodeCaps | None:
+        """This node's offer to a plan with this flash attention setting (None: unsafe here)."""
+        speed = self.flash_speeds.get(flash_attn)
+        if speed is None:
+            return None
+        return replace(
+            self,
+            decode_s_per_byte=speed.decode_s_per_byte,
+            prefill_s_per_byte=speed.prefill_s_per_byte,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +69,10 @@ class NodeCaps:
             "rtt_ms": self.rtt_ms,
             "model_path": self.model_path,
             "peers": list(self.peers),
+            "flash_speeds": {
+                _FLASH_KEYS[flash]: [speed.decode_s_per_byte, speed.prefill_s_per_byte]
+                for flash, speed in self.flash_speeds.items()
+            },
         }
 
     @classmethod
@@ -90,6 +92,7 @@ class NodeCaps:
                 raise ValueError("negative or non-integer figures")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+        flash_speeds = _parse_flash_speeds(node_id, data.get("flash_speeds"))
         raw_fp = data.get("fingerprint")
         fingerprint = fingerprint_from_json(raw_fp) if raw_fp is not None else None
         return cls(
@@ -102,7 +105,28 @@ class NodeCaps:
             rtt_ms=rtts,
             model_path=str(data.get("model_path", ""))[:4096],
             peers=tuple(str(p) for p in list(data.get("peers") or [])[:1024]),
+            flash_speeds=flash_speeds,
         )
+
+
+_FLASH_KEYS = {True: "on", False: "off"}
+
+
+def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
+    """{"on": [decode, prefill], "off": [...]} → speeds by flash setting; bad figures refused."""
+    if raw is None:
+        return {}
+    speeds: dict[bool, Speed] = {}
+    try:
+        for flash, key in _FLASH_KEYS.items():
+            if key in raw:
+                decode, prefill = (float(x) for x in raw[key])
+                if not (0 < decode < math.inf and 0 < prefill < math.inf):
+                    raise ValueError("speeds must be positive and finite")
+                speeds[flash] = Speed(decode, prefill)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+    return speeds
 
 
 def parse_size(text: str) -> int:
@@ -138,90 +162,29 @@ def free_memory() -> int:
     return min(usable, parse_size(limit)) if limit else usable
 
 
-def machine_key(threads: int) -> str:
-    """Identifies this machine and thread count for the calibration cache."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((ln for ln in handle if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    text = f"{platform.node()}|{platform.machine()}|{cpu.strip()}|{os.cpu_count()}|{threads}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _calibration_range(model: LocalModel, memory: int) -> tuple[int, int]:
-    """The whole model if it fits comfortably, else a prefix of layers that does."""
-    spec = model.spec
-    if spec.file_size <= memory // 2:
-        return (0, spec.n_layers)
-    budget, end = memory // 4, 0
-    while end < spec.n_layers and sum(spec.layer_bytes[: end + 1]) <= budget:
-        end += 1
-    return (0, max(end, 1))
-
-
-def run_calibration(model: LocalModel, data: DataDir, threads: int) -> Calibration:
-    first, end = _calibration_range(model, free_memory())
-    path = model.stage_file(data, first, end)
-    options = StageOptions(n_ctx=256, max_sessions=1, n_batch=_PREFILL_TOKENS, n_threads=threads)
-    # The range starts at layer 0, so the stage takes token ids (no hidden input to fake).
-    with Stage(path, LayerRange(first, end), model.n_layers, options) as stage:
-        vocab = max(stage.n_vocab, 2)
-        prompt = [(17 + 31 * i) % vocab for i in range(_PREFILL_TOKENS)]
-        session = uuid.uuid4().hex
-        stage.open_session(session)
-        stage.forward(session, 0, prompt[:8], sample=False)  # warm-up: page in, build graphs
-        prefills = []
-        for _ in range(2):
-            stage.rollback(session, 0)
-            started = time.perf_counter()
-            stage.forward(session, 0, prompt, sample=False)
-            prefills.append((time.perf_counter() - started) / len(prompt))
-        steps = []
-        position = len(prompt)
-        for i in range(_DECODE_TOKENS):
-            started = time.perf_counter()
-            stage.forward(session, position, [prompt[i]], sample=False)
-            steps.append(time.perf_counter() - started)
-            position += 1
-    # Other programs only ever slow a run down: the faster runs are the machine's own speed.
-    prefill_s = min(prefills)
-    decode_s = sorted(steps)[len(steps) * 2 // 5]
-    weights = sum(model.spec.layer_bytes[first:end])
-    if end == model.n_layers:
-        weights += model.output_bytes
-    return Calibration(decode_s / weights, prefill_s / weights, threads, (first, end))
-
-
-def calibration_file(model: LocalModel, data: DataDir, threads: int) -> Path:
-    key = f"{model.fingerprint.short}-{machine_key(threads)}"
-    return data.root / "cache" / "calibration" / f"{key}.json"
-
-
 def calibration(model: LocalModel, data: DataDir, threads: int) -> Calibration:
-    """The cached calibration for this model, machine and thread count (measured if absent)."""
-    path = calibration_file(model, data, threads)
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("format") == _CALIBRATION_FORMAT:
-            c = cached["calibration"]
-            return Calibration(
-                float(c["decode_s_per_byte"]),
-                float(c["prefill_s_per_byte"]),
-                int(c["threads"]),
-                (int(c["measured_layers"][0]), int(c["measured_layers"][1])),
-            )
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        pass
-    result = run_calibration(model, data, threads)
-    log.info("calibrated %s: %s", model.path.name, result)
-    try:
-        record = {"format": _CALIBRATION_FORMAT, "calibration": result.to_json()}
-        atomic_write_text(path, json.dumps(record))
-    except OSError:
-        pass  # a read-only disk costs a re-calibration next time, nothing more
-    return result
+    """This machine's engine profile and speeds for `model` (measured once, then cached)."""
+    return profiling.calibration(model, data, threads, free_memory())
+
+
+def plan_profile(model: LocalModel, data: DataDir, threads: int, flash_attn: bool) -> EngineProfile:
+    """The profile a stage of a plan loads with: the plan's flash attention setting and this
+    machine's best other settings with it. MeshchatError if that setting is unsafe here."""
+    profile = calibration(model, data, threads).profile_for(flash_attn)
+    if profile is None:
+        state = "on" if flash_attn else "off"
+        raise MeshchatError(
+            f"this machine cannot run {model.path.name} with flash attention {state}"
+        )
+    return profile
+
+
+def tuned_options(path: Path, data: DataDir, options: StageOptions) -> StageOptions:
+    """`options` with the engine profile this machine runs the model at `path` best with."""
+    model = LocalModel.open(path, data)
+    profile = calibration(model, data, options.n_threads).profile
+    log.debug("engine profile for %s: %s", path.name, profile.label)
+    return options.with_profile(profile)
 
 
 def local_caps(
@@ -242,4 +205,14 @@ def local_caps(
         rtt_ms=dict(rtt_ms or {}),
         model_path=str(model.path) if model else "",
         peers=tuple(peers or ()),
+        flash_speeds=_flash_speeds(calib) if calib else {},
     )
+
+
+def _flash_speeds(calib: Calibration) -> dict[bool, Speed]:
+    speeds = {}
+    for flash in (False, True):
+        trial = calib.best_trial(flash)
+        if trial is not None and trial.speed is not None:
+            speeds[flash] = trial.speed
+    return speeds

@@ -19,7 +19,8 @@ from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import NodeCaps, calibration, local_caps
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
-from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, Planner
+from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
+from meshchat.inference.profiling import DECODE_TIE
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
@@ -53,6 +54,10 @@ class MeshCoordinator:
         self.needs = ModelNeeds.of(model)
         self.caps: dict[str, NodeCaps] = {}  # the last answer of every node asked
         self._calibration: Any = None
+        # Flash attention for every stage of this head's plans (it changes numerics, so all
+        # stages agree): chosen at the first gather, then kept, so a re-plan after a failure
+        # gives the same text. None until then.
+        self.flash_attn: bool | None = None
 
     @property
     def head(self) -> str:
@@ -134,10 +139,35 @@ class MeshCoordinator:
                 if node == self.node.node_id:
                     raise result
                 self.notify(f"node {node.short} gave no capabilities: {result}")
+        if self.flash_attn is None:
+            self.flash_attn = self._best_flash(found)
+            log.info("plans run with flash attention %s", "on" if self.flash_attn else "off")
         return found
 
     def planner(self, caps: list[NodeCaps]) -> Planner:
-        return Planner(self.needs, caps, self.head, self.n_ctx, self.sessions)
+        """The planner over `caps`, with each node's speeds for this head's flash setting."""
+        flash = self.flash_attn if self.flash_attn is not None else self._best_flash(caps)
+        return self._planner_for(caps, flash)
+
+    def _planner_for(self, caps: list[NodeCaps], flash_attn: bool) -> Planner:
+        offers = [offer for c in caps if (offer := c.for_flash(flash_attn)) is not None]
+        return Planner(self.needs, offers, self.head, self.n_ctx, self.sessions)
+
+    def _best_flash(self, caps: list[NodeCaps]) -> bool:
+        """The flash setting whose best plan predicts the fastest decode (then prefill; then
+        off, the safer). Each node offers the speeds it measured with that setting."""
+        predictions = []
+        for flash in (False, True):
+            try:
+                prediction = self._planner_for(caps, flash).best().prediction
+            except PlanError:
+                continue
+            predictions.append((flash, prediction.decode_s, prediction.prefill_tok_s))
+        if not predictions:
+            return False
+        fastest = min(decode for _, decode, _ in predictions)
+        near = [p for p in predictions if p[1] <= fastest * (1 + DECODE_TIE)]
+        return max(near, key=lambda p: (p[2], not p[0]))[0]
 
     def mismatch_notes(self, planner: Planner) -> list[str]:
         """One line per connected node that cannot run this model, and why."""
@@ -179,6 +209,7 @@ class MeshCoordinator:
             self.node,
             self.model,
             self.data,
+            flash_attn=bool(self.flash_attn),
             threads=self.threads,
             n_ctx=self.n_ctx,
             max_sessions=max(self.sessions, 1),

@@ -33,6 +33,7 @@ from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageError, StageOptions
 from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import plan_profile
 from meshchat.inference.local_model import LocalModel, fingerprint_to_json
 from meshchat.inference.planner import Plan, PlanError
 from meshchat.mesh import wire
@@ -143,6 +144,7 @@ class MeshPipeline:
         *,
         threads: int,
         n_ctx: int,
+        flash_attn: bool = False,
         max_sessions: int = 2,
         transport_dtype: str = "f32",
         prefill_chunk: int = 256,
@@ -153,6 +155,7 @@ class MeshPipeline:
         self.model = model
         self.data = data
         self.threads = threads
+        self.flash_attn = flash_attn  # every stage of every plan: it changes numerics
         self.max_sessions = max_sessions
         self.prefill_chunk = max(1, prefill_chunk)
         self.dtype = wire.DType.F16 if transport_dtype == "f16" else wire.DType.F32
@@ -220,6 +223,7 @@ class MeshPipeline:
             "model": fingerprint_to_json(self.model.fingerprint),
             "n_ctx": self._n_ctx,
             "max_sessions": self.max_sessions,
+            "flash_attn": self.flash_attn,
             "dtype": "f16" if self.dtype is wire.DType.F16 else "f32",
         }
         msg = wire.Plan(plan.plan_id, body)
@@ -263,7 +267,7 @@ class MeshPipeline:
                 max_sessions=self.max_sessions,
                 n_batch=max(self.prefill_chunk, 32),
                 n_threads=self.threads,
-            )
+            ).with_profile(plan_profile(self.model, self.data, self.threads, self.flash_attn))
             self._local = Stage(path, LayerRange(*layers), self.model.n_layers, options)
 
     async def _run(self, fn: Callable[..., T], *args: Any, short: bool = True) -> T:

@@ -27,7 +27,7 @@ from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageOptions, StageOutput
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import Calibration, calibration, local_caps
+from meshchat.inference.capabilities import Calibration, calibration, local_caps, plan_profile
 from meshchat.inference.local_model import LocalModel, fingerprint_from_json
 from meshchat.inference.planner import Plan
 from meshchat.mesh import wire
@@ -206,11 +206,20 @@ class StageService:
             dtype = wire.DType.F16 if body.get("dtype") == "f16" else wire.DType.F32
             n_ctx = max(16, min(int(body.get("n_ctx", 4096)), model.spec.context_length))
             sessions = max(1, min(int(body.get("max_sessions", 2)), MAX_SESSIONS))
+            flash_attn = body.get("flash_attn", False)
+            if not isinstance(flash_attn, bool):
+                raise ValueError("flash_attn must be true or false")
         except (MeshchatError, TypeError, ValueError) as exc:
             return wire.Error("plan", f"malformed plan: {exc}")
+        try:
+            profile = await self._run(
+                plan_profile, model, self.data, self.threads, flash_attn, short=False
+            )
+        except MeshchatError as exc:
+            return wire.Error("load", str(exc))
         options = StageOptions(
             n_ctx=n_ctx, max_sessions=sessions, n_batch=self.n_batch, n_threads=self.threads
-        )
+        ).with_profile(profile)
         started = time.perf_counter()
         current = self._assignment
         if current and (current.first, current.end, current.options) == (

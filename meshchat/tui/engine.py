@@ -21,6 +21,7 @@ from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage, StageOptions
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import tuned_options
 from meshchat.inference.head import ChatPrompter, GenerationStats, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
 from meshchat.inference.pipeline import Pipeline
@@ -107,10 +108,14 @@ class ChatEngine:
         if not is_supported(spec.arch):
             raise MeshchatError(f"unsupported architecture {spec.arch!r} in {model_path}")
         ranges = ranges or [(0, spec.n_layers)]
-        options = StageOptions(
-            n_ctx=min(n_ctx, spec.context_length),
-            max_sessions=1,
-            n_threads=thread_count(threads or None),
+        options = tuned_options(
+            model_path,
+            data,
+            StageOptions(
+                n_ctx=min(n_ctx, spec.context_length),
+                max_sessions=1,
+                n_threads=thread_count(threads or None),
+            ),
         )
         tokenizer = Tokenizer(model_path)
         try:
