@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meshchat.engine.probe import FAULT_ENV
 from tests.mesh_cluster import CMD, ENV, Cluster, StreamingHead, read_json, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -210,3 +211,29 @@ def test_no_plan_fits_the_survivors_fails_with_a_clear_message(
     last = err.strip().splitlines()[-1]
     assert "no plan fits the remaining nodes" in last and "conversation is kept" in last, err
     assert solo_long.startswith(out) and len(out) >= len(solo_long) // 5  # nothing shown is lost
+
+
+@pytest.mark.parametrize("flash", ["off", "on"])
+def test_mesh_parity_with_flash_attention_fixed_by_the_plan(
+    smollm2: Path, tmp_path: Path, calibration_cache: Path, flash: str
+) -> None:
+    """Every node can run only one flash attention setting (the other's probe crashes, by the
+    test switch): the plan carries that setting, every stage applies it, and the mesh's text
+    is exactly solo's with the same setting."""
+    other = "on" if flash == "off" else "off"
+    env = {FAULT_ENV: f"crash:flash_attn={other}"}
+    solo = subprocess.run(
+        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", "96",
+         "--model", str(smollm2), "--data-dir", str(tmp_path / "solo")],
+        env={**ENV, **env}, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert solo.returncode == 0, solo.stderr
+    cluster = Cluster(tmp_path, calibration_cache)
+    try:
+        cluster.add(smollm2, env=env)
+        result = cluster.generate(PROMPT, smollm2, "--max-tokens", "96", "--split", "12", env=env)
+    finally:
+        cluster.close()
+    assert result.returncode == 0, result.stderr
+    assert f"flash attention {flash})" in _plan_line(result.stderr)
+    assert result.stdout == solo.stdout

@@ -79,7 +79,11 @@ async def _run(
         if advice is not None:
             _say(advice.advice)
         tok_s = planner.predict(plan).decode_tok_s
-        _say(f"plan {plan.describe(str(node.node_id))} (predicted {tok_s:.1f} tok/s)")
+        flash = "on" if coordinator.flash_attn else "off"
+        _say(
+            f"plan {plan.describe(str(node.node_id))} (predicted {tok_s:.1f} tok/s, "
+            f"flash attention {flash})"
+        )
         pipeline = await coordinator.start(plan, transport_dtype=args.transport_dtype)
         return await stream_to_stdout(pipeline, tokenizer, tokens, params, args.max_tokens)
     finally:

@@ -140,10 +140,12 @@ class StageService:
     async def _calibrate(self) -> Calibration | None:
         assert self.model is not None
         try:
-            return await self._run(calibration, self.model, self.data, self.threads, short=False)
+            calib = await self._run(calibration, self.model, self.data, self.threads, short=False)
         except Exception as exc:
             log.warning("calibration failed: %s", exc)
             return None
+        self.node.engine = {"chosen": calib.profile.to_json(), "running": None}
+        return calib
 
     # -- capabilities ----------------------------------------------------------------------------
 
@@ -240,6 +242,7 @@ class StageService:
             plan.plan_id, head, mine.first, mine.end, prev, nxt, dtype, stage, options
         )
         self.node.set_status((mine.first, mine.end), model.status())
+        self.node.engine = {**(self.node.engine or {}), "running": options.profile.to_json()}
         load_s = time.perf_counter() - started
         log.info("serving layers %s for %s (%.2f s)", mine, head.short, load_s)
         return wire.Ack(

@@ -143,6 +143,8 @@ class Node:
         self._ping_seq = 0
         self._layers: tuple[int, int] | None = None
         self._model: dict[str, Any] | None = None
+        # The engine profile this node chose and the one its stage runs with (status file only).
+        self.engine: dict[str, Any] | None = None
         self._discovery_factory = discovery
         self.discovery: Any = None
         self._started = False
@@ -737,6 +739,7 @@ class Node:
             "mesh_id": self.mesh_id,
             "model": self._model,
             "layers": list(self._layers) if self._layers else None,
+            "engine": self.engine,
             "peers": [p.to_json() for p in self.peers()],
         }
 
