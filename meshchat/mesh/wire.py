@@ -244,7 +244,7 @@ def roster_ts(value: Any, name: str) -> float:
     Integers are range-checked before conversion (a 400-digit one would overflow float())."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError(f"{name}: expected a number")
-    if not (math.isfinite(value) and MIN_ROSTER_TS <= value <= MAX_ROSTER_TS):
+    if not MIN_ROSTER_TS <= value <= MAX_ROSTER_TS:  # False for NaN and ±inf too
         raise ProtocolError(f"{name}: timestamp out of range")
     return float(value)
 
