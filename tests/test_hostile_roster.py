@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from meshchat.errors import MeshchatError
 from meshchat.mesh import wire
 from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.invites import InviteError
@@ -308,3 +309,16 @@ async def test_removed_members_invites_die_with_it(mesh: MeshNodes) -> None:
         cast.h.peer(newcomer.node_id) is None
         or cast.h.peer(newcomer.node_id).state is not PeerState.CONNECTED
     )  # type: ignore[union-attr]
+
+
+async def test_a_removal_not_allowed_is_one_clear_error(mesh: MeshNodes) -> None:
+    """`remove_member` (the TUI's F7 shows "remove failed: <message>") says why, in one line."""
+    cast = await build(mesh)
+    before = cast.rosters()
+    with pytest.raises(MeshchatError) as refused:
+        await cast.b.remove_member(cast.v.node_id)
+    message = str(refused.value)
+    assert "\n" not in message and "only the mesh's founder or the member that invited" in message
+    await unchanged(cast, before)
+    await cast.a.remove_member(cast.v.node_id)  # the founder may
+    await eventually(lambda: not cast.b.membership.is_member(cast.v.node_id))
