@@ -208,6 +208,7 @@ def test_malformed_records_are_protocol_errors(mesh: Mesh) -> None:
         {k: v for k, v in add.items() if k != "join_sig"},  # an add of another node needs proof
         add | {"action": "remove"},  # and a removal carries none
         add | {"mesh_id": ""},
+        add | {"mesh_id": "\u00e9" * 64},  # would not fit the signed layout's length byte
         [add],
     ):
         with pytest.raises(ProtocolError):

@@ -63,7 +63,7 @@ FILE_VERSION = 2
 #: refuse its own add), and stay small so no record sits far ahead of every clock.
 CLOCK_SKEW = 300.0
 #: Distinct NodeIDs on the roster (each has one add and maybe one removal): 2 records each, so a
-#: whole roster fits one control frame (~430 bytes a record, 1 MiB limit).
+#: whole roster fits one control frame (~490 bytes a record: 0.5 MB of the 1 MiB limit).
 MAX_SUBJECTS = MAX_ROSTER_RECORDS // 2
 MAX_ADDRESSES_PER_MEMBER = 8
 _FOUNDER_HASH = 12  # bytes of the founder's key hash at the start of the mesh id

@@ -219,7 +219,9 @@ class RosterRecord:
         if not known.issuperset(value):
             raise ProtocolError(f"{name}: unknown fields")
         mesh_id = value.get("mesh_id")
-        if not isinstance(mesh_id, str) or not 0 < len(mesh_id) <= _MAX_MESH_ID:
+        if not isinstance(mesh_id, str) or not (
+            0 < len(mesh_id) <= _MAX_MESH_ID and mesh_id.isascii()
+        ):
             raise ProtocolError(f"{name}.mesh_id: expected a mesh id")
         try:
             action = RosterAction(str(value.get("action")))
