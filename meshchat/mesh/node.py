@@ -382,6 +382,9 @@ class Node:
         self.membership.save()
         peer = self._peers.pop(node, None)
         if peer is not None and peer.conn is not None:
+            # Tell it first: its own invites then stop working at once (honest code refuses).
+            with contextlib.suppress(ConnectionLost, TimeoutError):
+                await asyncio.wait_for(peer.conn.send(self._roster_msg()), 1.0)
             peer.conn.abort("removed from the mesh")
             self._emit("left", node)
         await self._broadcast(self._roster_msg())
