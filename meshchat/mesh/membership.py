@@ -33,6 +33,7 @@ pair again with an invite (the old mesh had no founder to anchor their signed ad
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -104,18 +105,9 @@ def sign_record(
     ts: float,
     join: tuple[bytes, bytes] | None = None,
 ) -> RosterRecord:
-    unsigned = RosterRecord(
-        mesh_id, subject, action, ts, identity.node_id, b"",
-        *(join if join is not None else (None, None)),
-    )  # fmt: skip
-    return _with_signature(unsigned, identity.sign(unsigned.signed_payload()))
-
-
-def _with_signature(record: RosterRecord, signature: bytes) -> RosterRecord:
-    return RosterRecord(
-        record.mesh_id, record.subject, record.action, record.ts, record.author, signature,
-        record.join_nonce, record.join_signature,
-    )  # fmt: skip
+    nonce, proof = join if join is not None else (None, None)
+    unsigned = RosterRecord(mesh_id, subject, action, ts, identity.node_id, b"", nonce, proof)
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_payload()))
 
 
 def check_signatures(record: RosterRecord) -> bool:
@@ -159,7 +151,7 @@ class RosterState:
                 return None if ok else "only the founder adds itself, first"
             if not self.is_member(r.author):
                 return f"node {r.author.short} is not a member"
-            return None  # the join proof (checked with the signature) shows an invite of its
+            return None  # its join proof (checked with the signatures) shows it asked to join
         if not self.is_member(r.author):
             return f"node {r.author.short} is not a member"
         added = self.adds.get(r.subject)
