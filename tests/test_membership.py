@@ -300,3 +300,7 @@ def test_previous_version_file_is_migrated(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(MeshchatError, match="unreadable"):
         Membership.load_or_create(path, me)
+    for corrupt in ({"roster": {"not-a-node-id": {"removed": True}}}, [], {"records": [{}]}):
+        path.write_text(json.dumps(corrupt))
+        with pytest.raises(MeshchatError, match="corrupt"):
+            Membership.load_or_create(path, me)

@@ -230,7 +230,14 @@ class Membership:
             m = cls(path, identity, mesh_id, base64.b64decode(data["mesh_secret"]), state, {})
             m.addresses = {n: a for n, a in addresses.items() if m.is_member(n)}
             return m
-        except (KeyError, TypeError, ValueError, AttributeError, ProtocolError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            ProtocolError,
+            MeshchatError,
+        ) as exc:
             raise MeshchatError(f"mesh file {path} is corrupt ({exc})") from exc
 
     @classmethod
