@@ -194,9 +194,14 @@ async def test_removed_member_refused(mesh: MeshNodes) -> None:
         await b.connect(a.node_id, a.addresses)
     with pytest.raises(ConnectionLost, match="not a member"):
         await b.connect(c.node_id, c.addresses)
-    # A new invite brings it back.
-    await b.join(a.create_invite())
-    assert a.membership.is_member(b.node_id)
+    # A removal is final: even a fresh invite is refused, and the use is not spent.
+    code = a.create_invite()
+    with pytest.raises(InviteError, match="removed from this mesh"):
+        await b.join(code)
+    assert not a.membership.is_member(b.node_id)
+    d = await mesh.new()
+    await d.join(code)
+    assert a.membership.is_member(d.node_id)
 
 
 # --- liveness -----------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
 The signature covers a domain string, the listener's NodeID, the dialer's NodeID and the nonce:
 binding the listener's identity stops a malicious member from relaying our proof elsewhere, the
 fresh nonce stops replays. The listener's own identity is already proven by TLS (pinned key).
+A dialer redeeming an invite signs under the join domain instead (`membership.join_payload`):
+that signature and the nonce go into the roster as its join proof, so other members can check
+that it asked to join through that inviter.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import NoReturn
 from meshchat.errors import MeshchatError
 from meshchat.mesh import wire
 from meshchat.mesh.identity import Identity, NodeId
+from meshchat.mesh.membership import join_payload
 from meshchat.mesh.transport import Connection, ConnectionLost
 
 _DOMAIN = b"meshchat/1 auth\x00"
@@ -50,7 +54,8 @@ async def dial_handshake(
     if not isinstance(msg, wire.Challenge) or len(msg.nonce) != 32:
         conn.abort("expected a challenge")
         raise ConnectionLost("peer broke the handshake")
-    sig = identity.sign(auth_payload(conn.peer_id, identity.node_id, msg.nonce))
+    sign = auth_payload if invite_secret is None else join_payload
+    sig = identity.sign(sign(conn.peer_id, identity.node_id, msg.nonce))
     await conn.send(wire.Auth(sig, invite_secret))
     msg = await conn.recv_handshake(AUTH_TIMEOUT)
     if isinstance(msg, wire.Error):
@@ -63,7 +68,10 @@ async def dial_handshake(
     return msg
 
 
-Decide = Callable[[Connection, NodeId, wire.Hello, wire.Auth], Awaitable[wire.Welcome | wire.Error]]
+# decide(conn, dialer, hello, auth, nonce): the nonce the dialer signed (its join proof).
+Decide = Callable[
+    [Connection, NodeId, wire.Hello, wire.Auth, bytes], Awaitable[wire.Welcome | wire.Error]
+]
 
 
 async def accept_handshake(
@@ -84,9 +92,10 @@ async def accept_handshake(
     auth = await conn.recv_handshake(AUTH_TIMEOUT)
     if not isinstance(auth, wire.Auth):
         await refuse(conn, "protocol", "expected AUTH")
-    if not dialer.verify(auth.signature, auth_payload(identity.node_id, dialer, nonce)):
+    signed = auth_payload if auth.invite_secret is None else join_payload
+    if not dialer.verify(auth.signature, signed(identity.node_id, dialer, nonce)):
         await refuse(conn, "bad-signature", "signature does not match the NodeID (wrong key)")
-    verdict = await decide(conn, dialer, msg, auth)
+    verdict = await decide(conn, dialer, msg, auth, nonce)
     if isinstance(verdict, wire.Error):
         await refuse(conn, verdict.code, verdict.reason)
     assert isinstance(verdict, wire.Welcome)

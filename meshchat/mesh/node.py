@@ -29,7 +29,7 @@ from meshchat.mesh import wire
 from meshchat.mesh.auth import AuthRefused, accept_handshake, dial_handshake
 from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.invites import InviteBook, InviteCode, InviteError
-from meshchat.mesh.membership import Membership
+from meshchat.mesh.membership import Membership, RosterError
 from meshchat.mesh.transport import (
     APP_ERROR_DUPLICATE,
     DEFAULT_TUNING,
@@ -128,7 +128,7 @@ class Node:
         self.identity = Identity.load_or_create(data_dir.identity)
         self.node_id = self.identity.node_id
         mesh_dir = data_dir.ensure(data_dir.mesh)
-        self.membership = Membership.load_or_create(mesh_dir / "mesh.json", self.node_id)
+        self.membership = Membership.load_or_create(mesh_dir / "mesh.json", self.identity)
         self.invites = InviteBook(mesh_dir / "invites.json")
         self.endpoint = Endpoint(self.identity, self._on_incoming, tuning)
         self._peers: dict[NodeId, Peer] = {}
@@ -363,7 +363,11 @@ class Node:
             if welcome.mesh_secret is None:
                 conn.abort("welcome without mesh secret")
                 raise InviteError("the inviter accepted us but sent no mesh secret")
-            self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
+            try:
+                self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
+            except RosterError as exc:
+                conn.abort("bad roster in welcome")
+                raise InviteError(f"invite accepted, but {exc}") from None
             self.membership.save()
             self._adopt(conn, _ok_addrs(welcome.addresses), "invite")
             self._update_discovery_secret()
@@ -372,33 +376,43 @@ class Node:
         raise InviteError("cannot use invite: " + "; ".join(problems))
 
     async def remove_member(self, node: NodeId) -> None:
-        """Take `node` off the roster (it needs a new invite to come back) and tell members."""
+        """Take `node` off the mesh for good and tell members.
+
+        Allowed for the mesh's founder, and for the member that invited `node`; anything else
+        raises RosterError (a MeshchatError) saying why (rules in `membership`)."""
         self.membership.remove(node)
         self.membership.save()
         peer = self._peers.pop(node, None)
         if peer is not None and peer.conn is not None:
+            # Tell it first: its own invites then stop working at once (honest code refuses).
+            with contextlib.suppress(ConnectionLost, TimeoutError):
+                await asyncio.wait_for(peer.conn.send(self._roster_msg()), 1.0)
             peer.conn.abort("removed from the mesh")
             self._emit("left", node)
         await self._broadcast(self._roster_msg())
 
     def _roster_msg(self) -> wire.Roster:
-        return wire.Roster(self.mesh_id, self.membership.roster_json())
+        return wire.Roster(self.mesh_id, self.membership.records())
 
     async def _broadcast(self, msg: wire.Message) -> None:
         await asyncio.gather(*(self._send_quiet(n, msg) for n in self.connected()))
 
     async def _decide(
-        self, conn: Connection, dialer: NodeId, hello: wire.Hello, auth: wire.Auth
+        self, conn: Connection, dialer: NodeId, hello: wire.Hello, auth: wire.Auth, nonce: bytes
     ) -> wire.Welcome | wire.Error:
-        """The listener's verdict on an authenticated dialer: member, invitee, or refused."""
+        """The listener's verdict on an authenticated dialer: member, invitee, or refused.
+
+        An invitee's handshake signature (under the join domain) and `nonce` are its join
+        proof, which goes into its signed add record."""
         m = self.membership
         secret = None
         if auth.invite_secret is not None:
             try:
+                m.check_add(dialer)  # removed, roster full, or we were removed: keep the use
                 self.invites.redeem(auth.invite_secret)
-            except InviteError as exc:
+                m.add(dialer, nonce, auth.signature)
+            except (InviteError, RosterError) as exc:
                 return wire.Error("invite", str(exc))
-            m.add(dialer)
             m.addresses[dialer] = _ok_addrs(hello.addresses)
             m.save()
             secret = m.mesh_secret
@@ -410,7 +424,7 @@ class Node:
                 "not-member",
                 f"node {dialer.short} is not a member of this mesh (not invited, or removed)",
             )
-        return wire.Welcome(str(self.node_id), m.mesh_id, secret, m.roster_json(), self.addresses)
+        return wire.Welcome(str(self.node_id), m.mesh_id, secret, m.records(), self.addresses)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -456,7 +470,12 @@ class Node:
                 conn.abort("different mesh")
                 problems.append(f"{text}: in another mesh")
                 continue
-            self._merge_roster(welcome.roster)
+            try:
+                self._merge_roster(welcome.roster)
+            except RosterError as exc:
+                conn.abort("bad roster")
+                problems.append(f"{text}: {exc}")
+                continue
             self._adopt(conn, _ok_addrs(welcome.addresses), via)
             return
         raise ConnectionLost(f"cannot reach {node.short}: " + "; ".join(problems))
@@ -552,7 +571,7 @@ class Node:
             elif isinstance(msg, wire.Peers):
                 self._on_peers(msg)
             elif isinstance(msg, wire.Roster):
-                self._on_roster(msg)
+                self._on_roster(c, msg)
             elif (fast := self._arrival.get(type(msg))) is not None:
                 try:
                     fast(node, msg)
@@ -599,12 +618,18 @@ class Node:
             if good and peer.state is not PeerState.CONNECTED:
                 peer.addresses = good
 
-    def _on_roster(self, msg: wire.Roster) -> None:
-        if msg.mesh_id == self.mesh_id:
-            self._merge_roster(msg.entries)
+    def _on_roster(self, conn: Connection, msg: wire.Roster) -> None:
+        if msg.mesh_id != self.mesh_id:
+            return
+        try:
+            self._merge_roster(msg.records)
+        except RosterError as exc:  # a forged record: no honest member sends one
+            log.warning("peer %s sent a bad roster: %s", conn.peer_id, exc)
+            conn.abort(f"bad roster: {exc}")
 
-    def _merge_roster(self, entries: dict[str, Any]) -> None:
-        changed = self.membership.merge(entries)
+    def _merge_roster(self, records: list[wire.RosterRecord]) -> None:
+        """Check and merge a peer's records; raises RosterError on a forged one."""
+        changed = self.membership.merge(records)
         if not changed:
             return
         self.membership.save()

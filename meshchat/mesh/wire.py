@@ -22,6 +22,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
+from meshchat.errors import MeshchatError
+from meshchat.mesh.identity import NodeId
+
 WIRE_VERSION = 1
 HEADER = struct.Struct("!BBHI")
 HEADER_SIZE = HEADER.size
@@ -102,8 +105,12 @@ class Welcome(Message):
     node_id: str
     mesh_id: str
     mesh_secret: bytes | None = None
-    roster: dict[str, Any] = field(default_factory=dict)
+    roster: list[RosterRecord] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.roster) > MAX_ROSTER_RECORDS:
+            raise ProtocolError(f"roster of more than {MAX_ROSTER_RECORDS} records")
 
 
 @dataclass(frozen=True)
@@ -144,13 +151,140 @@ class Peers(Message):
     peers: dict[str, list[str]] = field(default_factory=dict)
 
 
+class RosterAction(enum.StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+MAX_ROSTER_RECORDS = 1024  # one add and at most one removal per NodeID (membership.MAX_SUBJECTS)
+MIN_ROSTER_TS = 1_577_836_800.0  # 2020-01-01: no honest record is older than this code
+MAX_ROSTER_TS = float(1 << 33)  # year 2242: finite, and exact as a double to the microsecond
+_MAX_MESH_ID = 64
+_SIG_LEN = 64
+_NONCE_LEN = 32
+
+
+@dataclass(frozen=True)
+class RosterRecord:
+    """One signed roster change: `author` says `subject` is added to / removed from `mesh_id`.
+
+    An add by a member other than the subject carries the subject's join proof: its handshake
+    signature over `membership.join_payload(author, subject, join_nonce)`, made only when it
+    redeems an invite of `author`. Meaning and checks live in `membership`; this is the format.
+    """
+
+    mesh_id: str
+    subject: NodeId
+    action: RosterAction
+    ts: float
+    author: NodeId
+    signature: bytes
+    join_nonce: bytes | None = None
+    join_signature: bytes | None = None
+
+    def signed_payload(self) -> bytes:
+        """What `author` signs: every field but the signatures, in a fixed binary layout."""
+        mesh = self.mesh_id.encode()
+        return (
+            b"meshchat/1 roster\x00"
+            + struct.pack("!B", len(mesh))
+            + mesh
+            + self.subject.raw
+            + self.author.raw
+            + (b"\x01" if self.action is RosterAction.ADD else b"\x02")
+            + struct.pack("!d", self.ts)
+            + (self.join_nonce or b"")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "mesh_id": self.mesh_id,
+            "subject": str(self.subject),
+            "action": self.action.value,
+            "ts": self.ts,
+            "author": str(self.author),
+            "sig": base64.b64encode(self.signature).decode(),
+        }
+        if self.join_nonce is not None and self.join_signature is not None:
+            obj["join_nonce"] = base64.b64encode(self.join_nonce).decode()
+            obj["join_sig"] = base64.b64encode(self.join_signature).decode()
+        return obj
+
+    @classmethod
+    def from_json(cls, value: Any, name: str = "record") -> RosterRecord:
+        """Parse and check the format of one record; anything malformed is a ProtocolError."""
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{name}: expected an object")
+        known = {"mesh_id", "subject", "action", "ts", "author", "sig", "join_nonce", "join_sig"}
+        if not known.issuperset(value):
+            raise ProtocolError(f"{name}: unknown fields")
+        mesh_id = value.get("mesh_id")
+        if not isinstance(mesh_id, str) or not (
+            0 < len(mesh_id) <= _MAX_MESH_ID and mesh_id.isascii()
+        ):
+            raise ProtocolError(f"{name}.mesh_id: expected a mesh id")
+        try:
+            action = RosterAction(str(value.get("action")))
+        except ValueError:
+            raise ProtocolError(f"{name}.action: expected 'add' or 'remove'") from None
+        subject, author = _node_id(value, "subject", name), _node_id(value, "author", name)
+        signature = _fixed_b64(value, "sig", _SIG_LEN, name)
+        nonce, join_sig = value.get("join_nonce"), value.get("join_sig")
+        needs_proof = action is RosterAction.ADD and subject != author
+        if needs_proof != (nonce is not None) or needs_proof != (join_sig is not None):
+            raise ProtocolError(f"{name}: a join proof belongs to an add of another node, only")
+        return cls(
+            mesh_id, subject, action, roster_ts(value.get("ts"), f"{name}.ts"), author, signature,
+            None if nonce is None else _fixed_b64(value, "join_nonce", _NONCE_LEN, name),
+            None if join_sig is None else _fixed_b64(value, "join_sig", _SIG_LEN, name),
+        )  # fmt: skip
+
+
+def roster_ts(value: Any, name: str) -> float:
+    """A roster timestamp: a finite number of seconds within [MIN_ROSTER_TS, MAX_ROSTER_TS].
+
+    Integers are range-checked before conversion (a 400-digit one would overflow float())."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"{name}: expected a number")
+    if not MIN_ROSTER_TS <= value <= MAX_ROSTER_TS:  # False for NaN and ±inf too
+        raise ProtocolError(f"{name}: timestamp out of range")
+    return float(value)
+
+
+def _node_id(obj: dict[str, Any], key: str, name: str) -> NodeId:
+    text = obj.get(key)
+    if not isinstance(text, str) or len(text) > 80:
+        raise ProtocolError(f"{name}.{key}: expected a NodeID")
+    try:
+        return NodeId.parse(text)
+    except MeshchatError:
+        raise ProtocolError(f"{name}.{key}: not a NodeID") from None
+
+
+def _fixed_b64(obj: dict[str, Any], key: str, size: int, name: str) -> bytes:
+    text = obj.get(key)
+    if not isinstance(text, str) or len(text) > 4 * size:
+        raise ProtocolError(f"{name}.{key}: expected base64 text")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolError(f"{name}.{key}: bad base64") from None
+    if len(raw) != size:
+        raise ProtocolError(f"{name}.{key}: expected {size} bytes")
+    return raw
+
+
 @dataclass(frozen=True)
 class Roster(Message):
-    """The sender's roster (see membership.Roster.to_json) for merging."""
+    """The sender's whole roster: every record it accepted, for the receiver to check and merge."""
 
     TYPE: ClassVar[MsgType] = MsgType.ROSTER
     mesh_id: str
-    entries: dict[str, Any] = field(default_factory=dict)
+    records: list[RosterRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.records) > MAX_ROSTER_RECORDS:
+            raise ProtocolError(f"roster of more than {MAX_ROSTER_RECORDS} records")
 
 
 @dataclass(frozen=True)
@@ -401,6 +535,8 @@ _MAX_BODY = {t: (MAX_TENSOR_BODY if t in _BULK else MAX_CONTROL_BODY) for t in M
 def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
+    if isinstance(value, list) and value and isinstance(value[0], RosterRecord):
+        return [r.to_json() for r in value]
     return value
 
 
@@ -448,6 +584,8 @@ def _check(value: Any, hint: Any, name: str) -> Any:
             raise ProtocolError(f"field {name}: expected an object")
         _, item = typing.get_args(hint)
         return {k: _check(v, item, name) for k, v in value.items()}
+    if hint is RosterRecord:
+        return RosterRecord.from_json(value, name)
     raise TypeError(f"unsupported schema type {hint!r}")  # a bug in this module, not the peer
 
 

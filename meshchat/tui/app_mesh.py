@@ -452,7 +452,7 @@ class MeshMixin(AppBase):
 
         self.push_screen(
             Pick(
-                "Remove which member? It needs a new invite to come back.",
+                "Remove which member? It cannot come back with that identity.",
                 [(r.key, f"{r.name}  {r.address}  {r.state}") for r in members],
             ),
             chosen,
