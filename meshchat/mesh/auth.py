@@ -5,9 +5,12 @@
     dialer → AUTH(signature, invite_secret?)
     listener → WELCOME(...) or ERROR(code, reason), then closes
 
-The signature covers a domain string, the listener's NodeID, the dialer's NodeID and the nonce:
-binding the listener's identity stops a malicious member from relaying our proof elsewhere, the
-fresh nonce stops replays. The listener's own identity is already proven by TLS (pinned key).
+The signature covers a domain string, the listener's NodeID, the dialer's NodeID, the nonce and
+a secret both ends derive from this TLS session (transport.session_binding): binding the
+listener's identity stops a malicious member from relaying our proof elsewhere, the fresh nonce
+stops replays, and the session binding makes the proof worthless on any other TLS session (the
+listener never sees a client certificate, so this is what ties the dialer's key to the session).
+The listener's own identity is already proven by TLS (pinned key).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.transport import Connection, ConnectionLost
 
 _DOMAIN = b"meshchat/1 auth\x00"
+BINDING_SIZE = 32
 AUTH_TIMEOUT = 5.0
 
 
@@ -34,8 +38,15 @@ class AuthRefused(MeshchatError):
         self.code = code
 
 
-def auth_payload(listener: NodeId, dialer: NodeId, nonce: bytes) -> bytes:
-    return _DOMAIN + listener.raw + dialer.raw + nonce
+def auth_payload(listener: NodeId, dialer: NodeId, nonce: bytes, binding: bytes) -> bytes:
+    """What the dialer signs; `binding`: the connection's `tls_binding`."""
+    if len(binding) != BINDING_SIZE:  # no handshake yet: never sign or check an unbound proof
+        raise ConnectionLost("the TLS session is not established")
+    return _DOMAIN + listener.raw + dialer.raw + nonce + binding
+
+
+def new_nonce() -> bytes:
+    return os.urandom(32)
 
 
 async def dial_handshake(
@@ -50,7 +61,8 @@ async def dial_handshake(
     if not isinstance(msg, wire.Challenge) or len(msg.nonce) != 32:
         conn.abort("expected a challenge")
         raise ConnectionLost("peer broke the handshake")
-    sig = identity.sign(auth_payload(conn.peer_id, identity.node_id, msg.nonce))
+    payload = auth_payload(conn.peer_id, identity.node_id, msg.nonce, conn.tls_binding)
+    sig = identity.sign(payload)
     await conn.send(wire.Auth(sig, invite_secret))
     msg = await conn.recv_handshake(AUTH_TIMEOUT)
     if isinstance(msg, wire.Error):
@@ -79,12 +91,13 @@ async def accept_handshake(
         await refuse(conn, "bad-hello", "HELLO carries no valid NodeID")
     if dialer == identity.node_id:
         await refuse(conn, "self", "a node cannot connect to itself")
-    nonce = os.urandom(32)
+    nonce = new_nonce()
     await conn.send(wire.Challenge(nonce))
     auth = await conn.recv_handshake(AUTH_TIMEOUT)
     if not isinstance(auth, wire.Auth):
         await refuse(conn, "protocol", "expected AUTH")
-    if not dialer.verify(auth.signature, auth_payload(identity.node_id, dialer, nonce)):
+    payload = auth_payload(identity.node_id, dialer, nonce, conn.tls_binding)
+    if not dialer.verify(auth.signature, payload):
         await refuse(conn, "bad-signature", "signature does not match the NodeID (wrong key)")
     verdict = await decide(conn, dialer, msg, auth)
     if isinstance(verdict, wire.Error):

@@ -32,6 +32,7 @@ from meshchat.mesh.invites import InviteBook, InviteCode, InviteError
 from meshchat.mesh.membership import Membership
 from meshchat.mesh.transport import (
     APP_ERROR_DUPLICATE,
+    APP_ERROR_PROTOCOL,
     DEFAULT_TUNING,
     Address,
     Connection,
@@ -50,6 +51,8 @@ EventKind = Literal["joined", "left", "rtt", "status", "nearby"]
 Handler = Callable[[NodeId, Any], Awaitable[wire.Message | None] | wire.Message | None]
 DiscoveryFactory = Callable[["Node"], Any]
 
+# What a peer's malformed input can raise past the wire decoder (e.g. a roster it sent).
+PEER_INPUT_ERRORS = (wire.ProtocolError, ValueError, TypeError, KeyError, OverflowError)
 _RTT_SAMPLES = 31
 _INBOX_LIMIT = 4096  # decoded messages waiting for a handler, per peer
 
@@ -361,7 +364,11 @@ class Node:
             if welcome.mesh_secret is None:
                 conn.abort("welcome without mesh secret")
                 raise InviteError("the inviter accepted us but sent no mesh secret")
-            self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
+            try:
+                self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
+            except PEER_INPUT_ERRORS as exc:
+                conn.abort("malformed welcome", APP_ERROR_PROTOCOL)
+                raise InviteError(f"the inviter sent a malformed welcome: {exc}") from None
             self.membership.save()
             self._adopt(conn, _ok_addrs(welcome.addresses), "invite")
             self._update_discovery_secret()
@@ -435,6 +442,10 @@ class Node:
         except (AuthRefused, ConnectionLost) as exc:
             log.info("refused connection from %s: %s", fmt_addr(conn.remote), exc)
             return
+        except PEER_INPUT_ERRORS as exc:
+            conn.abort(f"protocol error: {exc}", APP_ERROR_PROTOCOL)
+            log.info("bad handshake from %s: %s", fmt_addr(conn.remote), exc)
+            return
         peer = self._peers.get(dialer)
         self._adopt(conn, _ok_addrs(hello.addresses), peer.via if peer else "peer")
 
@@ -454,7 +465,12 @@ class Node:
                 conn.abort("different mesh")
                 problems.append(f"{text}: in another mesh")
                 continue
-            self._merge_roster(welcome.roster)
+            try:
+                self._merge_roster(welcome.roster)
+            except PEER_INPUT_ERRORS as exc:  # the redial task must survive a bad peer
+                conn.abort("malformed welcome", APP_ERROR_PROTOCOL)
+                problems.append(f"{text}: malformed welcome ({exc})")
+                continue
             self._adopt(conn, _ok_addrs(welcome.addresses), via)
             return
         raise ConnectionLost(f"cannot reach {node.short}: " + "; ".join(problems))
