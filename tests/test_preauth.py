@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from meshchat.mesh import auth, wire
 from meshchat.mesh.identity import Identity
 from meshchat.mesh.invites import InviteError
+from meshchat.mesh.membership import Membership
 from meshchat.mesh.node import Node, PeerState
 from meshchat.mesh.transport import (
     ALPN,
@@ -274,6 +275,33 @@ async def test_redial_survives_a_member_sending_a_malformed_welcome(
     await eventually(lambda: peer.dial_backoff >= 2.0, timeout=15)
     assert peer.state is PeerState.LOST
     assert not any("background task failed" in r.message for r in caplog.records)
+
+
+async def test_a_roster_refused_after_decoding_is_a_clear_error(
+    mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's boundary past the decoder: a roster that membership refuses (as a signed
+    roster check would) ends the join with InviteError and closes a member's connection."""
+    a = await mesh.new()
+    b = await mesh.new()
+
+    def refuse(self: Membership, entries: dict[str, Any]) -> list[Any]:
+        raise wire.ProtocolError("roster entry not signed")
+
+    monkeypatch.setattr(Membership, "merge", refuse)
+    own_mesh = b.mesh_id
+    with pytest.raises(InviteError, match="malformed welcome: roster entry not signed"):
+        await b.join(a.create_invite())
+    assert b.mesh_id == own_mesh and b.membership.is_member(b.node_id)  # nothing half-adopted
+    monkeypatch.undo()
+    await still_admits(a, b)
+    monkeypatch.setattr(Membership, "merge", refuse)
+    conn = a.peer(b.node_id).conn  # type: ignore[union-attr]
+    assert conn is not None
+    await b.send(a.node_id, wire.Roster(a.mesh_id, {}))
+    await asyncio.wait_for(conn.closed, 5)
+    assert "roster entry not signed" in conn.close_reason
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
 
 
 async def test_huge_numbers_from_a_member_close_only_that_stream(mesh: MeshNodes) -> None:

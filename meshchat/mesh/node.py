@@ -368,6 +368,8 @@ class Node:
                 self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
             except PEER_INPUT_ERRORS as exc:
                 conn.abort("malformed welcome", APP_ERROR_PROTOCOL)
+                # adopt() may have changed part of it: back to the saved (last good) state.
+                self.membership = Membership.load_or_create(self.membership.path, self.node_id)
                 raise InviteError(f"the inviter sent a malformed welcome: {exc}") from None
             self.membership.save()
             self._adopt(conn, _ok_addrs(welcome.addresses), "invite")
