@@ -19,6 +19,7 @@ from aioquic.quic.connection import QuicConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshchat.errors import MeshchatError
 from meshchat.mesh import auth, wire
 from meshchat.mesh.identity import Identity
 from meshchat.mesh.invites import InviteError
@@ -30,6 +31,7 @@ from meshchat.mesh.transport import (
     Connection,
     ConnectionLost,
     Tuning,
+    parse_addr,
     session_binding,
 )
 from meshchat.paths import DataDir
@@ -128,7 +130,7 @@ async def test_handshake_flood_from_one_address_does_not_lock_out_a_join(
 
     async def one() -> bool:
         try:
-            await flooder.endpoint.dial(a.endpoint.address, lambda n: n == a.node_id, 1.5)
+            await flooder.endpoint.dial(a.endpoint.address, lambda n: n == a.node_id, 3.0)
             return True
         except ConnectionLost:
             return False
@@ -301,6 +303,22 @@ async def test_a_roster_refused_after_decoding_is_a_clear_error(
     await b.send(a.node_id, wire.Roster(a.mesh_id, {}))
     await asyncio.wait_for(conn.closed, 5)
     assert "roster entry not signed" in conn.close_reason
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+async def test_addresses_with_non_ascii_digits_are_dropped_not_fatal(
+    mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'²'.isdigit() is true but int('²') raises ValueError: it used to escape parse_addr and
+    end the listener's handshake task (in HELLO) or a redial (in WELCOME / PEERS)."""
+    a = await mesh.new()
+    b = await mesh.new()
+    with pytest.raises(MeshchatError, match="not an address"):
+        parse_addr("127.0.0.1:²")
+    real = Node.addresses.fget
+    assert real is not None
+    monkeypatch.setattr(Node, "addresses", property(lambda n: ["127.0.0.1:²", *real(n)]))
+    await still_admits(a, b)
     assert not any(r.levelno >= logging.ERROR for r in caplog.records)
 
 
