@@ -143,6 +143,31 @@ async def test_handshake_flood_from_one_address_does_not_lock_out_a_join(
     assert a.peer(member.node_id).state is PeerState.CONNECTED  # type: ignore[union-attr]
 
 
+async def test_handshake_flood_from_several_addresses_does_not_lock_out_a_join(
+    mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the per-address cap: all slots held by strangers, a newcomer evicts the oldest."""
+    monkeypatch.setattr(auth, "AUTH_TIMEOUT", 600.0)
+    tuning = Tuning(max_connections=12)
+    a = await mesh.new(tuning=tuning)
+    flooders = [await node_at(mesh, f"127.0.3.{i}", f"flood{i}") for i in (1, 2)]
+    dials = await asyncio.gather(
+        *(
+            f.endpoint.dial(a.endpoint.address, lambda n: n == a.node_id, 3.0)
+            for f in flooders
+            for _ in range(tuning.max_unauthenticated_per_host)
+        ),
+        return_exceptions=True,
+    )
+    held = [c for c in dials if isinstance(c, Connection)]
+    assert len(a.endpoint.connections) == tuning.max_connections  # full of strangers
+    member = await node_at(mesh, "127.0.0.2", "member")
+    await still_admits(a, member)
+    # The member took a stranger's slot: at most max_connections - 1 strangers remain.
+    await eventually(lambda: sum(not c.is_closed for c in held) < tuning.max_connections)
+    assert len(a.endpoint.connections) <= tuning.max_connections
+
+
 def client_initials(target: tuple[str, int], n: int) -> list[bytes]:
     """Real first Initial datagrams of `n` meshchat clients (each a fresh TLS ClientHello)."""
     out = []

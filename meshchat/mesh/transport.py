@@ -27,9 +27,10 @@ and the connection state (a peer's close is acted on at once, not after the drai
 Before authentication (a stranger can reach the port): the listener answers every new
 client Initial with a QUIC Retry (address validation: a token the client must echo from its
 address, `RetryTokens`), so spoofed source addresses hold no connection; at most
-`max_unauthenticated_per_host` not yet authenticated connections per source address (and
-`max_connections` in all); and the control stream reads only the handshake's frames, of a few
-KiB (wire.LISTENER_PRE_AUTH / DIALER_PRE_AUTH); any other frame closes the connection at once.
+`max_unauthenticated_per_host` not yet authenticated connections per source address, and
+`max_connections` in all, where a newcomer evicts the oldest unauthenticated one; the control
+stream reads only the handshake's frames, of a few KiB (wire.LISTENER_PRE_AUTH /
+DIALER_PRE_AUTH); any other frame closes the connection at once.
 
 ACK policy (private: the 1-RTT packet space's `ack_at`): aioquic sends a lone ACK 1 ms after
 a packet. In a request/response exchange (one activation out, one token back, milliseconds
@@ -189,7 +190,7 @@ class Connection(QuicConnectionProtocol):
         self._drained = asyncio.Event()
         self._terminated = False
         self.close_reason = ""
-        self.last_heard = self._loop.time()
+        self.opened_at = self.last_heard = self._loop.time()
         self.closed = self._loop.create_future()
         # Set by the node once authenticated.
         self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
@@ -703,15 +704,20 @@ class Endpoint(asyncio.DatagramProtocol):
         self._transport.sendto(packet, remote)
 
     def _has_room_for(self, host: str) -> bool:
-        """Global cap, and the cap on handshakes in flight from one source address."""
-        if len(self._conns) >= self.tuning.max_connections:
+        """The cap on handshakes in flight from one source address, then the global cap.
+
+        When all slots are taken, the oldest connection still awaiting authentication makes
+        room: a real handshake takes milliseconds, so holding slots against newcomers takes
+        a sustained stream of fresh handshakes from many addresses, not a one-off flood."""
+        pending = [c for c in self._conns if not c.is_dialer and not c.authenticated]
+        if sum(c.remote[0] == host for c in pending) >= self.tuning.max_unauthenticated_per_host:
             return False
-        pending = sum(
-            1
-            for c in self._conns
-            if not c.is_dialer and not c.authenticated and c.remote[0] == host
-        )
-        return pending < self.tuning.max_unauthenticated_per_host
+        if len(self._conns) >= self.tuning.max_connections:
+            if not pending:
+                return False
+            oldest = min(pending, key=lambda c: c.opened_at)
+            oldest.abort("evicted: too many connections awaiting authentication")
+        return True
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)  # e.g. ICMP port unreachable; the dial times out
