@@ -20,7 +20,8 @@ FAST = settings(max_examples=150, deadline=None)
 
 texts = st.text(max_size=20)
 blobs = st.binary(max_size=40)
-jsonish = st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3)
+wire_ints = st.integers(1 - wire.MAX_JSON_INT, wire.MAX_JSON_INT - 1)  # the JSON bound
+jsonish = st.dictionaries(st.text(max_size=5), wire_ints | st.text(max_size=5), max_size=3)
 _ids = [Identity.generate().node_id for _ in range(2)]
 records = st.lists(
     st.builds(

@@ -5,12 +5,18 @@
     dialer → AUTH(signature, invite_secret?)
     listener → WELCOME(...) or ERROR(code, reason), then closes
 
-The signature covers a domain string, the listener's NodeID, the dialer's NodeID and the nonce:
-binding the listener's identity stops a malicious member from relaying our proof elsewhere, the
-fresh nonce stops replays. The listener's own identity is already proven by TLS (pinned key).
+The signature covers a domain string, the listener's NodeID, the dialer's NodeID, the nonce and
+a secret both ends derive from this TLS session (transport.session_binding): binding the
+listener's identity stops a malicious member from relaying our proof elsewhere, the fresh nonce
+stops replays, and the session binding makes the proof worthless on any other TLS session (the
+listener never sees a client certificate, so this is what ties the dialer's key to the session).
+The listener's own identity is already proven by TLS (pinned key).
+
 A dialer redeeming an invite signs under the join domain instead (`membership.join_payload`):
 that signature and the nonce go into the roster as its join proof, so other members can check
-that it asked to join through that inviter.
+that it asked to join through that inviter. Other members cannot know this session's secret,
+so the join proof leaves it out; the inviter's NodeID and its fresh nonce in the payload still
+stop a replay or a relay to any other listener.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from meshchat.mesh.membership import join_payload
 from meshchat.mesh.transport import Connection, ConnectionLost
 
 _DOMAIN = b"meshchat/1 auth\x00"
+BINDING_SIZE = 32
 AUTH_TIMEOUT = 5.0
 
 
@@ -38,8 +45,15 @@ class AuthRefused(MeshchatError):
         self.code = code
 
 
-def auth_payload(listener: NodeId, dialer: NodeId, nonce: bytes) -> bytes:
-    return _DOMAIN + listener.raw + dialer.raw + nonce
+def auth_payload(listener: NodeId, dialer: NodeId, nonce: bytes, binding: bytes) -> bytes:
+    """What the dialer signs; `binding`: the connection's `tls_binding`."""
+    if len(binding) != BINDING_SIZE:  # no handshake yet: never sign or check an unbound proof
+        raise ConnectionLost("the TLS session is not established")
+    return _DOMAIN + listener.raw + dialer.raw + nonce + binding
+
+
+def new_nonce() -> bytes:
+    return os.urandom(32)
 
 
 async def dial_handshake(
@@ -54,8 +68,11 @@ async def dial_handshake(
     if not isinstance(msg, wire.Challenge) or len(msg.nonce) != 32:
         conn.abort("expected a challenge")
         raise ConnectionLost("peer broke the handshake")
-    sign = auth_payload if invite_secret is None else join_payload
-    sig = identity.sign(sign(conn.peer_id, identity.node_id, msg.nonce))
+    if invite_secret is None:
+        payload = auth_payload(conn.peer_id, identity.node_id, msg.nonce, conn.tls_binding)
+    else:
+        payload = join_payload(conn.peer_id, identity.node_id, msg.nonce)
+    sig = identity.sign(payload)
     await conn.send(wire.Auth(sig, invite_secret))
     msg = await conn.recv_handshake(AUTH_TIMEOUT)
     if isinstance(msg, wire.Error):
@@ -87,13 +104,16 @@ async def accept_handshake(
         await refuse(conn, "bad-hello", "HELLO carries no valid NodeID")
     if dialer == identity.node_id:
         await refuse(conn, "self", "a node cannot connect to itself")
-    nonce = os.urandom(32)
+    nonce = new_nonce()
     await conn.send(wire.Challenge(nonce))
     auth = await conn.recv_handshake(AUTH_TIMEOUT)
     if not isinstance(auth, wire.Auth):
         await refuse(conn, "protocol", "expected AUTH")
-    signed = auth_payload if auth.invite_secret is None else join_payload
-    if not dialer.verify(auth.signature, signed(identity.node_id, dialer, nonce)):
+    if auth.invite_secret is None:
+        payload = auth_payload(identity.node_id, dialer, nonce, conn.tls_binding)
+    else:
+        payload = join_payload(identity.node_id, dialer, nonce)
+    if not dialer.verify(auth.signature, payload):
         await refuse(conn, "bad-signature", "signature does not match the NodeID (wrong key)")
     verdict = await decide(conn, dialer, msg, auth, nonce)
     if isinstance(verdict, wire.Error):

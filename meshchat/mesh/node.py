@@ -32,6 +32,7 @@ from meshchat.mesh.invites import InviteBook, InviteCode, InviteError
 from meshchat.mesh.membership import Membership, RosterError
 from meshchat.mesh.transport import (
     APP_ERROR_DUPLICATE,
+    APP_ERROR_PROTOCOL,
     DEFAULT_TUNING,
     Address,
     Connection,
@@ -50,6 +51,8 @@ EventKind = Literal["joined", "left", "rtt", "status", "nearby"]
 Handler = Callable[[NodeId, Any], Awaitable[wire.Message | None] | wire.Message | None]
 DiscoveryFactory = Callable[["Node"], Any]
 
+# What a peer's malformed input can raise past the wire decoder (e.g. a roster it sent).
+PEER_INPUT_ERRORS = (wire.ProtocolError, ValueError, TypeError, KeyError, OverflowError)
 _RTT_SAMPLES = 31
 _INBOX_LIMIT = 4096  # decoded messages waiting for a handler, per peer
 
@@ -367,13 +370,22 @@ class Node:
                 self.membership.adopt(welcome.mesh_id, welcome.mesh_secret, welcome.roster)
             except RosterError as exc:
                 conn.abort("bad roster in welcome")
+                self._reload_membership()
                 raise InviteError(f"invite accepted, but {exc}") from None
+            except PEER_INPUT_ERRORS as exc:
+                conn.abort("malformed welcome", APP_ERROR_PROTOCOL)
+                self._reload_membership()
+                raise InviteError(f"the inviter sent a malformed welcome: {exc}") from None
             self.membership.save()
             self._adopt(conn, _ok_addrs(welcome.addresses), "invite")
             self._update_discovery_secret()
             assert conn.peer_id is not None
             return conn.peer_id
         raise InviteError("cannot use invite: " + "; ".join(problems))
+
+    def _reload_membership(self) -> None:
+        """Back to the membership as last saved: a failed adopt() may have changed part of it."""
+        self.membership = Membership.load_or_create(self.membership.path, self.identity)
 
     async def remove_member(self, node: NodeId) -> None:
         """Take `node` off the mesh for good and tell members.
@@ -451,6 +463,10 @@ class Node:
         except (AuthRefused, ConnectionLost) as exc:
             log.info("refused connection from %s: %s", fmt_addr(conn.remote), exc)
             return
+        except PEER_INPUT_ERRORS as exc:
+            conn.abort(f"protocol error: {exc}", APP_ERROR_PROTOCOL)
+            log.info("bad handshake from %s: %s", fmt_addr(conn.remote), exc)
+            return
         peer = self._peers.get(dialer)
         self._adopt(conn, _ok_addrs(hello.addresses), peer.via if peer else "peer")
 
@@ -475,6 +491,10 @@ class Node:
             except RosterError as exc:
                 conn.abort("bad roster")
                 problems.append(f"{text}: {exc}")
+                continue
+            except PEER_INPUT_ERRORS as exc:  # the redial task must survive a bad peer
+                conn.abort("malformed welcome", APP_ERROR_PROTOCOL)
+                problems.append(f"{text}: malformed welcome ({exc})")
                 continue
             self._adopt(conn, _ok_addrs(welcome.addresses), via)
             return

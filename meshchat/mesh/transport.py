@@ -17,8 +17,20 @@ compares the key in the peer's certificate with the NodeID it expects. aioquic h
 API for that certificate; we read `QuicConnection.tls._peer_certificate` (aioquic is pinned and
 `test_mesh_transport` fails loudly if the attribute moves). aioquic still verifies the
 CertificateVerify signature with CA checks off, so the peer holds the key.
+Session binding (`session_binding`, private: the TLS key schedule): aioquic has no TLS
+exporter, so both ends derive one the same way RFC 8446 exporters are built, an HKDF-Expand-Label
+of the master secret over the transcript hash through the client's Finished. The dialer signs
+it (auth.auth_payload), so its proof is good for this TLS session only.
 Other private reads, guarded by the same test: a stream's unacked send buffer (bounded sends)
 and the connection state (a peer's close is acted on at once, not after the draining period).
+
+Before authentication (a stranger can reach the port): the listener answers every new
+client Initial with a QUIC Retry (address validation: a token the client must echo from its
+address, `RetryTokens`), so spoofed source addresses hold no connection; at most
+`max_unauthenticated_per_host` not yet authenticated connections per source address, and
+`max_connections` in all, where a newcomer evicts the oldest unauthenticated one; the control
+stream reads only the handshake's frames, of a few KiB (wire.LISTENER_PRE_AUTH /
+DIALER_PRE_AUTH); any other frame closes the connection at once.
 
 ACK policy (private: the 1-RTT packet space's `ack_at`): aioquic sends a lone ACK 1 ms after
 a packet. In a request/response exchange (one activation out, one token back, milliseconds
@@ -33,9 +45,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import ssl
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +63,13 @@ from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import END_STATES, QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicHeader,
+    QuicPacketType,
+    encode_quic_retry,
+    pull_quic_header,
+)
 
 from meshchat.errors import MeshchatError
 from meshchat.mesh import wire
@@ -80,6 +103,10 @@ class Tuning:
     max_datagram_flow: int = 16 * 1024 * 1024  # QUIC flow-control windows
     idle_timeout: float = 15.0
     max_connections: int = 256
+    # Handshakes in flight from one source address: a few nodes behind one address still join
+    # together; one address cannot take the node's connection slots.
+    max_unauthenticated_per_host: int = 8
+    retry: bool = True  # QUIC Retry on every new connection (cost: scripts/bench_retry.py)
     max_stream_errors: int = 32  # a peer that keeps sending bad frames is cut off
 
     def datagram_size_for(self, host: str) -> int:
@@ -112,6 +139,25 @@ def peer_certificate_node_id(quic: QuicConnection) -> NodeId | None:
     return None if cert is None else node_id_of_certificate(cert)
 
 
+BINDING_LABEL = b"meshchat auth"
+
+
+def session_binding(quic: QuicConnection) -> bytes:
+    """A secret both ends of this TLS session derive once the handshake is complete.
+
+    Private aioquic state (see module doc); `test_preauth` fails loudly if it moves."""
+    schedule = quic.tls.key_schedule
+    if schedule is None or schedule.generation != 3:  # 3: the master secret is extracted
+        raise RuntimeError("aioquic changed: no TLS master secret to bind the auth proof to")
+    return tls.hkdf_expand_label(
+        schedule.algorithm,
+        schedule.secret,
+        BINDING_LABEL,
+        schedule.hash.copy().finalize(),
+        32,
+    )
+
+
 class Connection(QuicConnectionProtocol):
     """One QUIC connection, framed. The node layer drives authentication and dispatch."""
 
@@ -128,6 +174,7 @@ class Connection(QuicConnectionProtocol):
         self.is_dialer = quic.configuration.is_client
         self.peer_id: NodeId | None = None  # pinned (dialer) or authenticated (listener)
         self.authenticated = False
+        self.tls_binding = b""  # session_binding(), once the QUIC handshake is complete
         self.tuning = endpoint.tuning
         self._expect = expect
         self._handshake: asyncio.Future[None] = self._loop.create_future()
@@ -143,7 +190,7 @@ class Connection(QuicConnectionProtocol):
         self._drained = asyncio.Event()
         self._terminated = False
         self.close_reason = ""
-        self.last_heard = self._loop.time()
+        self.opened_at = self.last_heard = self._loop.time()
         self.closed = self._loop.create_future()
         # Set by the node once authenticated.
         self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
@@ -261,6 +308,7 @@ class Connection(QuicConnectionProtocol):
                 self.abort("peer key does not match the expected NodeID")
                 return
             self.peer_id = peer
+        self.tls_binding = session_binding(self._quic)
         if not self._handshake.done():
             self._handshake.set_result(None)
 
@@ -274,12 +322,19 @@ class Connection(QuicConnectionProtocol):
             return
         reader = self._readers.get(sid)
         if reader is None:
-            reader = self._readers[sid] = wire.FrameReader()
+            reader = self._readers[sid] = wire.FrameReader(allowed=self._pre_auth_frames(sid))
+        if self.authenticated:
+            reader.allowed = None
         before = reader.buffered
+        reader.push(data)
+        msgs: list[wire.Message] = []
         try:
-            msgs = reader.feed(data)
+            for msg in reader.frames():
+                msgs.append(msg)
+                if self.is_dialer and isinstance(msg, wire.Welcome):
+                    reader.allowed = None  # the listener may speak freely right after WELCOME
         except wire.ProtocolError as exc:
-            self._buffered -= before
+            self._buffered += reader.buffered - before
             self._stream_error(sid, str(exc))
             return
         self._buffered += reader.buffered - before
@@ -297,12 +352,20 @@ class Connection(QuicConnectionProtocol):
             if not reader.at_boundary:
                 self._stream_error(sid, "stream ended inside a frame")
 
+    def _pre_auth_frames(self, sid: int) -> dict[wire.MsgType, int] | None:
+        if self.authenticated or sid != CONTROL_STREAM:
+            return None
+        return wire.DIALER_PRE_AUTH if self.is_dialer else wire.LISTENER_PRE_AUTH
+
     def _dispatch(self, sid: int, msg: wire.Message) -> None:
         if self._terminated:
             return
         if sid == CONTROL_STREAM:
             if self.authenticated:
-                self.on_message(self, msg)
+                try:
+                    self.on_message(self, msg)
+                except wire.ProtocolError as exc:  # a handler found the peer's input bad
+                    self._stream_error(sid, str(exc))
             else:
                 try:
                     self._pre_auth.put_nowait(msg)
@@ -458,9 +521,49 @@ def fmt_addr(addr: Address) -> str:
 
 def parse_addr(text: str) -> Address:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    # isascii: "²".isdigit() is true but int("²") raises; a peer sends these strings.
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         raise MeshchatError(f"not an address (HOST:PORT): {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class RetryTokens:
+    """QUIC Retry tokens (RFC 9000 §8.1.2): proof that a client receives at its address.
+
+    token = issued (ms, u64) | HMAC-SHA256(key, issued, address, retry CID, original CID)[:16]
+            | original destination CID.
+    The key is random per endpoint, so tokens die with the process; clients echo them at
+    once, so a short lifetime suffices.
+    """
+
+    LIFETIME = 10.0  # seconds
+    _HEAD = struct.Struct("!Q16s")
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+
+    def _mac(self, issued: int, addr: Address, retry_cid: bytes, original_cid: bytes) -> bytes:
+        host = ipaddress.ip_address(addr[0]).packed
+        msg = struct.pack("!QH", issued, addr[1]) + host + bytes([len(retry_cid)]) + retry_cid
+        return hmac.digest(self._key, msg + original_cid, hashlib.sha256)[:16]
+
+    def issue(self, addr: Address, retry_cid: bytes, original_cid: bytes) -> bytes:
+        issued = int(time.monotonic() * 1000)
+        mac = self._mac(issued, addr, retry_cid, original_cid)
+        return self._HEAD.pack(issued, mac) + original_cid
+
+    def validate(self, addr: Address, retry_cid: bytes, token: bytes) -> bytes | None:
+        """The original destination CID if `token` is ours, fresh, and for this address."""
+        if not self._HEAD.size < len(token) <= self._HEAD.size + 20:
+            return None
+        issued, mac = self._HEAD.unpack_from(token)
+        original_cid = token[self._HEAD.size :]
+        age = time.monotonic() - issued / 1000
+        if not 0 <= age <= self.LIFETIME:
+            return None
+        if not hmac.compare_digest(mac, self._mac(issued, addr, retry_cid, original_cid)):
+            return None
+        return original_cid
 
 
 class Endpoint(asyncio.DatagramProtocol):
@@ -480,6 +583,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self._conns: set[Connection] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retry_tokens = RetryTokens()
         self.address: Address = ("0.0.0.0", 0)
 
     async def start(self, host: str, port: int) -> Address:
@@ -560,17 +664,60 @@ class Endpoint(asyncio.DatagramProtocol):
             header.packet_type != QuicPacketType.INITIAL
             or len(data) < 1200  # RFC 9000: clients pad Initials; also limits amplification
             or header.version not in (1, 0x6B3343CF)
-            or len(self._conns) >= self.tuning.max_connections
         ):
             return
-        config = self._config(is_client=False, host=addr[0])
+        remote: Address = (addr[0], addr[1])
+        original_cid, retry_cid = header.destination_cid, None
+        if self.tuning.retry:
+            if not header.token:
+                self._send_retry(header, remote)
+                return
+            validated = self._retry_tokens.validate(remote, header.destination_cid, header.token)
+            if validated is None:
+                return  # forged, stale, or from another address: drop (RFC 9000 §8.1.3)
+            original_cid, retry_cid = validated, header.destination_cid
+        if not self._has_room_for(remote[0]):
+            return
+        config = self._config(is_client=False, host=remote[0])
         quic = QuicConnection(
-            configuration=config, original_destination_connection_id=header.destination_cid
+            configuration=config,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
         )
-        conn = Connection(quic, self, (addr[0], addr[1]))
+        conn = Connection(quic, self, remote)
         self._attach(conn, header.destination_cid, quic.host_cid)
         conn.datagram_received(data, addr)
         self._on_incoming(conn)
+
+    def _send_retry(self, header: QuicHeader, remote: Address) -> None:
+        """Answer a client's first Initial with a Retry; no state is kept until it echoes."""
+        assert self._transport is not None and header.version is not None
+        retry_cid = os.urandom(8)
+        token = self._retry_tokens.issue(remote, retry_cid, header.destination_cid)
+        packet = encode_quic_retry(
+            version=header.version,
+            source_cid=retry_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+        self._transport.sendto(packet, remote)
+
+    def _has_room_for(self, host: str) -> bool:
+        """The cap on handshakes in flight from one source address, then the global cap.
+
+        When all slots are taken, the oldest connection still awaiting authentication makes
+        room: a real handshake takes milliseconds, so holding slots against newcomers takes
+        a sustained stream of fresh handshakes from many addresses, not a one-off flood."""
+        pending = [c for c in self._conns if not c.is_dialer and not c.authenticated]
+        if sum(c.remote[0] == host for c in pending) >= self.tuning.max_unauthenticated_per_host:
+            return False
+        if len(self._conns) >= self.tuning.max_connections:
+            if not pending:
+                return False
+            oldest = min(pending, key=lambda c: c.opened_at)
+            oldest.abort("evicted: too many connections awaiting authentication")
+        return True
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)  # e.g. ICMP port unreachable; the dial times out

@@ -6,7 +6,11 @@ is buffered, so a peer cannot make us hold more than one frame's limit per strea
 
 Control messages are JSON objects validated against a dataclass schema (no pickle, no eval).
 Tensors are a binary header (dtype, session, position, shape) followed by the raw bytes.
-Anything malformed raises `ProtocolError`, and only that.
+Anything malformed raises `ProtocolError`, and only that: `decode_body` is the one exception
+boundary for peer input (JSON is parsed with bounds on integers, floats, depth and text).
+
+Before authentication a control stream accepts only the handshake's frame types, each of a few
+KiB (`LISTENER_PRE_AUTH`, `DIALER_PRE_AUTH`): a stranger cannot make us hold a 64 MiB body.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import struct
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -31,6 +36,11 @@ HEADER_SIZE = HEADER.size
 MAX_CONTROL_BODY = 1 << 20  # 1 MiB: control messages are small
 MAX_TENSOR_BODY = 64 << 20  # 64 MiB: a long prefill chunk of a wide model
 MAX_TENSOR_DIMS = 4
+# JSON bounds (control bodies): u64 fits in 20 digits; nothing we send nests deeper than ~4.
+MAX_JSON_INT = 1 << 64  # |value| below this
+MAX_JSON_NUMBER_TEXT = 32  # characters of one number literal
+MAX_JSON_DEPTH = 32
+MAX_JSON_TEXT = 64 * 1024  # characters of one string (or object key)
 
 
 class ProtocolError(Exception):
@@ -599,6 +609,24 @@ def encode_body(msg: Message) -> bytes:
 
 
 def decode_body(mtype: int, body: bytes | memoryview) -> Message:
+    """Decode one frame body; the one exception boundary: only ProtocolError escapes."""
+    try:
+        return _decode_body(mtype, body)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+        # e.g. a message's own validation, or a bound we did not foresee: the peer's fault.
+        raise ProtocolError(f"malformed {_type_name(mtype)} body: {exc}"[:300]) from None
+
+
+def _type_name(mtype: int) -> str:
+    try:
+        return MsgType(mtype).name
+    except ValueError:
+        return str(mtype)
+
+
+def _decode_body(mtype: int, body: bytes | memoryview) -> Message:
     try:
         kind = MsgType(mtype)
     except ValueError:
@@ -608,10 +636,7 @@ def decode_body(mtype: int, body: bytes | memoryview) -> Message:
     if kind is MsgType.ACTIVATIONS:
         return decode_activations(body)
     cls = _CONTROL[kind]
-    try:
-        obj = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ProtocolError(f"{kind.name}: body is not JSON") from None
+    obj = parse_json(bytes(body), kind.name)
     if not isinstance(obj, dict):
         raise ProtocolError(f"{kind.name}: body is not a JSON object")
     values: dict[str, Any] = {}
@@ -621,6 +646,60 @@ def decode_body(mtype: int, body: bytes | memoryview) -> Message:
         elif required:
             raise ProtocolError(f"{kind.name}: missing field {name}")
     return cls(**values)
+
+
+def _json_int(text: str) -> int:
+    # Checked before int(): Python refuses > 4300 digits with a plain ValueError, and big
+    # integers overflow float() later (a roster timestamp).
+    if len(text) > MAX_JSON_NUMBER_TEXT:
+        raise ProtocolError("integer literal too long")
+    value = int(text)
+    if not -MAX_JSON_INT < value < MAX_JSON_INT:
+        raise ProtocolError("integer out of range")
+    return value
+
+
+def _json_float(text: str) -> float:
+    if len(text) > MAX_JSON_NUMBER_TEXT:
+        raise ProtocolError("number literal too long")
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ProtocolError("number out of range")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise ProtocolError(f"{text} is not allowed")
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from a peer: no NaN/Infinity, bounded numbers, depth and text lengths."""
+    try:
+        obj = json.loads(
+            data, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ProtocolError(f"{what}: body is not JSON") from None
+    _check_json_shape(obj, what)
+    return obj
+
+
+def _check_json_shape(obj: Any, what: str) -> None:
+    """Depth and text bounds, iteratively (a deep value must not recurse here either)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if len(value) > MAX_JSON_TEXT:
+                raise ProtocolError(f"{what}: text longer than {MAX_JSON_TEXT} characters")
+        elif isinstance(value, list | dict):
+            if depth > MAX_JSON_DEPTH:
+                raise ProtocolError(f"{what}: nested deeper than {MAX_JSON_DEPTH}")
+            if isinstance(value, dict):
+                stack.extend((key, depth) for key in value)
+                stack.extend((item, depth + 1) for item in value.values())
+            else:
+                stack.extend((item, depth + 1) for item in value)
 
 
 _SCHEMAS: dict[MsgType, tuple[tuple[str, Any, bool], ...]] = {}
@@ -655,10 +734,29 @@ def encode(msg: Message) -> bytes:
     return encode_header(msg.TYPE, len(body)) + body
 
 
+HANDSHAKE_FRAME = 4096  # bytes: HELLO (a few addresses), CHALLENGE, AUTH, ERROR
+# WELCOME carries the roster; the dialer already pinned the sender's key (TLS), so more room.
+WELCOME_FRAME = 64 * 1024
+# Frame types (and their body limits) a control stream accepts before authentication.
+LISTENER_PRE_AUTH: dict[MsgType, int] = {
+    MsgType.HELLO: HANDSHAKE_FRAME,
+    MsgType.AUTH: HANDSHAKE_FRAME,
+}
+DIALER_PRE_AUTH: dict[MsgType, int] = {
+    MsgType.CHALLENGE: HANDSHAKE_FRAME,
+    MsgType.ERROR: HANDSHAKE_FRAME,
+    MsgType.WELCOME: WELCOME_FRAME,
+}
+
+
 def check_header(
-    data: bytes | bytearray | memoryview, limit: int | None = None
+    data: bytes | bytearray | memoryview,
+    limit: int | None = None,
+    allowed: dict[MsgType, int] | None = None,
 ) -> tuple[MsgType, int]:
-    """Parse and check a frame header; the body is not looked at."""
+    """Parse and check a frame header; the body is not looked at.
+
+    `allowed`: the only frame types accepted, each with its own body limit (before auth)."""
     version, mtype, flags, length = HEADER.unpack_from(data)
     if version != WIRE_VERSION:
         raise ProtocolError(f"unsupported wire version {version}")
@@ -669,6 +767,10 @@ def check_header(
     if flags:
         raise ProtocolError("reserved header flags set")
     cap = _MAX_BODY[kind] if limit is None else min(limit, _MAX_BODY[kind])
+    if allowed is not None:
+        if kind not in allowed:
+            raise ProtocolError(f"{kind.name} frame before authentication")
+        cap = min(cap, allowed[kind])
     if length > cap:
         raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds limit {cap}")
     return kind, length
@@ -678,12 +780,14 @@ class FrameReader:
     """Incremental frame parser for one stream.
 
     It never holds more than one header plus one body; `limit` caps a body below the
-    per-type maximum. `buffered` tells the owner how much this stream holds right now.
+    per-type maximum, and `allowed` (settable: it is lifted once a peer is authenticated)
+    restricts the frame types. `buffered` tells the owner how much this stream holds right now.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, allowed: dict[MsgType, int] | None = None) -> None:
         self._buf = bytearray()
         self._limit = limit
+        self.allowed = allowed
         self._want: tuple[MsgType, int] | None = None
 
     @property
@@ -692,20 +796,28 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
-        out: list[Message] = []
+        return list(self.frames())
+
+    def push(self, data: bytes) -> None:
+        """Buffer `data`; take the frames out with `frames()`."""
+        self._buf += data
+
+    def frames(self) -> Iterator[Message]:
+        """The complete frames buffered so far. Each header is checked against `allowed` as it
+        is reached, so the caller may change `allowed` between frames."""
         while True:
             if self._want is None:
                 if len(self._buf) < HEADER_SIZE:
-                    return out
-                self._want = check_header(self._buf, self._limit)
+                    return
+                self._want = check_header(self._buf, self._limit, self.allowed)
                 del self._buf[:HEADER_SIZE]
             kind, length = self._want
             if len(self._buf) < length:
-                return out
+                return
             body = bytes(self._buf[:length])
             del self._buf[:length]
             self._want = None
-            out.append(decode_body(kind, body))
+            yield decode_body(kind, body)
 
     @property
     def at_boundary(self) -> bool:
