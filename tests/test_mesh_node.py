@@ -11,10 +11,17 @@ import pytest
 
 from meshchat.errors import MeshchatError
 from meshchat.mesh import wire
-from meshchat.mesh.identity import Identity
+from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.invites import InviteCode, InviteError
-from meshchat.mesh.node import PeerState
-from meshchat.mesh.transport import END_STATES, ConnectionLost, peer_certificate_node_id
+from meshchat.mesh.node import Node, PeerState
+from meshchat.mesh.transport import (
+    CONTROL_STREAM,
+    END_STATES,
+    Connection,
+    ConnectionLost,
+    frame_parts,
+    peer_certificate_node_id,
+)
 from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(30)
@@ -232,3 +239,33 @@ async def test_aioquic_private_attributes_still_exist(mesh: MeshNodes) -> None:
     assert conn._quic._state not in END_STATES and conn._quic._close_event is None
     await a.stop()
     await eventually(lambda: conn.is_closed, timeout=2)  # seen at once, not after draining
+
+
+async def test_messages_in_the_same_packet_as_welcome_are_delivered(
+    mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener's first messages often ride in WELCOME's packet, before the dialer's node
+    has taken the connection: they are held for it, not dropped."""
+    a = await mesh.new()
+    b = await mesh.new()
+    behind = wire.Status([3, 9], {"path": "behind", "fingerprint": "welcome"})
+    real_send = Connection.send
+
+    async def welcome_and_status(self: Connection, msg: wire.Message) -> None:
+        if not isinstance(msg, wire.Welcome):
+            return await real_send(self, msg)
+        async with self._control_lock:  # one write: both frames in one packet
+            await self._write(CONTROL_STREAM, [*frame_parts(msg), *frame_parts(behind)], False)
+
+    seen: list[wire.Status] = []
+    real_on_status = Node._on_status
+
+    def spy(self: Node, node: NodeId, msg: wire.Status) -> None:
+        if self is b:
+            seen.append(msg)
+        real_on_status(self, node, msg)
+
+    monkeypatch.setattr(Connection, "send", welcome_and_status)
+    monkeypatch.setattr(Node, "_on_status", spy)
+    await b.join(a.create_invite())
+    await eventually(lambda: behind in seen)

@@ -532,6 +532,7 @@ class Node:
         conn.on_message = self._make_inbox(node, conn)
         conn.on_request = self._on_request
         conn.on_ping = self._on_ping
+        conn.deliver_early()
         conn.closed.add_done_callback(lambda _f: self._on_closed(node, conn))
         if not was_connected:
             self._emit("joined", node)

@@ -129,6 +129,9 @@ UNTUNED = Tuning(
 )
 
 
+MAX_EARLY_MESSAGES = 64  # a greeting's STATUS, PEERS and ROSTER, with room to spare
+
+
 class ConnectionLost(MeshchatError):
     """The peer went away (or was cut off) while we were talking to it."""
 
@@ -184,6 +187,9 @@ class Connection(QuicConnectionProtocol):
         self._stream_errors = 0
         self._buffered = 0
         self._pre_auth: asyncio.Queue[wire.Message | None] = asyncio.Queue(maxsize=4)
+        # What the listener sent right behind its WELCOME, often in the same packet, before
+        # the node took the connection: kept for `deliver_early`, not lost.
+        self._early: list[wire.Message] | None = None
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
         self._control_lock = asyncio.Lock()
         self._ping_stream: int | None = None
@@ -366,7 +372,14 @@ class Connection(QuicConnectionProtocol):
                     self.on_message(self, msg)
                 except wire.ProtocolError as exc:  # a handler found the peer's input bad
                     self._stream_error(sid, str(exc))
+            elif self._early is not None:
+                if len(self._early) >= MAX_EARLY_MESSAGES:
+                    self.abort("too many messages before the node took the connection")
+                else:
+                    self._early.append(msg)
             else:
+                if self.is_dialer and isinstance(msg, wire.Welcome):
+                    self._early = []
                 try:
                     self._pre_auth.put_nowait(msg)
                 except asyncio.QueueFull:
@@ -439,6 +452,12 @@ class Connection(QuicConnectionProtocol):
         reader = self._readers.pop(sid, None)
         if reader is not None:
             self._buffered -= reader.buffered
+
+    def deliver_early(self) -> None:
+        """Hand the messages that came behind WELCOME to `on_message` (set it first)."""
+        early, self._early = self._early or [], None
+        for msg in early:
+            self._dispatch(CONTROL_STREAM, msg)
 
     async def recv_handshake(self, timeout: float) -> wire.Message:
         """Next control message before authentication (the node's handshake uses this)."""
