@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from meshchat.mesh import wire
 
+GREEDY = wire.Sampling(0.0, 40, 0.95, 0.05, 1.0, 64, None)
+
 
 @given(
     session=st.integers(0, 2**63),
@@ -73,10 +75,11 @@ def test_activations_frames_are_bulk_sized_and_control_messages_round_trip() -> 
     with pytest.raises(ValueError):
         wire.encode_header(wire.MsgType.SESSION_OP, big)
     for msg in (
-        wire.SessionOp(3, 4, "rollback", 17),
-        wire.SessionOp(3, 5, "sample", 0, {"temperature": 0.0, "seed": None}),
+        wire.SessionOp(3, 4, wire.SessionOpKind.ROLLBACK, 17),
+        wire.SessionOp(3, 5, wire.SessionOpKind.SAMPLE, 0, sampling=GREEDY),
+        wire.SessionOp(3, 6, wire.SessionOpKind.OPEN, 0, plan_id="p1"),
         wire.SessionDone(3, 5),
-        wire.StageFault(3, "bad-input", "wrong shape", "abc"),
+        wire.StageFault(3, wire.FaultCode.BAD_INPUT, "wrong shape", "abc"),
         wire.CapsQuery("fp"),
         wire.Token(3, 9, 42, [10, 20]),
         wire.Cancel(3, "stop", 7),
