@@ -298,6 +298,13 @@ class Sampling:
 _RECORD_FIELDS: dict[type, tuple[tuple[str, Any, bool], ...]] = {}
 
 
+def _as_float(value: int | float, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float (a 400-digit one)
+        raise ProtocolError(f"field {name}: number out of range") from None
+
+
 def _typed_to_json(value: Any) -> Any:
     if isinstance(value, NodeId):
         return str(value)
@@ -629,7 +636,7 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     if hint is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ProtocolError(f"field {name}: expected a number")
-        return float(value)
+        return _as_float(value, name)
     if hint is str:
         if not isinstance(value, str):
             raise ProtocolError(f"field {name}: expected text")
