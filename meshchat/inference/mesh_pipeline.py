@@ -146,9 +146,9 @@ class MeshPipeline:
         *,
         threads: int,
         n_ctx: int,
+        flash_attn: bool = False,
         max_sessions: int = 2,
         transport_dtype: str = "f32",
-        flash_attn: bool = True,
         prefill_chunk: int = 256,
         replanner: Replanner | None = None,
         notify: Callable[[str], None] = lambda _m: None,
@@ -157,10 +157,10 @@ class MeshPipeline:
         self.model = model
         self.data = data
         self.threads = threads
+        self.flash_attn = flash_attn  # every stage of every plan: it changes numerics
         self.max_sessions = max_sessions
         self.prefill_chunk = max(1, prefill_chunk)
         self.dtype = wire.DType.F16 if transport_dtype == "f16" else wire.DType.F32
-        self.flash_attn = flash_attn  # every stage of a plan, this head's own too, uses it
         self.replanner = replanner
         self.notify = notify
         self._n_ctx = n_ctx
