@@ -284,13 +284,14 @@ async def test_a_sample_op_keeps_repeat_last_n_within_the_context(
     await pipeline.close()
 
 
-async def test_flash_attn_travels_with_the_plan(mesh: Mesh) -> None:
+@pytest.mark.parametrize("flash_attn", [True, False])
+async def test_flash_attn_travels_with_the_plan(mesh: Mesh, flash_attn: bool) -> None:
     scene = await _scene(mesh)
-    pipeline = await _honest_pipeline(scene, flash_attn=False)
+    pipeline = await _honest_pipeline(scene, flash_attn=flash_attn)
     try:
         a = scene.service._assignment
-        assert a is not None and a.options.flash_attn is False
-        assert pipeline._local is not None and pipeline._local.options.flash_attn is False
+        assert a is not None and a.options.flash_attn is flash_attn
+        assert pipeline._local is not None and pipeline._local.options.flash_attn is flash_attn
     finally:
         await pipeline.close()
 

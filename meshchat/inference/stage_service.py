@@ -48,7 +48,6 @@ MAX_QUEUED_BYTES = 256 << 20  # activation bytes waiting: a peer cannot make us 
 MAX_PEER_QUEUED_BYTES = 128 << 20  # one sender's share of them
 MAX_PEER_PLANS = 2  # plan requests of one peer waiting for the stage thread
 MAX_PENDING_FAULTS = 64  # fault replies in flight; beyond that, bad input is dropped silently
-MAX_SESSIONS = wire.MAX_PLAN_SESSIONS
 _NP_DTYPE = {wire.DType.F32: np.float32, wire.DType.F16: np.float16}
 Code = wire.FaultCode
 
