@@ -243,24 +243,22 @@ class StageService:
         except PlanRefused as exc:
             return wire.Error(exc.code, str(exc))
         assert role is not None
+        current = self._assignment
+        budget = free_memory() + (current.role.memory if current else 0)  # ours is freed first
+        if role.memory > budget:
+            return wire.Error(
+                Code.MEMORY,
+                f"layers [{role.first},{role.end}) with {msg.max_sessions} sessions of "
+                f"{msg.n_ctx} tokens need {role.memory >> 20} MiB; node {me.short} has "
+                f"{budget >> 20} MiB",
+            )
         options = StageOptions(
             n_ctx=msg.n_ctx, max_sessions=msg.max_sessions, n_batch=self.n_batch,
             n_threads=self.threads, flash_attn=msg.flash_attn,
         )  # fmt: skip
-        current = self._assignment
         keep = current is not None and (current.first, current.end, current.options) == (
             role.first, role.end, options,
         )  # fmt: skip
-        if not keep:
-            # What we hold now is freed before the new range loads.
-            budget = free_memory() + (current.role.memory if current else 0)
-            if role.memory > budget:
-                return wire.Error(
-                    Code.MEMORY,
-                    f"layers [{role.first},{role.end}) with {msg.max_sessions} sessions of "
-                    f"{msg.n_ctx} tokens need {role.memory >> 20} MiB; node {me.short} has "
-                    f"{budget >> 20} MiB",
-                )
         await self._drop_sessions(lambda _s: True)  # they belong to the old plan
         started = time.perf_counter()
         if keep:
