@@ -146,7 +146,7 @@ class MeshPipeline:
         *,
         threads: int,
         n_ctx: int,
-        flash_attn: bool = False,
+        flash_attn: bool = True,
         max_sessions: int = 2,
         transport_dtype: str = "f32",
         prefill_chunk: int = 256,
