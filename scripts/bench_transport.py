@@ -55,7 +55,7 @@ async def serve(setting: str, root: str) -> None:
 
     node.on(wire.Tensor, on_tensor)
     node.on(wire.Token, on_token)
-    node.on(wire.Plan, lambda peer, msg: wire.Ack(True, msg.body))
+    node.on(wire.Ack, lambda peer, msg: wire.Ack(True, msg.body))  # an echo
     print(node.create_invite(), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until parent ends
     await node.stop()
@@ -102,7 +102,7 @@ async def _run(node: Node, code: str, mb: int, rtt_n: int) -> dict[str, float]:
     samples = []
     for _ in range(rtt_n):
         t0 = time.perf_counter()
-        await node.request(server, wire.Plan("rtt", body))
+        await node.request(server, wire.Ack(True, body))
         samples.append((time.perf_counter() - t0) * 1000)
     samples.sort()
     return {

@@ -22,6 +22,7 @@ from meshchat.mesh.transport import (
     frame_parts,
     peer_certificate_node_id,
 )
+from meshchat.model.fingerprint import Fingerprint
 from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(30)
@@ -96,7 +97,11 @@ async def test_messages_requests_and_tensors(mesh: MeshNodes) -> None:
         t = await asyncio.wait_for(got.get(), 5)
         assert isinstance(t, wire.Tensor) and t.position == pos and bytes(t.data) == data
     assert await asyncio.wait_for(got.get(), 5) == wire.Token(7, 3, 42)
-    reply = await b.request(a.node_id, wire.Plan("p1", {"x": 1}))
+    fp = Fingerprint("m", "c", "g", ("l0", "l1"))
+    one_stage = (wire.PlanStage(a.node_id, 0, 2),)
+    reply = await b.request(
+        a.node_id, wire.Plan("p1", one_stage, fp, 64, 1, wire.DType.F32, flash_attn=True)
+    )
     assert reply == wire.Ack(True, {"echo": "p1"})
     with pytest.raises(MeshchatError, match="no handler"):
         await b.request(a.node_id, wire.Load("p1"))

@@ -48,7 +48,6 @@ control = st.one_of(
     st.builds(wire.Peers, st.dictionaries(texts, st.lists(texts, max_size=2), max_size=3)),
     st.builds(wire.Roster, texts, records),
     st.builds(wire.Ack, st.booleans(), jsonish),
-    st.builds(wire.Plan, texts, jsonish),
     st.builds(wire.Load, texts, jsonish),
     st.builds(wire.Token, st.integers(0, 2**63), st.integers(0, 2**31), st.integers(0, 2**31)),
     st.builds(wire.Cancel, st.integers(0, 2**63), texts),

@@ -81,7 +81,7 @@ FIRST_FRAMES = {
         wire.HEADER.pack(wire.WIRE_VERSION, wire.MsgType.HELLO, 0, 5000) + bytes(5000),
         f"HELLO frame of 5000 bytes exceeds limit {wire.HANDSHAKE_FRAME}",
     ),
-    "plan": (wire.encode(wire.Plan("p", {})), "PLAN frame before authentication"),
+    "plan": (wire.encode_header(wire.MsgType.PLAN, 2) + b"{}", "PLAN frame before authentication"),
     "welcome-to-listener": (
         wire.encode(wire.Welcome("x", "y")),
         "WELCOME frame before authentication",

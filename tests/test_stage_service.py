@@ -190,20 +190,24 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
         wire_id = pipeline._sessions[session].wire_id
         faults = await _fault_from(stranger)
 
-        # Unknown session.
-        await stranger.send(
+        # A node that is not the previous stage feeds a session, unknown or real: refused
+        # on arrival, and only the sender hears of it.
+        for session_key in (12345, wire_id):
+            await stranger.send(
+                w1.node_id,
+                wire.Activations(session_key, 0, 5, (1,), wire.DType.F32, 64, bytes(256)),
+            )
+            _, fault = await asyncio.wait_for(faults.get(), 10)
+            assert fault.code is wire.FaultCode.BAD_INPUT
+            assert fault.culprit == str(stranger.node_id)
+        # Unknown session from the rightful sender (the head).
+        head_faults = await _fault_from(head)
+        await head.send(
             w1.node_id, wire.Activations(12345, 0, 0, (1,), wire.DType.F32, 64, bytes(256))
         )
-        _, fault = await asyncio.wait_for(faults.get(), 10)
-        assert fault.code == "unknown-session"
-        # A node that is not the previous stage feeds a real session.
-        await stranger.send(
-            w1.node_id, wire.Activations(wire_id, 0, 5, (1,), wire.DType.F32, 64, bytes(256))
-        )
-        _, fault = await asyncio.wait_for(faults.get(), 10)
-        assert fault.code == "bad-input" and fault.culprit == str(stranger.node_id)
-        # Wrong shape from the rightful sender (the head): a fault, not a crash.
-        head_faults = await _fault_from(head)
+        _, fault = await asyncio.wait_for(head_faults.get(), 10)
+        assert fault.code is wire.FaultCode.UNKNOWN_SESSION
+        # Wrong shape from the rightful sender: a fault, not a crash.
         await head.send(
             w1.node_id, wire.Activations(wire_id, 0, 5, (1,), wire.DType.F32, 32, bytes(128))
         )
@@ -211,7 +215,8 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
         assert fault.code == "bad-input" and "64 wide" in fault.reason
         # Undecodable frame on a request stream: the stream is refused, the node lives on.
         with pytest.raises(MeshchatError):
-            await stranger.request(w1.node_id, wire.SessionOp(1, 1, "explode"), timeout=5)
+            explode = wire.SessionOp(1, 1, "explode")  # type: ignore[arg-type]
+            await stranger.request(w1.node_id, explode, timeout=5)
         await pipeline.close_session(session)
         # Restore the pipeline's fault handler (the test borrowed it) and check it still runs.
         head.on_arrival(wire.StageFault, pipeline._on_fault)

@@ -34,11 +34,12 @@ from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageError, StageOptions
 from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import plan_profile
-from meshchat.inference.local_model import LocalModel, fingerprint_to_json
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import Plan, PlanError
+from meshchat.inference.protocol import plan_message, refusal_code, sampling_to_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
-from meshchat.mesh.node import Node, NodeEvent, PeerState
+from meshchat.mesh.node import Node, NodeEvent, PeerState, Refused
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
@@ -55,11 +56,13 @@ MAX_FAILOVERS = 4
 
 
 class StageLost(MeshchatError):
-    """A stage of the plan went away or failed; `node` is the one to leave out (if known)."""
+    """A stage of the plan went away or failed; `node` is the one to leave out (if known),
+    `code` why it refused its plan (if it did)."""
 
-    def __init__(self, node: str | None, reason: str) -> None:
+    def __init__(self, node: str | None, reason: str, code: wire.FaultCode | None = None) -> None:
         super().__init__(reason)
         self.node = node
+        self.code = code
 
 
 class History:
@@ -217,16 +220,10 @@ class MeshPipeline:
         layers = (mine.first, mine.end) if mine else None
         await self._run(self._set_local, layers, short=False)
         self.node.set_status(layers, self.model.status())
-        body = {
-            "head": self._me,
-            "stages": plan.to_json(),
-            "model": fingerprint_to_json(self.model.fingerprint),
-            "n_ctx": self._n_ctx,
-            "max_sessions": self.max_sessions,
-            "flash_attn": self.flash_attn,
-            "dtype": "f16" if self.dtype is wire.DType.F16 else "f32",
-        }
-        msg = wire.Plan(plan.plan_id, body)
+        msg = plan_message(
+            plan, self.model, n_ctx=self._n_ctx, max_sessions=self.max_sessions,
+            dtype=self.dtype, flash_attn=self.flash_attn,
+        )  # fmt: skip
         # Nodes of the old plan that have no part now free their memory (best effort).
         dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
         for text in dropped:
@@ -245,8 +242,10 @@ class MeshPipeline:
             raise StageLost(
                 str(node), f"node {node.short} did not take its layers: {exc}"
             ) from None
+        except Refused as exc:
+            # A refusal (fingerprint, memory, busy...): leave the node out of the next plan.
+            raise StageLost(str(node), str(exc), refusal_code(exc.code)) from None
         except MeshchatError as exc:
-            # A refusal (fingerprint, memory, busy): leave the node out of the next plan.
             raise StageLost(str(node), str(exc)) from None
         log.info("node %s took layers %s", node.short, getattr(reply, "body", {}))
 
@@ -294,7 +293,7 @@ class MeshPipeline:
         assert self._plan is not None
         if self._local is not None:
             await self._run(self._local.open_session, s.local_id)
-        await self._op(s, "open", body={"head": self._me, "plan": self._plan.plan_id})
+        await self._op(s, wire.SessionOpKind.OPEN, plan_id=self._plan.plan_id)
 
     async def close_session(self, session_id: str) -> None:
         s = self._sessions.pop(session_id, None)
@@ -303,7 +302,7 @@ class MeshPipeline:
         if self._local is not None:
             await self._run(self._local.close_session, s.local_id)
         with contextlib.suppress(MeshchatError):
-            await self._op(s, "close", timeout=5.0)
+            await self._op(s, wire.SessionOpKind.CLOSE, timeout=5.0)
 
     async def rollback(self, session_id: str, position: int) -> None:
         s = self._sessions[session_id]
@@ -313,7 +312,7 @@ class MeshPipeline:
     async def _rollback(self, s: _Session, position: int) -> None:
         if self._local is not None:
             await self._run(self._local.rollback, s.local_id, position)
-        await self._op(s, "rollback", position=position)
+        await self._op(s, wire.SessionOpKind.ROLLBACK, position=position)
 
     async def configure_sampling(self, session_id: str, params: SamplingParams) -> None:
         s = self._sessions[session_id]
@@ -324,7 +323,7 @@ class MeshPipeline:
         assert s.params is not None
         if self._local is not None:
             await self._run(self._local.configure_sampling, s.local_id, s.params)
-        await self._op(s, "sample", body=s.params.to_dict())
+        await self._op(s, wire.SessionOpKind.SAMPLE, sampling=sampling_to_wire(s.params))
 
     async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run a session op; if a stage is lost meanwhile, fail over (which redoes the op:
@@ -340,9 +339,11 @@ class MeshPipeline:
     async def _op(
         self,
         s: _Session,
-        op: str,
+        op: wire.SessionOpKind,
         position: int = 0,
-        body: dict[str, Any] | None = None,
+        *,
+        plan_id: str | None = None,
+        sampling: wire.Sampling | None = None,
         timeout: float = OP_TIMEOUT_S,
     ) -> None:
         """Send a session op down the chain and wait until the last stage confirms it."""
@@ -353,7 +354,7 @@ class MeshPipeline:
         fut = self._dones[key] = asyncio.get_running_loop().create_future()
         try:
             await self._send(
-                self._remote[0], wire.SessionOp(s.wire_id, s.seq, op, position, body or {})
+                self._remote[0], wire.SessionOp(s.wire_id, s.seq, op, position, plan_id, sampling)
             )
             await self._wait(fut, timeout)
         finally:
@@ -512,7 +513,7 @@ class MeshPipeline:
     def _on_fault(self, peer: NodeId, msg: wire.StageFault) -> None:
         if peer not in self._remote:
             return
-        if msg.code == "overflow":
+        if msg.code is wire.FaultCode.OVERFLOW:
             exc: Exception = ContextOverflowError(msg.reason)
         else:
             # Bad input: leave out who sent it; a lost next stage: leave it out; otherwise the
@@ -520,7 +521,7 @@ class MeshPipeline:
             blame: str | None = (
                 msg.culprit if msg.culprit and msg.culprit != self._me else str(peer)
             )
-            if msg.code in ("unknown-session", "stale-plan"):
+            if msg.code in (wire.FaultCode.UNKNOWN_SESSION, wire.FaultCode.STALE_PLAN):
                 blame = None  # state went out of step (e.g. a restart): a replay fixes it
             exc = StageLost(blame, f"node {peer.short}: {msg.reason}")
         self._fail_waiting(msg.session, exc)
@@ -575,8 +576,10 @@ class MeshPipeline:
             if self._remote:
                 assert self._plan is not None
                 s.seq += 1
-                body = {"head": self._me, "plan": self._plan.plan_id}
-                await self._send(self._remote[0], wire.SessionOp(s.wire_id, s.seq, "open", 0, body))
+                op = wire.SessionOp(
+                    s.wire_id, s.seq, wire.SessionOpKind.OPEN, 0, plan_id=self._plan.plan_id
+                )
+                await self._send(self._remote[0], op)
             position = 0
             for fed, keep in s.history.segments:
                 if self._remote:
@@ -591,9 +594,12 @@ class MeshPipeline:
             if s.params is not None:
                 if self._local is not None:
                     await self._run(self._local.configure_sampling, s.local_id, s.params)
-                await self._op(s, "sample", body=s.params.to_dict(), timeout=LOAD_TIMEOUT_S)
+                sampling = sampling_to_wire(s.params)
+                await self._op(
+                    s, wire.SessionOpKind.SAMPLE, sampling=sampling, timeout=LOAD_TIMEOUT_S
+                )
             else:
-                await self._op(s, "sync", timeout=LOAD_TIMEOUT_S)
+                await self._op(s, wire.SessionOpKind.SYNC, timeout=LOAD_TIMEOUT_S)
 
     async def _rollback_quietly(self, s: _Session, position: int) -> None:
         """A rollback inside a replay: in order with the replayed calls, no waiting."""
@@ -602,7 +608,8 @@ class MeshPipeline:
         if self._remote:
             s.seq += 1
             await self._send(
-                self._remote[0], wire.SessionOp(s.wire_id, s.seq, "rollback", position)
+                self._remote[0],
+                wire.SessionOp(s.wire_id, s.seq, wire.SessionOpKind.ROLLBACK, position),
             )
 
     # -- teardown ------------------------------------------------------------------------------

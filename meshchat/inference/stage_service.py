@@ -10,6 +10,10 @@
 - Bad input (unknown session, wrong sender, wrong shape, stale plan) gets a StageFault to the
   sender and the head; it never stops the node. A head that leaves loses its sessions here,
   so no KV cache outlives the conversation it belongs to.
+- Members are not trusted blindly: a plan is checked against this node's model and memory
+  before anything is loaded; a node installed for one head is busy for every other head until
+  that head lets go or leaves; work is queued only from the previous stage of the plan, within
+  a per-sender byte budget, so another member cannot fill the queue the real steps need.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from meshchat.engine import compute
-from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageOptions, StageOutput
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import Calibration, calibration, local_caps, plan_profile
-from meshchat.inference.local_model import LocalModel, fingerprint_from_json
-from meshchat.inference.planner import Plan
+from meshchat.inference.capabilities import (
+    Calibration,
+    calibration,
+    free_memory,
+    local_caps,
+    plan_profile,
+)
+from meshchat.inference.local_model import LocalModel
+from meshchat.inference.protocol import PlanRefused, StageRole, check_plan, sampling_from_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node, NodeEvent
@@ -41,14 +51,17 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED = 8192  # work items waiting for the stage thread
 MAX_QUEUED_BYTES = 256 << 20  # activation bytes waiting: a peer cannot make us hoard more
-MAX_SESSIONS = 16
+MAX_PEER_QUEUED_BYTES = 128 << 20  # one sender's share of them
+MAX_PEER_PLANS = 2  # plan requests of one peer waiting for the stage thread
+MAX_PENDING_FAULTS = 64  # fault replies in flight; beyond that, bad input is dropped silently
 _NP_DTYPE = {wire.DType.F32: np.float32, wire.DType.F16: np.float16}
+Code = wire.FaultCode
 
 
 class Fault(MeshchatError):
     """A step or op cannot run here; `code` tells the head what to do about it."""
 
-    def __init__(self, code: str, reason: str, culprit: NodeId | None = None) -> None:
+    def __init__(self, code: wire.FaultCode, reason: str, culprit: NodeId | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.culprit = culprit
@@ -58,20 +71,63 @@ class Fault(MeshchatError):
 class _Assignment:
     plan_id: str
     head: NodeId
-    first: int
-    end: int
-    prev: NodeId  # who sends us work: the head or the previous stage
-    next: NodeId | None  # None: this is the last stage, tokens go to the head
+    role: StageRole
     dtype: wire.DType
     stage: Stage
     options: StageOptions
+    owned: bool = True  # False once the head left: any head may then install a plan here
+
+    @property
+    def first(self) -> int:
+        return self.role.first
+
+    @property
+    def end(self) -> int:
+        return self.role.end
+
+    @property
+    def prev(self) -> NodeId:
+        return self.role.prev
+
+    @property
+    def next(self) -> NodeId | None:
+        return self.role.next
 
 
 @dataclass
 class _Session:
     local_id: str
     head: NodeId
+    plan_id: str
     cancelled: int = -1  # drop activations whose epoch is at most this
+
+
+# The stage thread's work, in arrival order.
+@dataclass(frozen=True)
+class _PlanJob:
+    head: NodeId
+    msg: wire.Plan
+    done: asyncio.Future[wire.Message] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class _StepJob:
+    peer: NodeId
+    msg: wire.Activations
+
+
+@dataclass(frozen=True)
+class _OpJob:
+    peer: NodeId
+    msg: wire.SessionOp
+
+
+@dataclass(frozen=True)
+class _HeadLeftJob:
+    head: NodeId
+
+
+_Job = _PlanJob | _StepJob | _OpJob | _HeadLeftJob
 
 
 class StageService:
@@ -90,13 +146,15 @@ class StageService:
         self.data = data
         self.threads = threads
         self.n_batch = n_batch
-        self._jobs: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue()
         self._assignment: _Assignment | None = None
         self._sessions: dict[int, _Session] = {}
         self._calibration: asyncio.Future[Calibration | None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._queued_bytes = 0
+        self._peer_bytes: dict[NodeId, int] = {}  # activation bytes queued, per sender
+        self._peer_plans: dict[NodeId, int] = {}  # plan requests queued, per sender
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -104,8 +162,8 @@ class StageService:
         node = self.node
         node.on(wire.CapsQuery, self._on_caps)
         node.on(wire.Plan, self._on_plan)
-        node.on_arrival(wire.Activations, self._enqueue)
-        node.on_arrival(wire.SessionOp, self._enqueue)
+        node.on_arrival(wire.Activations, self._on_activations)
+        node.on_arrival(wire.SessionOp, self._on_session_op)
         node.on_arrival(wire.Cancel, self._on_cancel)
         node.add_listener(self._on_event)
         self._worker = asyncio.ensure_future(self._work())
@@ -134,7 +192,7 @@ class StageService:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    async def _run(self, fn: Any, *args: Any, short: bool = True) -> Any:
+    async def _run(self, fn: Callable[..., object], *args: object, short: bool = True) -> Any:
         return await compute.run(fn, *args, short=short)
 
     async def _calibrate(self) -> Calibration | None:
@@ -162,91 +220,79 @@ class StageService:
     # -- plans ---------------------------------------------------------------------------------
 
     async def _on_plan(self, peer: NodeId, msg: wire.Plan) -> wire.Message:
+        pending = self._peer_plans.get(peer, 0)
+        if pending >= MAX_PEER_PLANS:
+            return wire.Error(Code.BUSY, f"node {self.node.node_id.short} has your plans queued")
+        self._peer_plans[peer] = pending + 1
         done: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait(("plan", peer, msg, done))
+        self._jobs.put_nowait(_PlanJob(peer, msg, done))
         return await done
 
+    def _held_by_other(self, head: NodeId) -> NodeId | None:
+        """The head this node's layers are installed for, if not `head` and still here."""
+        a = self._assignment
+        if a is None or not a.owned or a.head == head:
+            return None
+        return a.head if a.head in self.node.connected() else None
+
     async def _apply_plan(self, head: NodeId, msg: wire.Plan) -> wire.Message:
-        body = msg.body
-        try:
-            plan = Plan.from_json(body.get("stages"), msg.plan_id)
-        except MeshchatError as exc:
-            return wire.Error("plan", str(exc))
-        me = str(self.node.node_id)
-        mine = plan.stage_of(me)
-        busy = {s.head for s in self._sessions.values()} - {head}
-        if busy:
-            return wire.Error(
-                "busy", f"node {self.node.node_id.short} serves another head's sessions"
-            )
-        if mine is None:
-            if self._assignment is not None and self._assignment.head != head:
-                return wire.Ack(body={"layers": list(self.layers or ())})  # not theirs to free
+        me = self.node.node_id
+        if (holder := self._held_by_other(head)) is not None:
+            return wire.Error(Code.BUSY, f"node {me.short} serves head {holder.short}")
+        if msg.stage_of(me) is None:
             await self._drop_sessions(lambda _s: True)
             await self._release()
             return wire.Ack(body={"layers": None})
-        await self._drop_sessions(lambda _s: True)  # they belong to the old plan
         model = self.model
         if model is None:
-            return wire.Error("no-model", f"node {self.node.node_id.short} has no model file")
-        theirs = fingerprint_from_json(body.get("model"))
-        if theirs is None or not model.fingerprint.layers_match(theirs, mine.first, mine.end):
-            return wire.Error(
-                "fingerprint",
-                f"node {self.node.node_id.short} has a different model file for layers "
-                f"{mine} ({model.path.name}, fingerprint {model.fingerprint.short})",
-            )
-        index = plan.stages.index(mine)
-        chain_ok = all(a.end == b.first for a, b in zip(plan.stages, plan.stages[1:], strict=False))
-        if not chain_ok or plan.stages[0].first != 0 or plan.stages[-1].end != model.n_layers:
-            return wire.Error("plan", "the plan does not cover the model's layers in order")
+            return wire.Error(Code.NO_MODEL, f"node {me.short} has no model file")
         try:
-            prev = head if index == 0 else NodeId.parse(plan.stages[index - 1].node)
-            nxt = (
-                None if index == len(plan.stages) - 1 else NodeId.parse(plan.stages[index + 1].node)
+            role = check_plan(msg, me, head, model)
+        except PlanRefused as exc:
+            return wire.Error(exc.code, str(exc))
+        assert role is not None
+        current = self._assignment
+        budget = free_memory() + (current.role.memory if current else 0)  # ours is freed first
+        if role.memory > budget:
+            return wire.Error(
+                Code.MEMORY,
+                f"layers [{role.first},{role.end}) with {msg.max_sessions} sessions of "
+                f"{msg.n_ctx} tokens need {role.memory >> 20} MiB; node {me.short} has "
+                f"{budget >> 20} MiB",
             )
-            dtype = wire.DType.F16 if body.get("dtype") == "f16" else wire.DType.F32
-            n_ctx = max(16, min(int(body.get("n_ctx", 4096)), model.spec.context_length))
-            sessions = max(1, min(int(body.get("max_sessions", 2)), MAX_SESSIONS))
-            flash_attn = body.get("flash_attn", False)
-            if not isinstance(flash_attn, bool):
-                raise ValueError("flash_attn must be true or false")
-        except (MeshchatError, TypeError, ValueError) as exc:
-            return wire.Error("plan", f"malformed plan: {exc}")
         try:
             profile = await self._run(
-                plan_profile, model, self.data, self.threads, flash_attn, short=False
+                plan_profile, model, self.data, self.threads, msg.flash_attn, short=False
             )
         except MeshchatError as exc:
-            return wire.Error("load", str(exc))
+            return wire.Error(Code.LOAD, str(exc))
         options = StageOptions(
-            n_ctx=n_ctx, max_sessions=sessions, n_batch=self.n_batch, n_threads=self.threads
-        ).with_profile(profile)
+            n_ctx=msg.n_ctx, max_sessions=msg.max_sessions, n_batch=self.n_batch,
+            n_threads=self.threads,
+        ).with_profile(profile)  # fmt: skip
+        keep = current is not None and (current.first, current.end, current.options) == (
+            role.first, role.end, options,
+        )  # fmt: skip
+        await self._drop_sessions(lambda _s: True)  # they belong to the old plan
         started = time.perf_counter()
-        current = self._assignment
-        if current and (current.first, current.end, current.options) == (
-            mine.first,
-            mine.end,
-            options,
-        ):
+        if keep:
+            assert current is not None
             stage = current.stage  # same range: keep the loaded stage
         else:
             await self._release()
             try:
                 stage = await self._run(
-                    self._load, model, mine.first, mine.end, options, short=False
+                    self._load, model, role.first, role.end, options, short=False
                 )
             except MeshchatError as exc:
-                return wire.Error("load", f"cannot load layers {mine}: {exc}")
-        self._assignment = _Assignment(
-            plan.plan_id, head, mine.first, mine.end, prev, nxt, dtype, stage, options
-        )
-        self.node.set_status((mine.first, mine.end), model.status())
+                return wire.Error(Code.LOAD, f"cannot load layers [{role.first},{role.end}): {exc}")
+        self._assignment = _Assignment(msg.plan_id, head, role, msg.dtype, stage, options)
+        self.node.set_status((role.first, role.end), model.status())
         self.node.engine = {**(self.node.engine or {}), "running": options.profile.to_json()}
         load_s = time.perf_counter() - started
-        log.info("serving layers %s for %s (%.2f s)", mine, head.short, load_s)
+        log.info("serving layers [%d,%d) for %s (%.2f s)", role.first, role.end, head.short, load_s)
         return wire.Ack(
-            body={"layers": [mine.first, mine.end], "n_ctx": stage.n_ctx, "load_s": load_s}
+            body={"layers": [role.first, role.end], "n_ctx": stage.n_ctx, "load_s": load_s}
         )
 
     def _load(self, model: LocalModel, first: int, end: int, options: StageOptions) -> Stage:
@@ -259,7 +305,7 @@ class StageService:
             await self._run(assignment.stage.close)
         self.node.set_status(None, self.model.status() if self.model else None)
 
-    async def _drop_sessions(self, which: Any) -> None:
+    async def _drop_sessions(self, which: Callable[[_Session], bool]) -> None:
         a = self._assignment
         for key in [k for k, s in self._sessions.items() if which(s)]:
             session = self._sessions.pop(key)
@@ -268,13 +314,42 @@ class StageService:
 
     # -- work ----------------------------------------------------------------------------------
 
-    def _enqueue(self, peer: NodeId, msg: wire.Message) -> None:
-        size = len(msg.data) if isinstance(msg, wire.Activations) else 0
-        if self._jobs.qsize() >= MAX_QUEUED or self._queued_bytes + size > MAX_QUEUED_BYTES:
-            self._spawn_fault(getattr(msg, "session", 0), [peer], "overload", "stage queue full")
+    def _on_activations(self, peer: NodeId, msg: wire.Activations) -> None:
+        self._admit(peer, _StepJob(peer, msg), msg.session, len(msg.data))
+
+    def _on_session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
+        self._admit(peer, _OpJob(peer, msg), msg.session, 0)
+
+    def _admit(self, peer: NodeId, job: _StepJob | _OpJob, session: int, size: int) -> None:
+        """Queue work from the previous stage of our plan, within its budget; refuse the rest
+        before it takes any room (a member cannot crowd out the plan's real steps)."""
+        a = self._assignment
+        if a is None or not a.owned:
+            self._spawn_fault(session, peer, Code.STALE_PLAN, "no plan installed here")
+            return
+        if peer != a.prev:
+            reason = f"node {peer.short} is not the previous stage of this node's plan"
+            self._spawn_fault(session, peer, Code.BAD_INPUT, reason, culprit=peer)
+            return
+        queued = self._peer_bytes.get(peer, 0)
+        if (
+            self._jobs.qsize() >= MAX_QUEUED
+            or self._queued_bytes + size > MAX_QUEUED_BYTES
+            or queued + size > MAX_PEER_QUEUED_BYTES
+        ):
+            self._spawn_fault(session, peer, Code.OVERLOAD, "stage queue full")
             return
         self._queued_bytes += size
-        self._jobs.put_nowait(("msg", peer, msg, None))
+        if size:
+            self._peer_bytes[peer] = queued + size
+        self._jobs.put_nowait(job)
+
+    def _dequeued(self, job: _Job) -> None:
+        if isinstance(job, _StepJob):
+            self._queued_bytes -= len(job.msg.data)
+            _count_down(self._peer_bytes, job.peer, len(job.msg.data))
+        elif isinstance(job, _PlanJob):
+            _count_down(self._peer_plans, job.head, 1)
 
     def _on_cancel(self, peer: NodeId, msg: wire.Cancel) -> None:
         session = self._sessions.get(msg.session)
@@ -282,46 +357,60 @@ class StageService:
             session.cancelled = max(session.cancelled, msg.epoch)
 
     def _on_event(self, event: NodeEvent) -> None:
-        if event.kind == "left" and any(s.head == event.node_id for s in self._sessions.values()):
-            self._jobs.put_nowait(("head-left", event.node_id, None, None))
+        if event.kind != "left":
+            return
+        a = self._assignment
+        if (a is not None and a.head == event.node_id) or any(
+            s.head == event.node_id for s in self._sessions.values()
+        ):
+            self._jobs.put_nowait(_HeadLeftJob(event.node_id))
 
     async def _work(self) -> None:
         while True:
-            kind, peer, msg, done = await self._jobs.get()
-            if isinstance(msg, wire.Activations):
-                self._queued_bytes -= len(msg.data)
+            job = await self._jobs.get()
+            self._dequeued(job)
             try:
-                if kind == "plan":
-                    reply = await self._apply_plan(peer, msg)
-                    if not done.done():
-                        done.set_result(reply)
-                elif kind == "head-left":
-                    await self._drop_sessions(lambda s, head=peer: s.head == head)
-                elif isinstance(msg, wire.Activations):
-                    await self._forward(peer, msg)
-                else:
-                    await self._session_op(peer, msg)
+                await self._do(job)
             except Fault as exc:
-                await self._fault(msg, peer, exc)
+                assert not isinstance(job, _PlanJob | _HeadLeftJob)
+                await self._fault(job.msg, job.peer, exc)
             except Exception as exc:
                 log.exception("stage work failed")
-                if done is not None and not done.done():
-                    done.set_result(wire.Error("internal", f"stage failed: {exc!r}"))
-                elif msg is not None:
-                    await self._fault(msg, peer, Fault("internal", f"stage failed: {exc!r}"))
+                if isinstance(job, _PlanJob):
+                    if not job.done.done():
+                        job.done.set_result(wire.Error(Code.INTERNAL, f"stage failed: {exc!r}"))
+                elif not isinstance(job, _HeadLeftJob):
+                    fault = Fault(Code.INTERNAL, f"stage failed: {exc!r}")
+                    await self._fault(job.msg, job.peer, fault)
+
+    async def _do(self, job: _Job) -> None:
+        match job:
+            case _PlanJob(head, msg, done):
+                reply = await self._apply_plan(head, msg)
+                if not done.done():
+                    done.set_result(reply)
+            case _HeadLeftJob(head):
+                await self._drop_sessions(lambda s: s.head == head)
+                a = self._assignment
+                if a is not None and a.head == head:
+                    a.owned = False  # keep the loaded range for reuse, but let any head take it
+            case _StepJob(peer, msg):
+                await self._forward(peer, msg)
+            case _OpJob(peer, msg):
+                await self._session_op(peer, msg)
 
     def _route(self, peer: NodeId, session_key: int) -> tuple[_Assignment, _Session]:
         a = self._assignment
         session = self._sessions.get(session_key)
-        if a is None or session is None:
+        if a is None or session is None or (session.head, session.plan_id) != (a.head, a.plan_id):
             raise Fault(
-                "unknown-session",
+                Code.UNKNOWN_SESSION,
                 f"node {self.node.node_id.short} has no session {session_key}",
                 culprit=None,
             )
         if peer != a.prev:
             raise Fault(
-                "bad-input",
+                Code.BAD_INPUT,
                 f"node {peer.short} sent work for session {session_key} but is not its "
                 "previous stage",
                 culprit=peer,
@@ -338,7 +427,7 @@ class StageService:
         ):
             want = "token ids only" if stage.is_first else f"hidden states {stage.n_embd} wide"
             raise Fault(
-                "bad-input",
+                Code.BAD_INPUT,
                 f"stage {LayerRange(a.first, a.end)} wants {want}, got width {msg.width}",
                 culprit=peer,
             )
@@ -347,9 +436,9 @@ class StageService:
                 self._compute, stage, session.local_id, msg, short=compute.is_short(len(msg.tokens))
             )
         except ContextOverflowError as exc:
-            raise Fault("overflow", str(exc)) from None
+            raise Fault(Code.OVERFLOW, str(exc)) from None
         except MeshchatError as exc:
-            raise Fault("stage", str(exc)) from None
+            raise Fault(Code.STAGE, str(exc)) from None
         trace = (*msg.trace, micros)[-wire.MAX_TRACE :]
         if a.next is not None:
             hidden = output.hidden
@@ -379,19 +468,17 @@ class StageService:
         return output, int((time.perf_counter() - started) * 1e6)
 
     async def _session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
-        if msg.op == "open":
+        if msg.op is wire.SessionOpKind.OPEN:
             a, session = await self._open(peer, msg)
         else:
             a, session = self._route(peer, msg.session)
             try:
-                await self._apply_op(a.stage, session, msg)
-            except (TypeError, ValueError) as exc:
-                raise Fault("bad-input", f"{msg.op}: {exc}", culprit=peer) from None
-            except Fault:
-                raise
+                await self._apply_op(a, session, msg)
+            except ValueError as exc:
+                raise Fault(Code.BAD_INPUT, f"{msg.op}: {exc}", culprit=peer) from None
             except MeshchatError as exc:
-                raise Fault("stage", f"{msg.op} failed: {exc}") from None
-            if msg.op == "close":
+                raise Fault(Code.STAGE, f"{msg.op} failed: {exc}") from None
+            if msg.op is wire.SessionOpKind.CLOSE:
                 self._sessions.pop(msg.session, None)
         if a.next is not None:
             await self._send(a.next, msg, msg.session, session.head)
@@ -399,32 +486,38 @@ class StageService:
             done = wire.SessionDone(msg.session, msg.seq)
             await self._send(session.head, done, msg.session, session.head)
 
-    async def _apply_op(self, stage: Stage, session: _Session, msg: wire.SessionOp) -> None:
-        if msg.op == "close":
-            await self._run(stage.close_session, session.local_id)
-        elif msg.op == "rollback":
-            await self._run(stage.rollback, session.local_id, msg.position)
-        elif msg.op == "sample":
-            params = SamplingParams.from_dict(msg.body)
-            await self._run(stage.configure_sampling, session.local_id, params)
-        elif msg.op != "sync":
-            raise ValueError(f"unknown session op {msg.op!r}")
+    async def _apply_op(self, a: _Assignment, session: _Session, msg: wire.SessionOp) -> None:
+        stage = a.stage
+        match msg.op:
+            case wire.SessionOpKind.CLOSE:
+                await self._run(stage.close_session, session.local_id)
+            case wire.SessionOpKind.ROLLBACK:
+                await self._run(stage.rollback, session.local_id, msg.position)
+            case wire.SessionOpKind.SAMPLE:
+                assert msg.sampling is not None  # wire.SessionOp checks the body matches the op
+                params = sampling_from_wire(msg.sampling, a.options.n_ctx)
+                await self._run(stage.configure_sampling, session.local_id, params)
+            case wire.SessionOpKind.SYNC | wire.SessionOpKind.OPEN:
+                pass
 
     async def _open(self, peer: NodeId, msg: wire.SessionOp) -> tuple[_Assignment, _Session]:
         a = self._assignment
-        plan_id = msg.body.get("plan")
-        if a is None or plan_id != a.plan_id:
-            raise Fault("stale-plan", f"node {self.node.node_id.short} is not on plan {plan_id}")
+        if a is None or not a.owned or msg.plan_id != a.plan_id:
+            raise Fault(
+                Code.STALE_PLAN, f"node {self.node.node_id.short} is not on plan {msg.plan_id}"
+            )
         if peer != a.prev:
-            raise Fault("bad-input", f"node {peer.short} is not the previous stage", culprit=peer)
+            raise Fault(
+                Code.BAD_INPUT, f"node {peer.short} is not the previous stage", culprit=peer
+            )
         old = self._sessions.pop(msg.session, None)
         if old is not None:
             await self._run(a.stage.close_session, old.local_id)  # a replay starts from scratch
-        session = _Session(f"{a.head.short}-{msg.session}", a.head)
+        session = _Session(f"{a.head.short}-{msg.session}", a.head, a.plan_id)
         try:
             await self._run(a.stage.open_session, session.local_id)
         except MeshchatError as exc:
-            raise Fault("no-slot", str(exc)) from None
+            raise Fault(Code.NO_SLOT, str(exc)) from None
         self._sessions[msg.session] = session
         return a, session
 
@@ -434,12 +527,14 @@ class StageService:
         except ConnectionLost as exc:
             if to != head:
                 raise Fault(
-                    "lost", f"next stage {to.short} unreachable: {exc}", culprit=to
+                    Code.LOST, f"next stage {to.short} unreachable: {exc}", culprit=to
                 ) from None
 
-    async def _fault(self, msg: Any, peer: NodeId, fault: Fault) -> None:
+    async def _fault(
+        self, msg: wire.Activations | wire.SessionOp, peer: NodeId, fault: Fault
+    ) -> None:
         """Tell the sender and the session's head (if known) why work failed."""
-        key = getattr(msg, "session", 0)
+        key = msg.session
         session = self._sessions.get(key)
         targets = [peer]
         head = session.head if session else (self._assignment.head if self._assignment else None)
@@ -448,15 +543,40 @@ class StageService:
         log.info("fault on session %s: %s", key, fault)
         await self._send_fault(key, targets, fault.code, str(fault), fault.culprit)
 
-    def _spawn_fault(self, key: int, targets: list[NodeId], code: str, reason: str) -> None:
-        task = asyncio.ensure_future(self._send_fault(key, targets, code, reason, None))
+    def _spawn_fault(
+        self,
+        key: int,
+        target: NodeId,
+        code: wire.FaultCode,
+        reason: str,
+        culprit: NodeId | None = None,
+    ) -> None:
+        """Answer refused input without waiting; a flood of it gets no more answers than
+        MAX_PENDING_FAULTS at a time."""
+        if len(self._background) >= MAX_PENDING_FAULTS:
+            return
+        task = asyncio.ensure_future(self._send_fault(key, [target], code, reason, culprit))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _send_fault(
-        self, key: int, targets: list[NodeId], code: str, reason: str, culprit: NodeId | None
+        self,
+        key: int,
+        targets: list[NodeId],
+        code: wire.FaultCode,
+        reason: str,
+        culprit: NodeId | None,
     ) -> None:
         fault = wire.StageFault(key, code, reason[:500], str(culprit) if culprit else None)
         for target in targets:
             with contextlib.suppress(ConnectionLost):
                 await self.node.send(target, fault)
+
+
+def _count_down(counts: dict[NodeId, int], key: NodeId, by: int) -> None:
+    """Take `by` off a per-peer count; a count that reaches zero leaves the table."""
+    left = counts.get(key, 0) - by
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -104,6 +104,14 @@ class Peer:
         }
 
 
+class Refused(MeshchatError):
+    """A peer answered a request with an Error; `code` says why (e.g. a wire.FaultCode)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class NodeEvent:
     kind: EventKind
@@ -287,7 +295,7 @@ class Node:
         """Send `msg` on its own stream and return the peer's reply (an Error reply raises)."""
         reply = await self._conn(node).request(msg, timeout)
         if isinstance(reply, wire.Error):
-            raise MeshchatError(f"peer {node.short} refused {msg.TYPE.name}: {reply.reason}")
+            raise Refused(reply.code, f"peer {node.short} refused {msg.TYPE.name}: {reply.reason}")
         return reply
 
     def set_status(

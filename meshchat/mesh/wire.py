@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Union
 
 from meshchat.errors import MeshchatError
 from meshchat.mesh.identity import NodeId
+from meshchat.model.fingerprint import Fingerprint
 
 WIRE_VERSION = 1
 HEADER = struct.Struct("!BBHI")
@@ -306,13 +307,201 @@ class Ack(Message):
     body: dict[str, Any] = field(default_factory=dict)
 
 
+# --- distributed generation: typed, bounded bodies -------------------------------------------
+
+MAX_PLAN_STAGES = 64
+MAX_MODEL_LAYERS = 4096  # above any real block count; a stage checks against its own model
+MAX_PLAN_CONTEXT = 1 << 20  # tokens; a stage checks against its model's trained context
+MAX_PLAN_SESSIONS = 16  # KV caches a plan may ask of each stage
+MAX_PLAN_ID = 64
+MAX_DIGEST_TEXT = 128
+MAX_TOP_K = 1 << 24
+MAX_TEMPERATURE = 1000.0
+MAX_REPEAT_PENALTY = 1000.0
+U32 = 0xFFFFFFFF
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class SessionOpKind(enum.StrEnum):
+    OPEN = "open"
+    CLOSE = "close"
+    ROLLBACK = "rollback"
+    SAMPLE = "sample"
+    SYNC = "sync"
+
+
+class FaultCode(enum.StrEnum):
+    """Why a stage refused a plan (the Error code of its reply) or a step or op (StageFault)."""
+
+    BAD_PLAN = "plan"
+    BUSY = "busy"  # installed for another head that has not let go
+    NO_MODEL = "no-model"
+    FINGERPRINT = "fingerprint"
+    MEMORY = "memory"  # the plan's KV caches and weights exceed this node's free memory
+    LOAD = "load"
+    OVERLOAD = "overload"
+    UNKNOWN_SESSION = "unknown-session"
+    BAD_INPUT = "bad-input"
+    STALE_PLAN = "stale-plan"
+    NO_SLOT = "no-slot"
+    OVERFLOW = "overflow"
+    STAGE = "stage"
+    LOST = "lost"
+    INTERNAL = "internal"
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ProtocolError(what)
+
+
+def _finite_in(value: float, low: float, high: float, name: str) -> None:
+    _require(
+        math.isfinite(value) and low <= value <= high, f"{name} {value} not in [{low}, {high}]"
+    )
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    """One stage of a plan: `node` runs layers [first, end)."""
+
+    node: NodeId
+    first: int
+    end: int
+
+
 @dataclass(frozen=True)
 class Plan(Message):
-    """A split plan from the head (contents owned by the inference layer)."""
+    """Head → stage, request: run your layers of this plan (Ack), or refuse (Error, FaultCode).
+
+    Bounds that need no model are checked here, at decode; the stage checks the rest against
+    its own model (layer count, trained context, memory).
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.PLAN
     plan_id: str
-    body: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[PlanStage, ...]
+    model: Fingerprint
+    n_ctx: int
+    max_sessions: int
+    dtype: DType  # hidden states between stages
+    flash_attn: bool  # changes numerics: every stage of a plan uses the same value
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.plan_id) <= MAX_PLAN_ID, "plan id length out of range")
+        _require(0 < len(self.stages) <= MAX_PLAN_STAGES, "a plan needs 1 to 64 stages")
+        _require(self.stages[0].first == 0, "a plan starts at layer 0")
+        for a, b in zip(self.stages, self.stages[1:], strict=False):
+            _require(a.end == b.first, "plan stages are not contiguous")
+        for s in self.stages:
+            _require(
+                0 <= s.first < s.end <= MAX_MODEL_LAYERS, f"bad layer range [{s.first},{s.end})"
+            )
+        _require(len({s.node for s in self.stages}) == len(self.stages), "a node twice in a plan")
+        _require(1 <= self.n_ctx <= MAX_PLAN_CONTEXT, f"n_ctx {self.n_ctx} out of range")
+        _require(1 <= self.max_sessions <= MAX_PLAN_SESSIONS, "max_sessions out of range")
+        fp = self.model
+        _require(len(fp.layers) == self.stages[-1].end, "fingerprint and plan disagree on layers")
+        _require(
+            all(len(d) <= MAX_DIGEST_TEXT for d in (fp.model, fp.config, fp.globals, *fp.layers)),
+            "fingerprint digest too long",
+        )
+
+    def stage_of(self, node: NodeId) -> int | None:
+        """The index of `node`'s stage, None if it has no part."""
+        return next((i for i, s in enumerate(self.stages) if s.node == node), None)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A session's sampler settings (SAMPLE op); the last stage builds llama.cpp's chain."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int  # llama.cpp keeps this many tokens: a stage bounds it by its n_ctx
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _finite_in(self.temperature, 0.0, MAX_TEMPERATURE, "temperature")
+        _finite_in(self.top_p, 0.0, 1.0, "top_p")
+        _finite_in(self.min_p, 0.0, 1.0, "min_p")
+        _finite_in(self.repeat_penalty, 1e-6, MAX_REPEAT_PENALTY, "repeat_penalty")
+        _require(0 <= self.top_k <= MAX_TOP_K, f"top_k {self.top_k} out of range")
+        _require(0 <= self.repeat_last_n <= MAX_PLAN_CONTEXT, "repeat_last_n out of range")
+        _require(self.seed is None or 0 <= self.seed <= U32, "seed out of range")
+
+
+# The codec's typed values beyond plain JSON (the bodies above): NodeIDs as their text,
+# enums as their value, records as objects, tuples as lists.
+_RECORD_FIELDS: dict[type, tuple[tuple[str, Any, bool], ...]] = {}
+
+
+def _as_float(value: int | float, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float (a 400-digit one)
+        raise ProtocolError(f"field {name}: number out of range") from None
+
+
+def _typed_to_json(value: Any) -> Any:
+    if isinstance(value, NodeId):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_typed_to_json(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _typed_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _check_typed(value: Any, hint: Any, name: str) -> Any:
+    """`_check` for NodeId, enums, tuple[X, ...] and nested frozen dataclasses (records)."""
+    if hint is NodeId:
+        if not isinstance(value, str) or len(value) > 128:
+            raise ProtocolError(f"field {name}: expected a NodeID")
+        try:
+            return NodeId.parse(value)
+        except MeshchatError:
+            raise ProtocolError(f"field {name}: not a NodeID") from None
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        base = str if issubclass(hint, str) else int
+        if not isinstance(value, base) or isinstance(value, bool):
+            raise ProtocolError(f"field {name}: expected a {hint.__name__}")
+        try:
+            return hint(value)
+        except ValueError:
+            raise ProtocolError(f"field {name}: unknown {hint.__name__} {value!r}") from None
+    if typing.get_origin(hint) is tuple:
+        item, ellipsis = typing.get_args(hint)
+        assert ellipsis is Ellipsis, hint
+        if not isinstance(value, list):
+            raise ProtocolError(f"field {name}: expected a list")
+        return tuple(_check(v, item, name) for v in value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"field {name}: expected an object")
+        values: dict[str, Any] = {}
+        for key, inner, required in _record_fields(hint):
+            if key in value:
+                values[key] = _check(value[key], inner, f"{name}.{key}")
+            elif required:
+                raise ProtocolError(f"field {name}: missing {key}")
+        return hint(**values)
+    raise TypeError(f"unsupported schema type {hint!r}")  # a bug in this module, not the peer
+
+
+def _record_fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    cached = _RECORD_FIELDS.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = _RECORD_FIELDS[cls] = tuple(
+            (f.name, hints[f.name], f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        )  # fmt: skip
+    return cached
 
 
 @dataclass(frozen=True)
@@ -356,9 +545,20 @@ class SessionOp(Message):
     TYPE: ClassVar[MsgType] = MsgType.SESSION_OP
     session: int
     seq: int
-    op: str
+    op: SessionOpKind
     position: int = 0
-    body: dict[str, Any] = field(default_factory=dict)
+    plan_id: str | None = None  # OPEN: the plan the session runs on
+    sampling: Sampling | None = None  # SAMPLE: the sampler settings
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.session <= U64 and 0 <= self.seq <= U64, "session op id out of range")
+        _require(0 <= self.position <= U32, "session op position out of range")
+        _require(
+            (self.plan_id is not None) == (self.op is SessionOpKind.OPEN)
+            and (self.sampling is not None) == (self.op is SessionOpKind.SAMPLE),
+            f"session op {self.op} with the wrong body",
+        )
+        _require(self.plan_id is None or len(self.plan_id) <= MAX_PLAN_ID, "plan id too long")
 
 
 @dataclass(frozen=True)
@@ -376,7 +576,7 @@ class StageFault(Message):
 
     TYPE: ClassVar[MsgType] = MsgType.STAGE_FAULT
     session: int
-    code: str
+    code: FaultCode
     reason: str
     culprit: str | None = None  # NodeID text of the peer that sent bad input, if that was it
 
@@ -547,7 +747,7 @@ def _to_json(value: Any) -> Any:
         return base64.b64encode(value).decode()
     if isinstance(value, list) and value and isinstance(value[0], RosterRecord):
         return [r.to_json() for r in value]
-    return value
+    return _typed_to_json(value)
 
 
 def _check(value: Any, hint: Any, name: str) -> Any:
@@ -579,7 +779,7 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     if hint is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ProtocolError(f"field {name}: expected a number")
-        return float(value)
+        return _as_float(value, name)
     if hint is str:
         if not isinstance(value, str):
             raise ProtocolError(f"field {name}: expected text")
@@ -596,7 +796,7 @@ def _check(value: Any, hint: Any, name: str) -> Any:
         return {k: _check(v, item, name) for k, v in value.items()}
     if hint is RosterRecord:
         return RosterRecord.from_json(value, name)
-    raise TypeError(f"unsupported schema type {hint!r}")  # a bug in this module, not the peer
+    return _check_typed(value, hint, name)
 
 
 def encode_body(msg: Message) -> bytes:
