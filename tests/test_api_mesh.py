@@ -33,11 +33,11 @@ def api_mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     root = tmp_path_factory.mktemp("apimesh")
     cluster = Cluster(root, root / "calibration")
     head = None
+    # The whole model with four 4096-token sessions needs about 480 MB; with 300 MB each,
+    # neither node holds it all: the head must share the layers with the worker.
+    limit = {"MESHCHAT_MEMORY_LIMIT": "300M"}
     try:
-        cluster.add(smollm2)
-        # The whole model with four 4096-token sessions needs about 480 MB; with 300 MB the
-        # head must share the layers with the worker.
-        limit = {"MESHCHAT_MEMORY_LIMIT": "300M"}
+        cluster.add(smollm2, env=limit)
         head = ApiHead(cluster, smollm2, free_port(), KEY, env=limit)
         yield head
     finally:
