@@ -37,7 +37,8 @@ Only IPv4 is used: IPv6 link-local addresses would need scope ids that the layer
 carry.
 
 Every table grown from what the LAN sends is bounded (`_MAX_TRACKED`, `_MAX_RESOLVING`,
-`_MAX_NEWEST`): a flood of fake names costs a bounded amount of memory and queries.
+`_MAX_WAITING`, `_MAX_NEWEST`): a flood of fake names costs a bounded amount of memory and
+queries, and delays (never loses) the names that arrived during it.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ _MAX_TIMESTAMP_CHARS = 16  # ms since 1970 has 13 digits until the year 2286
 _MAX_TRACKED = 1024  # service names remembered: bounds memory against a LAN of fake services
 # Names being resolved at once from browse events. Each resolve may wait 3 s for an answer and
 # a LAN has a handful of meshchat nodes, so a flood of fake names must not become a flood of
-# our queries; a name skipped now is seen at its next announcement or our next browse query.
+# our queries; names past this wait in line (`_MAX_WAITING`).
 _MAX_RESOLVING = 32
+_MAX_WAITING = 1024  # names in line for a resolve slot: as many as we would track
 _MAX_NEWEST = 1024  # node ids whose newest accepted timestamp we keep (replay protection)
 # Freshness of a member's announcement. A node re-announces every REFRESH_S and records live at
 # most _MAX_TTL in a cache, so an honest announcement is at most REFRESH_S + _MAX_TTL = 180 s
@@ -367,6 +369,7 @@ class MdnsDiscovery:
         self._reported: dict[str, DiscoveredPeer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._resolving: dict[str, bool] = {}  # name -> another resolve requested meanwhile
+        self._waiting: dict[str, None] = {}  # names waiting for a resolve slot, in order
         self._in_flight: dict[str, int] = {}  # name -> resolves running (events and sweeps)
         # name -> removals seen while a resolve of it was running, to drop that resolve's answer
         self._removals: dict[str, int] = {}
@@ -409,6 +412,7 @@ class MdnsDiscovery:
                 self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_state_change]
             )
             self._spawn(self._maintain())
+            self._spawn(self._refresh())
         except BaseException:
             await self.stop()
             raise
@@ -437,6 +441,7 @@ class MdnsDiscovery:
         self._parsed.clear()
         self._reported.clear()
         self._resolving.clear()
+        self._waiting.clear()
         self._removals.clear()
         self._last_ok.clear()
         self._stale.clear()
@@ -559,18 +564,38 @@ class MdnsDiscovery:
         if state_change is ServiceStateChange.Removed:
             self._forget(name)
             return
+        self._want_resolve(name)
+
+    def _want_resolve(self, name: str) -> None:
         if name in self._resolving:
             self._resolving[name] = True  # the running resolve will go round once more
             return
         if len(self._resolving) >= _MAX_RESOLVING:
-            log.debug("mDNS: ignoring %s for now, too many resolves running", name)
+            # The browser reports a name once: keep it in line (bounded) rather than lose it.
+            if name in self._waiting or len(self._waiting) < _MAX_WAITING:
+                self._waiting[name] = None
+            else:
+                log.debug("mDNS: ignoring %s, too many names waiting", name)
             return
-        full = name not in self._parsed and len(self._parsed) >= _MAX_TRACKED
-        if full and not self._evict_oldest_stale():
-            log.debug("mDNS: ignoring %s, too many services tracked", name)
+        if not self._has_room(name):
             return
         self._resolving[name] = False
         self._spawn(self._resolve_loop(name))
+
+    def _resolve_waiting(self) -> None:
+        while self._waiting and len(self._resolving) < _MAX_RESOLVING and not self._closing:
+            name = next(iter(self._waiting))
+            del self._waiting[name]
+            self._want_resolve(name)
+
+    def _has_room(self, name: str) -> bool:
+        """May `name` be tracked? Checked before resolving and again before storing."""
+        if name in self._parsed or len(self._parsed) < _MAX_TRACKED:
+            return True
+        if self._evict_oldest_stale():
+            return True
+        log.debug("mDNS: ignoring %s, too many services tracked", name)
+        return False
 
     def _evict_oldest_stale(self) -> bool:
         """Make room by forgetting the name that has been silent longest (if any is)."""
@@ -598,6 +623,7 @@ class MdnsDiscovery:
                 await asyncio.sleep(_SETTLE_DELAY_S)
         finally:
             self._resolving.pop(name, None)
+            self._resolve_waiting()
 
     async def _resolve(self, name: str) -> bool:
         """Look the service up (cache first, then the network); False if it did not answer."""
@@ -627,6 +653,8 @@ class MdnsDiscovery:
             return True  # withdrawn while we were asking
         if parsed.node_id == self.node_id:
             return True  # our own id under another name: a stale record of ours, or a spoof
+        if not self._has_room(name):
+            return True
         verdict = self._judge(parsed)
         if verdict is Verdict.REFUSED:
             log.debug("mDNS: %s replays a stale or superseded announcement", name)
@@ -655,11 +683,20 @@ class MdnsDiscovery:
             # Jitter keeps nodes started together from querying in lockstep.
             await asyncio.sleep(period * random.uniform(0.9, 1.1))
             await self._follow_address_change()
-            if self._secret is not None and time.monotonic() - self._announced_at >= REFRESH_S:
-                await self._reannounce()  # a fresh timestamp, so peers keep accepting the tag
             self._send_ptr_query()
             names = [n for n in self._parsed if n not in self._resolving]
             await asyncio.gather(*(check(n) for n in names))
+
+    async def _refresh(self) -> None:
+        """Re-announce with a fresh timestamp, so that peers keep accepting our tag.
+
+        Its own task: a sweep slowed down by a flood of silent names must not delay it.
+        """
+        while not self._closing:
+            await asyncio.sleep(REFRESH_S * random.uniform(0.9, 1.0))
+            stale = time.monotonic() - self._announced_at >= REFRESH_S * 0.9
+            if self._secret is not None and stale:
+                await self._reannounce()
 
     async def _follow_address_change(self) -> None:
         """Renumbered (DHCP, Wi-Fi roaming)? Rebind and announce the new addresses."""
@@ -751,6 +788,7 @@ class MdnsDiscovery:
             self._lost(old)  # the name now announces another node: the old one is gone
 
     def _forget(self, name: str) -> None:
+        self._waiting.pop(name, None)
         if name in self._in_flight:
             self._removals[name] = self._removals.get(name, 0) + 1
         self._parsed.pop(name, None)
