@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from meshchat.mesh.discovery import (
 from meshchat.mesh.identity import Identity
 from meshchat.mesh.node import Node, PeerState, _with_hints
 from meshchat.paths import DataDir
+from tests.netns_helpers import SCRIPTS, netns, require_netns, wait_for
 from tests.test_discovery import LOOPBACK, Factory, Seen, make, new_id
+from tests.test_netns_discovery import Probes
 
 __all__ = ["make"]  # the loopback discovery fixture, shared with tests/test_discovery.py
 
@@ -405,3 +408,46 @@ async def test_a_flood_of_names_keeps_every_table_bounded(
                 await newcomer.stop()
         finally:
             await honest.stop()
+
+
+# ---- across a real bridge ---------------------------------------------------------------
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_a_replay_from_another_host_moves_nothing(tmp_path: Path) -> None:
+    """n3 replays n2's announcement from its own address (as is, and with p/a edited)."""
+    require_netns()
+    with netns.NetnsLab(3) as lab:
+        probes = Probes(lab, tmp_path)
+        mesh = secrets.token_bytes(32)
+        probes.start("n1", mesh)
+        probes.start("n2", mesh)
+        n2 = probes.ids["n2"]
+
+        def events() -> list[list[Any]]:
+            return [e for e in probes.view("n1").get("events", []) if e[1] == "peer" and e[2] == n2]
+
+        wait_for("n1 to see n2", lambda: any(e[5] for e in events()), 20, dump=probes.dump)
+        out = tmp_path / "replay.json"
+        log = (tmp_path / "n3.log").open("ab")
+        argv = [sys.executable, str(SCRIPTS / "mdns_replay.py"), "--node-id", n2]
+        argv += ["--port", "9999", "--out", str(out)]
+        attacker = lab.popen("n3", argv, stdout=log, stderr=log)
+        try:
+            wait_for("n3 to replay n2's announcement", out.exists, 30, dump=probes.dump)
+            # Positive control: n1 hears both copies (each under its own service name).
+            wait_for(
+                "n1 to hear both replays",
+                lambda: sum(e[5] for e in events()) >= 2 and any(not e[5] for e in events()),
+                20,
+                dump=probes.dump,
+            )
+        finally:
+            attacker.terminate()
+            attacker.wait(timeout=10)
+        for event in events():
+            if event[5]:  # believed a member: only ever at n2's own, signed, address and port
+                assert (event[3], event[4]) == ([lab.address("n2")], 7000), event
+            else:
+                assert (event[3], event[4]) == ([lab.address("n3")], 9999), event
