@@ -22,7 +22,9 @@ announcement keeps tags of different restarts unlinkable by value. A replayed ta
 what its node signed, at most `MAX_AGE_S` late, and the transport authenticates every
 connection against the node_id's key: announcements are hints, never trust.
 
-Nodes with a mesh re-announce every `REFRESH_S` so their timestamp stays fresh.
+Nodes with a mesh re-announce every `REFRESH_S` so their timestamp stays fresh. A node whose
+clock steps back is not believed (its announcements look older than what we accepted) until its
+clock passes the old timestamp or `MAX_AGE_S` has gone by; its connections are unaffected.
 
 Liveness. A clean stop sends goodbye packets and peers report it lost at once. A crash or a
 partition sends nothing, and zeroconf clamps received PTR TTLs to at least 1125 s, so the browser
@@ -742,14 +744,13 @@ class MdnsDiscovery:
 
     def _judge(self, parsed: _Parsed) -> Verdict:
         """The announcement's verdict; a member's timestamp becomes the newest we accept."""
-        node = parsed.node_id
+        node, now_ms = parsed.node_id, _now_ms()
+        newest = self._newest.get(node)
+        if newest is not None and newest < now_ms - MAX_AGE_S * 1000:
+            del self._newest[node]  # too old to matter: anything older is stale anyway
+            newest = None
         verdict = judge_announcement(
-            self._secret,
-            parsed.version,
-            parsed.claims,
-            parsed.tag,
-            _now_ms(),
-            self._newest.get(node),
+            self._secret, parsed.version, parsed.claims, parsed.tag, now_ms, newest
         )
         if verdict is Verdict.MEMBER:
             self._newest.pop(node, None)  # re-insert: the dict's order is the age order
