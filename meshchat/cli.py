@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status-file", metavar="PATH", help="keep a JSON status snapshot here")
     parser.add_argument("--api", metavar="HOST:PORT", help="serve the OpenAI-compatible API")
     parser.add_argument("--api-key", metavar="KEY", help="bearer key the API requires")
+    parser.add_argument(
+        "--api-allow-no-key",
+        action="store_true",
+        help="let --api serve a non-loopback address without a key (anyone there may use it)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="one-shot completion to stdout")

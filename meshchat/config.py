@@ -46,6 +46,7 @@ from meshchat.paths import default_config_dir
 CONFIG_ENV = "MESHCHAT_CONFIG_DIR"  # overrides the platformdirs location (tests, portable use)
 CONFIG_FILE = "config.toml"
 DEFAULT_THEME = "meshchat-dusk"
+CONFIG_MODE = 0o600  # owner only: the file may hold the API key
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,14 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def save_config(config: Config) -> None:
-    """Write the config atomically; refused (silently) when the file on disk is broken."""
+    """Write the config atomically; refused (silently) when the file on disk is broken.
+
+    Mode 0600 whatever the file had before: it may hold `api_key`, and a save must never undo
+    a user's `chmod 600`.
+    """
     if not config.writable or config.path is None:
         return
-    atomic_write_text(config.path, config.to_toml())
+    atomic_write_text(config.path, config.to_toml(), mode=CONFIG_MODE)
 
 
 def with_theme(config: Config, theme: str) -> Config:

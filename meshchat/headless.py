@@ -13,7 +13,8 @@ Heads assign it a layer range; the status file shows it. MESHCHAT_THREADS sets i
 
 Serving the API: with `--api HOST:PORT` the node is also a head. Once joined, it plans over the
 mesh and answers OpenAI-style requests there (bearer key: `--api-key`, else `api_key` in
-config.toml).
+config.toml). Bound to an address other machines can reach, it needs a key, or
+`--api-allow-no-key` to say that serving everyone is meant.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def run_headless(
     if args.invite_uses < 1:
         raise UsageError("--invite-uses must be at least 1")
     if args.api:
-        from meshchat.api.mesh_host import parse_host_port
+        from meshchat.api.mesh_host import refuse_open_bind
 
-        parse_host_port(args.api)  # a usage error before anything starts
+        # Usage errors (a bad address, an open bind without a key) before anything starts.
+        refuse_open_bind(args.api, _api_key(args), getattr(args, "api_allow_no_key", False))
     return asyncio.run(serve(args, layers=layers, model=model, on_ready=on_ready))
 
 
@@ -164,12 +166,18 @@ async def _start_api(
     args: argparse.Namespace, node: Node, data: DataDir, service: Any, inviter: Any
 ) -> Any:
     from meshchat.api.mesh_host import start_mesh_api
-    from meshchat.config import load_config
 
-    key = args.api_key or load_config().api_key or None
+    key = _api_key(args)
     return await start_mesh_api(
         node, service.model, data, args.api, key, service.threads, _say, settle_via=inviter
     )
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """`--api-key`, else `api_key` in config.toml, else none."""
+    from meshchat.config import load_config
+
+    return args.api_key or load_config().api_key or None
 
 
 def _say(message: str) -> None:

@@ -5,7 +5,8 @@
 
 The file is replaced atomically on every change:
     {"node_id", "advertised": [ip], "peers": {node_id: {"addresses", "port", "is_member",
-     "has_mesh"}}, "lost": [node_id], "events": [[t, "peer"|"lost", node_id, addresses]]}
+     "has_mesh"}}, "lost": [node_id],
+     "events": [[t, "peer", node_id, addresses, port, is_member] | [t, "lost", node_id, []]]}
 SIGTERM/SIGINT stop it cleanly (goodbye packets); SIGKILL simulates a crash.
 """
 
@@ -50,7 +51,14 @@ async def run(args: argparse.Namespace) -> None:
             "has_mesh": peer.has_mesh,
         }
         state["events"].append(
-            [round(time.monotonic() - t0, 2), "peer", peer.node_id, peer.addresses]
+            [
+                round(time.monotonic() - t0, 2),
+                "peer",
+                peer.node_id,
+                peer.addresses,
+                peer.port,
+                peer.is_member,
+            ]
         )
         write()
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from meshchat.config import (
     user_themes_dir,
     with_theme,
 )
+from tests.cli_helpers import meshchat_command, stop_process
 
 
 def test_missing_file_gives_defaults(tmp_path: Path) -> None:
@@ -91,3 +97,55 @@ def test_config_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv(CONFIG_ENV)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     assert config_path() == tmp_path / "xdg" / "meshchat" / "config.toml"
+
+
+# ---- files holding secrets are owner-only (issue 12, item 8) -------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_config_is_written_owner_only_and_a_chmod_600_survives(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    old_umask = os.umask(0)  # the most permissive umask: the mode must not depend on it
+    try:
+        save_config(Config(api_key="secret-key", path=path))
+        assert _mode(path) == 0o600
+        path.chmod(0o600)  # what a careful user does
+        save_config(with_theme(load_config(path), "meshchat-paper"))
+        assert _mode(path) == 0o600 and "secret-key" in path.read_text()
+        path.chmod(0o644)  # a file from before this fix, or copied in loosely, is tightened
+        save_config(with_theme(load_config(path), "meshchat-dusk"))
+        assert _mode(path) == 0o600
+    finally:
+        os.umask(old_umask)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_headless_writes_every_secret_file_owner_only(tmp_path: Path) -> None:
+    """Identity key, mesh secret, invites and the --invite-file: 0600 even under umask 0."""
+    data, invite, status = tmp_path / "data", tmp_path / "invite.txt", tmp_path / "status.json"
+    invite.write_text("an old invite\n")
+    invite.chmod(0o644)  # a loose file from before is replaced by an owner-only one
+    env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_CONFIG_DIR": str(tmp_path / "cfg")}
+    cmd = [*meshchat_command(), "--headless", "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+    cmd += ["--invite-file", str(invite), "--status-file", str(status)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, umask=0
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (status.exists() and invite.read_text().startswith("mc1")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.1)
+        secrets = [data / "identity.key", data / "mesh" / "mesh.json", invite]
+        secrets += [data / "mesh" / "invites.json"]
+        assert {p.name: _mode(p) for p in secrets} == {p.name: 0o600 for p in secrets}
+        # The status file is readable by design: it must then hold no secret.
+        mesh = json.loads((data / "mesh" / "mesh.json").read_text())
+        shown = status.read_text()
+        assert mesh["mesh_secret"] not in shown and invite.read_text().strip() not in shown
+    finally:
+        stop_process(proc)

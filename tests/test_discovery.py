@@ -19,6 +19,7 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from meshchat.mesh.discovery import (
     SERVICE_TYPE,
+    Announcement,
     DiscoveredPeer,
     DiscoveryError,
     MdnsDiscovery,
@@ -95,25 +96,29 @@ async def make() -> AsyncIterator[Factory]:
 # ---- the tag, without the network -------------------------------------------------------
 
 
+def claims(node_id: str = "node", nonce: bytes = bytes(16)) -> Announcement:
+    return Announcement(node_id, nonce, 1_700_000_000_000, 7000, ("10.0.0.1",))
+
+
 def test_tag_verifies_only_under_the_same_secret() -> None:
-    nonce = bytes(16)
-    tag = membership_tag(b"secret", "node", nonce)
+    said = claims()
+    tag = membership_tag(b"secret", said)
     assert len(tag) == 16
-    assert verify_membership_tag(b"secret", "node", nonce, tag)
-    assert not verify_membership_tag(b"other", "node", nonce, tag)
-    assert not verify_membership_tag(b"secret", "node2", nonce, tag)
-    assert not verify_membership_tag(b"secret", "node", b"\x01" * 16, tag)
-    assert not verify_membership_tag(None, "node", nonce, tag)
-    assert not verify_membership_tag(b"secret", "node", nonce, tag[:8])
+    assert verify_membership_tag(b"secret", said, tag)
+    assert not verify_membership_tag(b"other", said, tag)
+    assert not verify_membership_tag(b"secret", claims("node2"), tag)
+    assert not verify_membership_tag(b"secret", claims(nonce=b"\x01" * 16), tag)
+    assert not verify_membership_tag(None, said, tag)
+    assert not verify_membership_tag(b"secret", said, tag[:8])
 
 
 @given(st.binary(min_size=1, max_size=64), st.text(min_size=1, max_size=40), st.binary())
 def test_tag_binds_node_id_and_nonce(secret: bytes, node_id: str, nonce: bytes) -> None:
-    tag = membership_tag(secret, node_id, nonce)
-    assert verify_membership_tag(secret, node_id, nonce, tag)
+    tag = membership_tag(secret, claims(node_id, nonce))
+    assert verify_membership_tag(secret, claims(node_id, nonce), tag)
     # Moving bytes between node id and nonce must not keep the tag valid.
-    assert not verify_membership_tag(secret, node_id + "x", nonce, tag)
-    assert not verify_membership_tag(secret, node_id, nonce + b"x", tag)
+    assert not verify_membership_tag(secret, claims(node_id + "x", nonce), tag)
+    assert not verify_membership_tag(secret, claims(node_id, nonce + b"x"), tag)
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -247,7 +252,15 @@ async def test_malformed_and_spoofed_announcements_are_ignored(make: Factory) ->
             SERVICE_TYPE,
             f"ok-{secrets.token_hex(3)}.{SERVICE_TYPE}",
             port=9,
-            properties={"v": "1", "id": ok_id, "n": "11" * 16, "m": "22" * 16},
+            properties={
+                "v": "2",
+                "id": ok_id,
+                "n": "11" * 16,
+                "t": "1",
+                "p": "9",
+                "a": "127.0.0.1",
+                "m": "22" * 16,
+            },
             server="okjunk.local.",
             addresses=[socket.inet_aton("127.0.0.1")],
         )

@@ -8,6 +8,7 @@ long as the API: a stage lost on the way is replaced by the pipeline's own failo
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,28 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"--api wants HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Only this machine can reach `host`: a loopback address or `localhost`."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to an address others reach
+
+
+def refuse_open_bind(address: str, api_key: str | None, allow_no_key: bool) -> None:
+    """A UsageError for an API reachable from other machines without a key, unless allowed."""
+    host, _port = parse_host_port(address)
+    if api_key or allow_no_key or is_loopback_host(host):
+        return
+    raise UsageError(
+        f"--api {address} would let anyone who reaches this host use the model without a key: "
+        "pass --api-key KEY (or set api_key in config.toml), bind 127.0.0.1, "
+        "or pass --api-allow-no-key"
+    )
 
 
 @dataclass

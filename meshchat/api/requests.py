@@ -1,11 +1,15 @@
 """Validate OpenAI-style request bodies into typed requests; errors carry HTTP status codes.
 
 Only the fields meshchat acts on are read; unknown fields are ignored, as OpenAI-compatible
-servers usually do, but a known field of the wrong type is a 400 naming the field.
+servers usually do, but a known field of the wrong type is a 400 naming the field. A body that
+is not plain JSON (NaN, Infinity, integers past 64 bits, nesting deeper than Python's parser
+goes, text that is not valid Unicode) is a 400 too, never a 500.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +19,9 @@ from meshchat.errors import MeshchatError
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
+MAX_INT_DIGITS = 20  # 2**64 has 20 digits: any integer OpenAI's API takes fits
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range for `seed`
+MAX_TOKENS_LIMIT = 2**31 - 1  # far beyond any context; only absurd values are refused
 
 
 class ApiError(MeshchatError):
@@ -43,6 +50,38 @@ class ApiError(MeshchatError):
                 "code": self.code,
             }
         }
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ApiError(400, f"malformed JSON: an integer has over {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(400, f"malformed JSON: {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, f"malformed JSON: {name} is not a JSON number")
+
+
+def decode_body(text: str) -> Any:
+    """Plain JSON or an ApiError(400) saying what is wrong with it."""
+    try:
+        return json.loads(
+            text,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:  # the parser recurses once per nesting level
+        raise ApiError(400, "malformed JSON: nested too deeply") from exc
 
 
 @dataclass(frozen=True)
@@ -80,6 +119,15 @@ def _kind_names(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _text(value: str, param: str) -> str:
+    """`value`, if it is text llama.cpp can take (JSON may carry lone UTF-16 surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{param}' is not valid Unicode text", param=param) from exc
+    return value
+
+
 def _in_range(name: str, value: float, low: float, high: float) -> float:
     if not low <= value <= high:
         raise ApiError(400, f"'{name}' must lie in [{low}, {high}], got {value}", param=name)
@@ -94,9 +142,11 @@ def _common(body: Any) -> tuple[str, SamplingParams, int | None, list[str], bool
     top_p = float(_field(body, "top_p", (int, float), 1.0))
     max_tokens = _field(body, "max_completion_tokens", (int,), None)
     max_tokens = _field(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, "'max_tokens' must be at least 1", param="max_tokens")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ApiError(400, f"'max_tokens' must lie in [1, {MAX_TOKENS_LIMIT}]", param="max_tokens")
     seed = _field(body, "seed", (int,), None)
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise ApiError(400, "'seed' must be a 64-bit integer", param="seed")
     n = _field(body, "n", (int,), 1)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -104,6 +154,7 @@ def _common(body: Any) -> tuple[str, SamplingParams, int | None, list[str], bool
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > MAX_STOPS or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, f"'stop' must be a string or up to {MAX_STOPS} strings", param="stop")
+    stops = [_text(s, "stop") for s in stops]
     stream = _field(body, "stream", (bool,), False)
     params = SamplingParams(
         temperature=_in_range("temperature", temperature, 0.0, 2.0),
@@ -117,10 +168,11 @@ def _common(body: Any) -> tuple[str, SamplingParams, int | None, list[str], bool
 
 def _content(message: dict[str, Any], index: int) -> str:
     content = message.get("content")
+    param = f"messages[{index}].content"
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _text(content, param)
     if isinstance(content, list):  # the parts form: [{"type": "text", "text": "..."}]
         parts = []
         for part in content:
@@ -132,7 +184,7 @@ def _content(message: dict[str, Any], index: int) -> str:
                 raise ApiError(
                     400, "only text content parts are supported", param=f"messages[{index}].content"
                 )
-            parts.append(part["text"])
+            parts.append(_text(part["text"], param))
         return "".join(parts)
     raise ApiError(400, "message content must be a string", param=f"messages[{index}].content")
 
@@ -161,4 +213,5 @@ def parse_completion(body: Any) -> GenerationRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    prompt = _text(prompt, "prompt")
     return GenerationRequest(model, params, max_tokens or 16, stops, stream, prompt=prompt)

@@ -20,7 +20,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from meshchat.api.requests import ApiError, GenerationRequest, parse_chat, parse_completion
+from meshchat.api.requests import (
+    ApiError,
+    GenerationRequest,
+    decode_body,
+    parse_chat,
+    parse_completion,
+)
 from meshchat.api.sessions import PoolBusyError, SessionPool
 from meshchat.engine.stage import ContextOverflowError
 from meshchat.engine.tokenizer import Tokenizer
@@ -165,9 +171,10 @@ class _Routes:
 
 async def _json(request: web.Request) -> Any:
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = await request.text()
+    except UnicodeDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from exc
+    return decode_body(text)
 
 
 class _Run:

@@ -773,9 +773,11 @@ class Node:
                 peer = self._peers[node] = Peer(node, "mdns", PeerState.CONNECTING)
             if peer.state is not PeerState.CONNECTED:
                 peer.via = "mdns"
-                peer.addresses = addrs
+                peer.addresses = _with_hints(peer.addresses, addrs)
                 peer.next_dial = 0.0
         elif node not in self._peers:
+            if node not in self._nearby and len(self._nearby) >= _MAX_NEARBY:
+                return  # a flood of fake announcements costs at most _MAX_NEARBY rows
             self._nearby[node] = Peer(node, "mdns", PeerState.NEARBY, addrs)
             self._emit("nearby", node)
 
@@ -807,6 +809,23 @@ def _ok_addrs(addrs: list[str]) -> list[str]:
             if port and host not in ("0.0.0.0", "::"):
                 good.append(fmt_addr((host, port)))
     return good
+
+
+# Non-members seen by mDNS, shown in the mesh view. A LAN has a handful of meshchat nodes;
+# past this, new names are ignored until old ones go (mDNS reports them lost).
+_MAX_NEARBY = 64
+_MAX_PEER_ADDRESSES = 8  # addresses kept per peer (the same bound as `_ok_addrs`)
+
+
+def _with_hints(known: list[str], found: list[str]) -> list[str]:
+    """Add discovered addresses after the known ones, never swapping them in.
+
+    A member (or a replay within the freshness window) may announce addresses for another
+    node, so mDNS never removes the first addresses we knew (the peer's own, from its
+    handshake); it fills at most half of the bounded list.
+    """
+    fresh = [a for a in found if a not in known][: _MAX_PEER_ADDRESSES // 2]
+    return known[: _MAX_PEER_ADDRESSES - len(fresh)] + fresh
 
 
 def _local_ipv4(include_loopback: bool) -> list[str]:
