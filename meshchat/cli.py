@@ -143,8 +143,8 @@ def _run(argv: list[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)(args)
-    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (meshchat.stops.Stopped)
-        return stops.stop_code(exc, headless="--headless" in argv)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (meshchat.stops)
+        return stops.stop_code(headless="--headless" in argv)
     except BrokenPipeError:
         return 0
     except MeshchatError as exc:

@@ -4,10 +4,11 @@ Exit codes: a headless worker's normal way to end is a signal, so it exits 0; ev
 command exits 128 + the signal number, the shell's convention (130 for SIGINT, as the CLI has
 always done; 143 for SIGTERM). Never a death by signal.
 
-SIGTERM takes the path SIGINT takes: it raises `Stopped` (a KeyboardInterrupt) in the main
-thread, so the same `finally` blocks and asyncio task cancellation run. Commands that run an
-event loop install their own handlers on it (headless, the app), which replace this one while
-the loop runs.
+SIGTERM takes the path SIGINT takes, so the same `finally` blocks run: under asyncio.run the main
+task is cancelled, elsewhere KeyboardInterrupt is raised. (Raising in the main thread at any
+point is not safe where it computes: the exception lands in llama.cpp's eval callback and the
+decode fails.) Commands that run their own loop handlers (headless, the app) replace this one
+while their loop runs.
 
 Before the process exits, `leave` waits for llama.cpp work still running on other threads
 (see meshchat.engine.compute for why exiting under it crashes); if it does not end in
@@ -31,40 +32,59 @@ from meshchat.engine import compute
 # One forward pass is at most n_batch tokens: well under a second for models this size on
 # 2 cores, a few seconds for big ones. A service manager's KILL usually comes after 10 s.
 STOP_WAIT_S = 5.0
+REDELIVER_S = 0.05  # a stop swallowed by a ctypes callback is delivered again after this
 
 log = logging.getLogger(__name__)
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM arrived; raised in the main thread like KeyboardInterrupt for SIGINT."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+_stopped_by = signal.SIGINT  # the signal that stopped the command: SIGINT unless SIGTERM came
 
 
-def stop_code(exc: KeyboardInterrupt, headless: bool) -> int:
-    """The exit code after a stop by signal (`exc` from SIGINT or `Stopped`)."""
-    if headless:
-        return 0
-    signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-    return 128 + int(signum)
+def stop_code(headless: bool) -> int:
+    """The exit code after a stop by signal (the command ended in KeyboardInterrupt)."""
+    return 0 if headless else 128 + int(_stopped_by)
 
 
-def _raise_stopped(signum: int, _frame: FrameType | None) -> None:
-    raise Stopped(signum)
+def _term_as_int(signum: int, frame: FrameType | None) -> None:
+    global _stopped_by
+    _stopped_by = signal.SIGTERM
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        # asyncio.run's own handler cancels its main task (no exception thrown into whatever
+        # runs now: on an event loop that computes, a llama.cpp callback); the default one
+        # raises KeyboardInterrupt.
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job): TERM must still stop the command
+        raise KeyboardInterrupt
+
+
+def _redeliver_swallowed(unraisable: Any) -> None:
+    """sys.unraisablehook: a ctypes callback run on the main thread (llama.cpp's log callback
+    while a model loads there) swallows the KeyboardInterrupt a signal raised inside it, and the
+    stop would be lost. Deliver it again shortly, until it lands in the command's own code."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        again = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), _stopped_by))
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
 def term_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises Stopped in the main thread (elsewhere: a no-op)."""
+    """While inside, SIGTERM does what SIGINT does, and no stop is lost in a ctypes callback
+    (in the main thread; elsewhere a no-op)."""
+    global _stopped_by
+    _stopped_by = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    previous = signal.signal(signal.SIGTERM, _term_as_int)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
 
 
