@@ -89,8 +89,9 @@ def stop_and_wait(timeout: float) -> bool:
     _stopping.set()
     try:
         with _running:
-            if _running_count:
-                log.debug("stopping: waiting for %d llama.cpp call(s) to end", _running_count)
+            if not _running_count:
+                return True
+            log.debug("stopping: waiting for %d llama.cpp call(s) to end", _running_count)
             started = time.monotonic()
             ended = _running.wait_for(lambda: _running_count == 0, timeout)
             log.debug("stopping: compute idle=%s after %.2f s", ended, time.monotonic() - started)
