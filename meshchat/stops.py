@@ -34,8 +34,6 @@ from meshchat.engine import compute
 STOP_WAIT_S = 5.0
 REDELIVER_S = 0.05  # a stop swallowed by a ctypes callback is delivered again after this
 
-log = logging.getLogger(__name__)
-
 
 _stopped_by = signal.SIGINT  # the signal that stopped the command: SIGINT unless SIGTERM came
 
@@ -106,7 +104,10 @@ def leave(code: int) -> int:
     previous = exit_on_signal(code)
     try:
         if not compute.stop_and_wait(STOP_WAIT_S):
-            log.warning("llama.cpp work still running after %.0f s: exiting now", STOP_WAIT_S)
+            print(
+                f"meshchat: llama.cpp still busy after {STOP_WAIT_S:g} s; exiting now",
+                file=sys.stderr,
+            )
             _exit_now(code)
     finally:
         for sig, handler in previous.items():
