@@ -85,8 +85,10 @@ def _calibration_try(root: Path, smollm2: Path) -> bool:
     root.mkdir()
     node = Proc(_headless(root / "data", smollm2), root / "err.log")
     # Only the calibration loads a model in a node no head has used: its first llama.cpp log
-    # line starts the calibration, which takes about a second here.
-    node.wait_until(lambda: node.logged("meshchat.llama"), "the calibration")
+    # line (or first engine probe, when probes run in children) is inside the calibration.
+    node.wait_until(
+        lambda: node.logged("meshchat.llama") or node.logged("engine probe"), "the calibration"
+    )
     time.sleep(random.uniform(0.0, 0.6))
     code = node.strike(signal.SIGTERM)
     assert code == 0, node.log.read_text()[-3000:]

@@ -82,6 +82,13 @@ def _counted(fn: Callable[..., T], *args: Any) -> T:
         _work_ends()
 
 
+def check_stop() -> None:
+    """ComputeStopped if the process is stopping: long work calls it between its steps (every
+    forward pass does, through run_sync), so a stop waits for one step, not the whole work."""
+    if _stopping.is_set():
+        raise ComputeStopped("stopping: no new llama.cpp work")
+
+
 def stop_and_wait(timeout: float) -> bool:
     """Refuse new forward passes (`run_sync` raises ComputeStopped), wait up to `timeout`
     seconds for the running work to end, then accept work again. True if it ended: only then
@@ -152,8 +159,7 @@ def run_sync(fn: Callable[..., T], *args: Any) -> T:
     """Call `fn(*args)` on the compute thread and wait for it (directly if already there).
 
     Stage.forward comes through here: ComputeStopped if the process is stopping."""
-    if _stopping.is_set():
-        raise ComputeStopped("stopping: no new llama.cpp work")
+    check_stop()
     if on_compute_thread():
         return fn(*args)
     loop = _owning_loop()
