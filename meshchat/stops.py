@@ -30,8 +30,8 @@ from typing import Any, NoReturn
 from meshchat.engine import compute
 
 # One forward pass is at most n_batch tokens: well under a second for models this size on
-# 2 cores, a few seconds for big ones. A service manager's KILL usually comes after 10 s.
-STOP_WAIT_S = 5.0
+# 2 cores. Past the bound os._exit is safe too (no destructors run), it only skips clean-up.
+STOP_WAIT_S = 3.0
 REDELIVER_S = 0.05  # a stop swallowed by a ctypes callback is delivered again after this
 
 
@@ -105,7 +105,7 @@ def leave(code: int) -> int:
     try:
         if not compute.stop_and_wait(STOP_WAIT_S):
             print(
-                f"meshchat: llama.cpp still busy after {STOP_WAIT_S:g} s; exiting now",
+                f"meshchat: still computing after {STOP_WAIT_S:g} s; exiting now",
                 file=sys.stderr,
             )
             _exit_now(code)
