@@ -20,11 +20,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.mesh_cluster import CMD, ENV, Cluster, wait_for
+from tests.netns_helpers import REPO, netns, require_netns
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -81,15 +83,18 @@ def _headless(root: Path, model: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _calibrating(log: Path) -> bool:
+    """Only the calibration loads a model in a node no head has used: its first llama.cpp log
+    line (or first engine probe, where probes run in child processes) is inside it."""
+    text = log.read_text(errors="replace")
+    return "meshchat.llama" in text or "engine probe" in text
+
+
 def _calibration_try(root: Path, smollm2: Path) -> bool:
     """TERM a fresh node in its calibration; True if llama.cpp still ran when it was exiting."""
     root.mkdir()
     node = Proc(_headless(root / "data", smollm2), root / "err.log")
-    # Only the calibration loads a model in a node no head has used: its first llama.cpp log
-    # line (or first engine probe, when probes run in children) is inside the calibration.
-    node.wait_until(
-        lambda: node.logged("meshchat.llama") or node.logged("engine probe"), "the calibration"
-    )
+    node.wait_until(partial(_calibrating, node.log), "the calibration")
     time.sleep(random.uniform(0.0, 0.6))
     code = node.strike(signal.SIGTERM)
     assert code == 0, node.log.read_text()[-3000:]
@@ -158,3 +163,25 @@ def test_stop_during_a_mesh_generation(
         cluster.close()
         for data in (worker.dir, tmp_path / "head"):
             cluster._harvest(data)  # the next tries skip the calibrations
+
+
+@pytest.mark.netns
+def test_term_in_network_namespaces_with_mdns_exits_0(smollm2: Path, tmp_path: Path) -> None:
+    """Two nodes in their own namespaces with mDNS on (the other finding: 2 of 2 died by
+    SIGSEGV; before the fix 5 of 10 here), TERMed inside their calibration."""
+    require_netns()
+    env = {**ENV, "PYTHONPATH": str(REPO), "MESHCHAT_MDNS": "1"}
+    with netns.NetnsLab(2) as lab:
+        nodes = {}
+        for name in lab.nodes:
+            argv = _headless(tmp_path / name, smollm2)
+            argv[argv.index("127.0.0.1:0")] = "0.0.0.0:47470"
+            log = tmp_path / f"{name}.log"
+            with log.open("wb") as err:
+                nodes[name] = (lab.popen(name, argv, stderr=err, env=env, cwd=REPO), log)
+        for name, (_proc, log) in nodes.items():
+            wait_for(partial(_calibrating, log), 60, f"{name}'s calibration")
+        for proc, _log in nodes.values():
+            proc.send_signal(signal.SIGTERM)
+        for name, (proc, log) in nodes.items():
+            assert proc.wait(timeout=30) == 0, f"{name}: {log.read_text()[-2000:]}"
