@@ -83,6 +83,12 @@ def _headless(root: Path, model: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _own_cache(root: Path) -> dict[str, str]:
+    """A machine cache of its own, so the node measures this machine itself (where that cache
+    holds the engine profile, nodes sharing it would take turns or skip the measurement)."""
+    return {"MESHCHAT_CACHE_DIR": str(root / "machine-cache")}
+
+
 def _calibrating(log: Path) -> bool:
     """Only the calibration loads a model in a node no head has used: its first llama.cpp log
     line (or first engine probe, where probes run in child processes) is inside it."""
@@ -93,7 +99,7 @@ def _calibrating(log: Path) -> bool:
 def _calibration_try(root: Path, smollm2: Path) -> bool:
     """TERM a fresh node in its calibration; True if llama.cpp still ran when it was exiting."""
     root.mkdir()
-    node = Proc(_headless(root / "data", smollm2), root / "err.log")
+    node = Proc(_headless(root / "data", smollm2), root / "err.log", _own_cache(root))
     node.wait_until(partial(_calibrating, node.log), "the calibration")
     time.sleep(random.uniform(0.0, 0.6))
     code = node.strike(signal.SIGTERM)
@@ -170,10 +176,15 @@ def test_term_in_network_namespaces_with_mdns_exits_0(smollm2: Path, tmp_path: P
     """Two nodes in their own namespaces with mDNS on (the other finding: 2 of 2 died by
     SIGSEGV; before the fix 5 of 10 here), TERMed inside their calibration."""
     require_netns()
-    env = {**ENV, "PYTHONPATH": str(REPO), "MESHCHAT_MDNS": "1"}
     with netns.NetnsLab(2) as lab:
         nodes = {}
         for name in lab.nodes:
+            env = {
+                **ENV,
+                "PYTHONPATH": str(REPO),
+                "MESHCHAT_MDNS": "1",
+                **_own_cache(tmp_path / name),
+            }
             argv = _headless(tmp_path / name, smollm2)
             argv[argv.index("127.0.0.1:0")] = "0.0.0.0:47470"
             log = tmp_path / f"{name}.log"
