@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -56,16 +56,21 @@ def _term_as_int(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
-def _redeliver_swallowed(unraisable: Any) -> None:
-    """sys.unraisablehook: a ctypes callback run on the main thread (llama.cpp's log callback
+def _redeliver_swallowed(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    """A sys.unraisablehook. A ctypes callback run on the main thread (llama.cpp's log callback
     while a model loads there) swallows the KeyboardInterrupt a signal raised inside it, and the
-    stop would be lost. Deliver it again shortly, until it lands in the command's own code."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        again = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), _stopped_by))
-        again.daemon = True
-        again.start()
-        return
-    sys.__unraisablehook__(unraisable)
+    stop would be lost: deliver it again shortly, until it lands in the command's own code.
+    Anything else goes to the `previous` hook."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            again = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), _stopped_by))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -78,7 +83,8 @@ def term_as_interrupt() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _term_as_int)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed(previous_hook)
     try:
         yield
     finally:
