@@ -1,6 +1,7 @@
 """The `meshchat` command line: parse arguments, run one command, map errors to exit codes.
 
-Exit codes: 0 ok, 2 usage error, 1 anything else, with a one-line message on stderr.
+Exit codes: 0 ok, 2 usage error, 1 anything else, with a one-line message on stderr; after
+SIGINT/SIGTERM 130/143 (a headless worker: 0), see meshchat.stops.
 A traceback is shown only with `--debug`.
 """
 
@@ -12,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from meshchat import stops
 from meshchat.errors import MeshchatError, UsageError
 
 
@@ -148,11 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    with stops.term_as_interrupt():
+        code = _run(argv, debug)
+        return stops.leave(code)  # never exit while llama.cpp still computes (meshchat.stops)
+
+
+def _run(argv: list[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (meshchat.stops)
+        return stops.stop_code(headless="--headless" in argv)
     except BrokenPipeError:
         return 0
     except MeshchatError as exc:

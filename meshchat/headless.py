@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from meshchat import stops
 from meshchat.engine import compute
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.fsutil import atomic_write_text
@@ -130,6 +131,7 @@ async def serve(
         await node.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        stops.exit_on_signal(0)  # a second signal while stopping: exit now, still with 0
     return 0
 
 

@@ -112,3 +112,27 @@ def test_an_adopting_event_loop_computes_steps_inline_and_long_work_aside(
         decode_threads.clear()
         stage.forward("s", 18, [6])  # the loop is gone: the default compute thread takes over
         assert decode_threads and decode_threads[0] != threading.get_native_id()
+
+
+def test_a_stop_waits_for_running_work_and_refuses_the_next_forward() -> None:
+    """stop_and_wait: what a process does before it exits (meshchat.stops)."""
+    started, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def long_work() -> None:  # a calibration: forward passes one after the other
+        started.set()
+        release.wait(10)
+        try:
+            compute.run_sync(lambda: "the next forward pass")
+        except compute.ComputeStopped as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=compute.run_sync, args=(long_work,))
+    caller.start()
+    assert started.wait(10)
+    assert compute.stop_and_wait(0.05) is False  # still running: the caller must os._exit
+    threading.Timer(0.1, release.set).start()
+    assert compute.stop_and_wait(10) is True
+    caller.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], compute.ComputeStopped)
+    assert compute.run_sync(lambda: 7) == 7  # after the wait, work is accepted again

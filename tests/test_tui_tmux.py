@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,3 +171,32 @@ def test_headless_worker_appears_in_the_peers_table(
     finally:
         if not stop_process(worker, timeout=20):
             raise AssertionError("the headless worker did not stop on SIGTERM")
+
+
+def test_sigterm_mid_answer_exits_143_and_restores_the_terminal(
+    tmp_path: Path, smollm2: Path, tmux: Tmux, env: dict[str, str]
+) -> None:
+    """Before: killed by the signal, the terminal left in raw mode (-icanon -echo -isig). (The
+    shell shows 143 for a death by SIGTERM as well: the terminal modes tell the two apart.)"""
+    config = Path(env["MESHCHAT_CONFIG_DIR"]) / "config.toml"
+    config.write_text(
+        tomli_w.dumps({"mdns": False, "threads": 1, "sampling": {"max_tokens": 2000, "seed": 1}})
+    )
+    terminal = tmp_path / "stty"
+    tmux.start(
+        _command(tmp_path, smollm2).replace("; sleep 30", f"; stty -a > {terminal}; sleep 30")
+    )
+    tmux.wait(lambda s: "● ready" in s and "Message" in s, 60, "the app with its model loaded")
+    tmux.text("Write a very long story about the sea.")
+    tmux.keys("Enter")
+    tmux.wait(lambda s: "generating" in s, 30, "the answer streaming")
+    shell = int(tmux.run("list-panes", "-t", "t", "-F", "#{pane_pid}").strip())
+    app = int(Path(f"/proc/{shell}/task/{shell}/children").read_text().split()[0])
+    os.kill(app, signal.SIGTERM)
+    assert _wait_exit(tmp_path) == 143
+    deadline = time.monotonic() + 10
+    while not (terminal.exists() and terminal.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    modes = terminal.read_text().split()
+    assert "icanon" in modes and "echo" in modes and "isig" in modes  # not left in raw mode
+    assert "Traceback" not in tmux.screen()

@@ -8,7 +8,9 @@ messages on screen: the app keeps running without a model, a mesh or a history d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -92,6 +94,17 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         self._refresh_peers()
         self._load_engine()
         self._start_mesh()
+        self._exit_on_signals()
+
+    def _exit_on_signals(self) -> None:
+        """SIGTERM or SIGINT from outside ends the app as Ctrl+Q does (the model closed, the
+        terminal restored), with exit code 128 + the signal, as meshchat.stops says."""
+        if self.is_headless:  # a test drives the app: the signals stay the test runner's
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, self.exit, None, 128 + sig)
 
     def _setup_themes(self, problems: list[str]) -> None:
         loaded = load_themes(*self.options.theme_dirs)
