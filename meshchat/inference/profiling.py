@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from meshchat.engine import compute
 from meshchat.engine.probe import FAULT_ENV
 from meshchat.engine.profile import EngineProfile, build_id, system_info
 from meshchat.errors import MeshchatError
@@ -49,6 +51,7 @@ DECODE_TOKENS = 24
 # weights first (SmolLM2's probe takes about 1 s here).
 PROBE_BASE_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S_PER_GIB = 60.0
+STOP_POLL_S = 0.1  # how often a running probe checks that this process is not stopping
 # Within this fraction of the fastest decode, prefill decides; then the safer setting.
 DECODE_TIE = 0.03
 # Output further than this (times the safe profile's largest value) from the safe profile's
@@ -267,11 +270,8 @@ def _probe(target: ProbeTarget, profile: EngineProfile, output: Path) -> Trial:
         "output": str(output),
     }
     command = [sys.executable, "-m", "meshchat.engine.probe", json.dumps(request)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=target.timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
+    done = _run_child(command, target.timeout_s)
+    if done is None:
         return Trial(profile, TrialOutcome.HUNG, None, f"no answer within {target.timeout_s:.0f} s")
     if done.returncode < 0:
         return Trial(
@@ -289,6 +289,38 @@ def _probe(target: ProbeTarget, profile: EngineProfile, output: Path) -> Trial:
         return Trial(profile, TrialOutcome.NONSENSE, None, "non-finite output")
     bytes_ = max(target.weight_bytes, 1)
     return Trial(profile, TrialOutcome.OK, Speed(decode_s / bytes_, prefill_s / bytes_))
+
+
+def _run_child(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str] | None:
+    """Run a probe child to its end (None: it hung and was killed).
+
+    The child gets a session of its own, so a Ctrl+C at the terminal does not reach it: a probe
+    interrupted by the user must not pass for a crash of that setting. If this process is
+    stopping, the child is killed and ComputeStopped raised, so nothing is recorded.
+    """
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as child:
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                compute.check_stop()
+                try:
+                    stdout, stderr = child.communicate(timeout=STOP_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        return None
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    compute.check_stop()  # a child that ended because we stop proves nothing
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 def _signal_name(returncode: int) -> str:
