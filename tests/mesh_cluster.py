@@ -2,15 +2,14 @@
 
 `Cluster` starts `meshchat --headless` workers (each with its own data dir and its own copy of
 the model path), joins them into one mesh, and runs `meshchat generate --join` heads against
-it. Calibration results are copied between data dirs, so each machine-and-model pair is
-calibrated once per test session rather than once per node.
+it. Engine profiles live in the machine cache (the run's MESHCHAT_CACHE_DIR, tests/conftest.py),
+so each machine-and-model pair is calibrated once per test run, not once per node.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -81,27 +80,13 @@ class Worker:
 
 
 class Cluster:
-    def __init__(self, root: Path, calibration_cache: Path) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.cache = calibration_cache
         self.workers: list[Worker] = []
         self.invite = ""
 
-    def _seed(self, data_dir: Path) -> None:
-        """Give a new data dir the calibrations measured so far (same machine, same models)."""
-        target = data_dir / "cache" / "calibration"
-        target.mkdir(parents=True, exist_ok=True)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        for entry in self.cache.glob("*.json"):
-            shutil.copy(entry, target / entry.name)
-
-    def _harvest(self, data_dir: Path) -> None:
-        for entry in (data_dir / "cache" / "calibration").glob("*.json"):
-            shutil.copy(entry, self.cache / entry.name)
-
     def add(self, model: Path, env: dict[str, str] | None = None) -> Worker:
         name = f"w{len(self.workers)}"
-        self._seed(self.root / name)
         worker = Worker(self.root, name, model, self.invite or None, env or {})
         self.workers.append(worker)
         wait_for(worker.ready, what=f"{name} ready")
@@ -125,7 +110,6 @@ class Cluster:
 
     def head_args(self, prompt: str, model: Path, name: str, *extra: str) -> list[str]:
         head_dir = self.root / name
-        self._seed(head_dir)
         return [
             *CMD, "generate", prompt, "--raw", "--temperature", "0", "--model", str(model),
             "--data-dir", str(head_dir), "--join", self.invite, *extra,
@@ -138,9 +122,6 @@ class Cluster:
             self.head_args(prompt, model, name, *extra),
             env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
-        self._harvest(self.root / name)
-        for w in self.workers:
-            self._harvest(w.dir)
         return result
 
     def close(self) -> None:
@@ -187,7 +168,6 @@ class ApiHead:
         env: dict[str, str] | None = None,
     ) -> None:
         self.dir = cluster.root / name
-        cluster._seed(self.dir)
         self.log = cluster.root / f"{name}.log"
         self.base_url = f"http://127.0.0.1:{port}/v1"
         args = [

@@ -13,11 +13,15 @@ import pytest
 from meshchat.engine.chat_template import ChatMessage
 from meshchat.engine.stage import StageOptions
 from meshchat.engine.tokenizer import Tokenizer
+from meshchat.inference.capabilities import calibration
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.inference.local_model import LocalModel
 from meshchat.model.gguf_file import read_header
+from meshchat.paths import DataDir
 from tests.api_helpers import stream_chat
 from tests.cli_helpers import free_port, run_meshchat
+from tests.conftest import DEFAULT_THREADS
 from tests.engine_helpers import GREEDY
 from tests.mesh_cluster import ApiHead, Cluster
 
@@ -31,7 +35,7 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def api_mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiHead]:
     root = tmp_path_factory.mktemp("apimesh")
-    cluster = Cluster(root, root / "calibration")
+    cluster = Cluster(root)
     head = None
     # The whole model with four 4096-token sessions needs about 480 MB; with 300 MB each,
     # neither node holds it all: the head must share the layers with the worker.
@@ -46,11 +50,20 @@ def api_mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         cluster.close()
 
 
-def _solo_answers(model: Path, tmp: Path) -> list[str]:
-    """The same chats run greedily on one machine, in this process."""
+def _plan_line(head: ApiHead) -> str:
+    return next(line for line in head.log.read_text().splitlines() if "API plan" in line)
+
+
+def _solo_answers(model: Path, tmp: Path, head: ApiHead) -> list[str]:
+    """The same chats run greedily on one machine, in this process, with the engine profile
+    the mesh's stages run with (flash attention as the head's plan fixed it)."""
+    data = DataDir(tmp / "solo")
+    flash = "flash attention on" in _plan_line(head)
+    profile = calibration(LocalModel.open(model, data), data, DEFAULT_THREADS).profile_for(flash)
+    assert profile is not None
 
     async def run() -> list[str]:
-        options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=256, n_threads=2)
+        options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=256).with_profile(profile)
         pipeline = LocalPipeline(build_stages(model, [(0, 30)], tmp, tmp, options))
         tokenizer = Tokenizer(model)
         prompter = ChatPrompter.for_model(read_header(model), tokenizer)
@@ -75,8 +88,7 @@ async def _stream(base_url: str, prompt: str) -> str:
 
 
 def test_the_plan_uses_the_worker(api_mesh: ApiHead) -> None:
-    log = api_mesh.log.read_text()
-    plan = next(line for line in log.splitlines() if "API plan" in line)
+    plan = _plan_line(api_mesh)
     assert plan.count(" on ") == 2, plan  # two stages: the head and the worker
 
 
@@ -101,7 +113,7 @@ def test_stream_equals_meshchat_generate(api_mesh: ApiHead, smollm2: Path, tmp_p
 def test_eight_concurrent_streams_equal_solo(
     api_mesh: ApiHead, smollm2: Path, tmp_path: Path
 ) -> None:
-    solo = _solo_answers(smollm2, tmp_path)
+    solo = _solo_answers(smollm2, tmp_path, api_mesh)
 
     async def burst() -> list[str]:
         return list(await asyncio.gather(*(_stream(api_mesh.base_url, p) for p in PROMPTS)))

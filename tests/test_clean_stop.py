@@ -134,11 +134,6 @@ def test_stop_during_generate_exits_with_its_code(
     assert gen.out  # what was shown before the stop is kept
 
 
-@pytest.fixture(scope="module")
-def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("calibration")
-
-
 def _mesh_head(cluster: Cluster, smollm2: Path, name: str) -> Proc:
     """A head generating on the cluster; returns once it has streamed some text."""
     args = cluster.head_args(PROMPT, smollm2, name, "--max-tokens", "2000", "--split", "15")
@@ -149,12 +144,10 @@ def _mesh_head(cluster: Cluster, smollm2: Path, name: str) -> Proc:
 
 
 @pytest.mark.parametrize("target", ["worker", "head"] * MESH_TRIES)
-def test_stop_during_a_mesh_generation(
-    smollm2: Path, tmp_path: Path, calibration_cache: Path, target: str
-) -> None:
+def test_stop_during_a_mesh_generation(smollm2: Path, tmp_path: Path, target: str) -> None:
     """The worker serving layers [15,30) TERMed mid-generation exits 0; the `generate --join`
     head TERMed mid-generation exits 143."""
-    cluster = Cluster(tmp_path, calibration_cache)
+    cluster = Cluster(tmp_path)
     try:
         worker = cluster.add(smollm2)
         head = _mesh_head(cluster, smollm2, "head")
@@ -167,8 +160,6 @@ def test_stop_during_a_mesh_generation(
             assert head.strike(signal.SIGTERM) == 143, head.log.read_text()[-2000:]
     finally:
         cluster.close()
-        for data in (worker.dir, tmp_path / "head"):
-            cluster._harvest(data)  # the next tries skip the calibrations
 
 
 @pytest.mark.netns

@@ -115,13 +115,22 @@ def test_a_member_may_leave(mesh: Mesh) -> None:
     assert fm.merge([leave]) == [b.node_id] and not fm.is_member(b.node_id)
 
 
+def _wait_past(ts: float) -> None:
+    """Let the clock pass `ts`: records made in quick succession are stamped 1 ms apart, ahead
+    of the clock, and a node that has not seen a record may otherwise stamp one at its time or
+    before (a concurrent change, which replay rightly orders first)."""
+    while time.time() <= ts:
+        time.sleep(0.001)
+
+
 def test_removal_is_final_and_kills_the_removed_members_invites(mesh: Mesh) -> None:
     b = mesh.invite(mesh.founder, "b")
     fm, bm = mesh.view(mesh.founder), mesh.view(b)
-    fm.remove(b.node_id)
+    removal = fm.remove(b.node_id)
     with pytest.raises(RosterError, match="removed from this mesh"):
         fm.check_add(b.node_id)
     # b, not told yet, redeems its own invite for e, after its removal.
+    _wait_past(removal.ts)
     e = Identity.generate()
     late = bm.add(e.node_id, *join_proof(e, b.node_id))
     assert late.ts > fm.records()[-1].ts
@@ -244,7 +253,8 @@ def test_replay_does_not_depend_on_arrival_order(tmp_path_factory, seed: int) ->
     fm = mesh.view(mesh.founder)
     for view in mesh.views.values():
         fm.merge(view.records())
-    fm.remove(b.node_id)  # b's later adds die; c and d stay (added before)
+    removal = fm.remove(b.node_id)  # b's later adds die; c and d stay (added before)
+    _wait_past(removal.ts)
     late = Identity.generate()
     mesh.view(b).add(late.node_id, *join_proof(late, b.node_id))
     rosters = [view.records() for view in mesh.views.values()]

@@ -25,11 +25,6 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 LONG_TOKENS = "200"
 
 
-@pytest.fixture(scope="module")
-def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("calibration")
-
-
 def _solo(model: Path, root: Path, max_tokens: str) -> str:
     result = subprocess.run(
         [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", max_tokens,
@@ -48,11 +43,9 @@ def solo_long(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def mesh(
-    smollm2: Path, tmp_path_factory: pytest.TempPathFactory, calibration_cache: Path
-) -> Iterator[Cluster]:
+def mesh(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two workers that outlive the tests which do not harm them."""
-    cluster = Cluster(tmp_path_factory.mktemp("mesh"), calibration_cache)
+    cluster = Cluster(tmp_path_factory.mktemp("mesh"))
     try:
         cluster.add(smollm2)
         cluster.add(smollm2)
@@ -63,9 +56,9 @@ def mesh(
 
 
 @pytest.fixture
-def fresh_mesh(smollm2: Path, tmp_path: Path, calibration_cache: Path) -> Iterator[Cluster]:
+def fresh_mesh(smollm2: Path, tmp_path: Path) -> Iterator[Cluster]:
     """Two workers for a test that kills or freezes one of them."""
-    cluster = Cluster(tmp_path, calibration_cache)
+    cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2)
         cluster.add(smollm2)
@@ -92,11 +85,11 @@ def test_hand_split_equals_solo(mesh: Cluster, smollm2: Path, solo_long: str, sp
 
 
 def test_auto_plan_splits_when_no_node_holds_the_model(
-    smollm2: Path, tmp_path: Path, calibration_cache: Path, solo_long: str
+    smollm2: Path, tmp_path: Path, solo_long: str
 ) -> None:
     # 130 MiB holds about half the model with its KV cache: the planner must split.
     small = {"MESHCHAT_MEMORY_LIMIT": "130M"}
-    cluster = Cluster(tmp_path, calibration_cache)
+    cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, env=small)
         cluster.add(smollm2, env=small)
@@ -189,11 +182,11 @@ def test_sigstop_past_the_dead_peer_timeout_keeps_the_output(
 
 
 def test_no_plan_fits_the_survivors_fails_with_a_clear_message(
-    smollm2: Path, tmp_path: Path, calibration_cache: Path, solo_long: str
+    smollm2: Path, tmp_path: Path, solo_long: str
 ) -> None:
     # Three nodes of 110 MiB each can hold the model; two cannot.
     small = {"MESHCHAT_MEMORY_LIMIT": "110M"}
-    cluster = Cluster(tmp_path, calibration_cache)
+    cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, env=small)
         cluster.add(smollm2, env=small)
@@ -215,7 +208,7 @@ def test_no_plan_fits_the_survivors_fails_with_a_clear_message(
 
 @pytest.mark.parametrize("flash", ["off", "on"])
 def test_mesh_parity_with_flash_attention_fixed_by_the_plan(
-    smollm2: Path, tmp_path: Path, calibration_cache: Path, flash: str
+    smollm2: Path, tmp_path: Path, flash: str
 ) -> None:
     """Every node can run only one flash attention setting (the other's probe crashes, by the
     test switch): the plan carries that setting, every stage applies it, and the mesh's text
@@ -228,7 +221,7 @@ def test_mesh_parity_with_flash_attention_fixed_by_the_plan(
         env={**ENV, **env}, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert solo.returncode == 0, solo.stderr
-    cluster = Cluster(tmp_path, calibration_cache)
+    cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, env=env)
         result = cluster.generate(PROMPT, smollm2, "--max-tokens", "96", "--split", "12", env=env)

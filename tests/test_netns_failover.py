@@ -8,9 +8,7 @@ Healing n2 afterwards must not disturb anything. Needs root (skips with the reas
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -47,21 +45,8 @@ def test_partition_of_the_middle_stage_keeps_the_output(smollm2: Path, tmp_path:
         env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert solo.returncode == 0, solo.stderr
-    # Calibrate once; every node reuses it (same machine), so none calibrates mid-test.
-    calib = tmp_path / "solo" / "cache" / "calibration"
-    threads = str(min(os.cpu_count() or 1, 8))
-    subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from meshchat.paths import DataDir;"
-         "from meshchat.inference.local_model import LocalModel;"
-         "from meshchat.inference.capabilities import calibration;"
-         "d = DataDir(Path(sys.argv[2])); calibration(LocalModel.open(Path(sys.argv[1]), d), d, "
-         "int(sys.argv[3]))", str(smollm2), str(tmp_path / "solo"), threads],
-        env=ENV, check=True, timeout=120,
-    )  # fmt: skip
-    for node in ("n1", "n2", "n3"):
-        shutil.copytree(calib, tmp_path / node / "cache" / "calibration")
-
+    # The solo run above measured this machine's engine profile into the run's machine cache,
+    # which every node below shares: none calibrates mid-test.
     with netns.NetnsLab(3) as lab:
         s1 = _worker(lab, "n1", tmp_path, smollm2)
         wait_for(lambda: (tmp_path / "n1.invite").exists() and read_json(s1), what="n1 up")

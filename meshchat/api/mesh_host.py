@@ -93,7 +93,8 @@ async def start_mesh_api(
         notify(note)
     if advice is not None:
         notify(advice.advice)
-    notify(f"API plan {plan.describe(str(node.node_id))}")
+    flash = "on" if coordinator.flash_attn else "off"
+    notify(f"API plan {plan.describe(str(node.node_id))} (flash attention {flash})")
     pipeline = await coordinator.start(plan)
     tokenizer = Tokenizer(model.path)
     served = api_model(

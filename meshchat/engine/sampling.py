@@ -59,17 +59,6 @@ class SamplingParams:
     def with_seed(self, seed: int | None) -> SamplingParams:
         return replace(self, seed=seed)
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        return {
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "min_p": self.min_p,
-            "repeat_penalty": self.repeat_penalty,
-            "repeat_last_n": self.repeat_last_n,
-            "seed": self.seed,
-        }
-
     @classmethod
     def from_settings(cls, settings: SamplingSettings) -> SamplingParams:
         return cls(
@@ -80,11 +69,6 @@ class SamplingParams:
             repeat_penalty=settings.repeat_penalty,
             seed=settings.seed,
         ).validated()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, float | int | None]) -> SamplingParams:
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in fields}).validated()  # type: ignore[arg-type]
 
 
 class SamplerChain:

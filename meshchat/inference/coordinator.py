@@ -16,7 +16,7 @@ from typing import Any
 
 from meshchat.engine import compute
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import NodeCaps, calibration, local_caps
+from meshchat.inference.capabilities import Calibration, NodeCaps, calibration, local_caps
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
 from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
@@ -53,7 +53,7 @@ class MeshCoordinator:
         self.notify = notify
         self.needs = ModelNeeds.of(model)
         self.caps: dict[str, NodeCaps] = {}  # the last answer of every node asked
-        self._calibration: Any = None
+        self._calibration: Calibration | None = None
         # Flash attention for every stage of this head's plans (it changes numerics, so all
         # stages agree): chosen at the first gather, then kept, so a re-plan after a failure
         # gives the same text. None until then.
@@ -154,20 +154,21 @@ class MeshCoordinator:
         return Planner(self.needs, offers, self.head, self.n_ctx, self.sessions)
 
     def _best_flash(self, caps: list[NodeCaps]) -> bool:
-        """The flash setting whose best plan predicts the fastest decode (then prefill; then
-        off, the safer). Each node offers the speeds it measured with that setting."""
-        predictions = []
+        """The head's own flash setting, unless the other one's best plan predicts a decode
+        faster by more than DECODE_TIE (each node offers what it measured with each value).
+        Starting from the head's own choice keeps a mesh of like machines on the setting
+        `meshchat generate` uses alone, so the two give the same text."""
+        decode_s: dict[bool, float] = {}
         for flash in (False, True):
-            try:
-                prediction = self._planner_for(caps, flash).best().prediction
-            except PlanError:
-                continue
-            predictions.append((flash, prediction.decode_s, prediction.prefill_tok_s))
-        if not predictions:
-            return False
-        fastest = min(decode for _, decode, _ in predictions)
-        near = [p for p in predictions if p[1] <= fastest * (1 + DECODE_TIE)]
-        return max(near, key=lambda p: (p[2], not p[0]))[0]
+            with contextlib.suppress(PlanError):
+                decode_s[flash] = self._planner_for(caps, flash).best().prediction.decode_s
+        own = self._calibration.profile.flash_attn if self._calibration else False
+        if own not in decode_s:
+            return not own if (not own) in decode_s else own
+        other = not own
+        if other in decode_s and decode_s[other] < decode_s[own] * (1 - DECODE_TIE):
+            return other
+        return own
 
     def mismatch_notes(self, planner: Planner) -> list[str]:
         """One line per connected node that cannot run this model, and why."""

@@ -16,7 +16,6 @@ import itertools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import NodeCaps
@@ -69,19 +68,6 @@ class Plan:
         return " → ".join(
             f"{s} on {s.node[:8]}{' (head)' if s.node == head else ''}" for s in self.stages
         )
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [{"node": s.node, "first": s.first, "end": s.end} for s in self.stages]
-
-    @classmethod
-    def from_json(cls, data: Any, plan_id: str) -> Plan:
-        try:
-            stages = tuple(StagePlan(str(d["node"]), int(d["first"]), int(d["end"])) for d in data)
-        except (KeyError, TypeError, ValueError):
-            raise MeshchatError("malformed plan") from None
-        if not stages or len(stages) > 64:
-            raise MeshchatError("a plan needs 1 to 64 stages")
-        return cls(stages, plan_id)
 
 
 @dataclass(frozen=True)
