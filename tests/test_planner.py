@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshchat.inference.capabilities import NodeCaps, parse_size
+from meshchat.inference.coordinator import choose_flash
 from meshchat.inference.planner import (
     ModelNeeds,
     Plan,
@@ -171,3 +172,11 @@ def test_parse_size() -> None:
     assert parse_size("2g") == 2 << 30
     assert parse_size("1000") == 1000
     assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
+
+
+def test_the_head_keeps_its_flash_setting_unless_the_other_is_clearly_faster() -> None:
+    assert choose_flash({False: 0.010, True: 0.0099}, own=False) is False  # within 3%
+    assert choose_flash({False: 0.010, True: 0.0090}, own=False) is True  # 10% faster
+    assert choose_flash({False: 0.0090, True: 0.010}, own=True) is False
+    assert choose_flash({True: 0.010}, own=False) is True  # no plan runs with its own
+    assert choose_flash({}, own=True) is True

@@ -154,21 +154,13 @@ class MeshCoordinator:
         return Planner(self.needs, offers, self.head, self.n_ctx, self.sessions)
 
     def _best_flash(self, caps: list[NodeCaps]) -> bool:
-        """The head's own flash setting, unless the other one's best plan predicts a decode
-        faster by more than DECODE_TIE (each node offers what it measured with each value).
-        Starting from the head's own choice keeps a mesh of like machines on the setting
-        `meshchat generate` uses alone, so the two give the same text."""
+        """The flash setting for this head's plans (see `choose_flash`)."""
         decode_s: dict[bool, float] = {}
         for flash in (False, True):
             with contextlib.suppress(PlanError):
                 decode_s[flash] = self._planner_for(caps, flash).best().prediction.decode_s
         own = self._calibration.profile.flash_attn if self._calibration else False
-        if own not in decode_s:
-            return not own if (not own) in decode_s else own
-        other = not own
-        if other in decode_s and decode_s[other] < decode_s[own] * (1 - DECODE_TIE):
-            return other
-        return own
+        return choose_flash(decode_s, own)
 
     def mismatch_notes(self, planner: Planner) -> list[str]:
         """One line per connected node that cannot run this model, and why."""
@@ -225,3 +217,16 @@ class MeshCoordinator:
                 await pipeline.close()
             raise
         return pipeline
+
+
+def choose_flash(decode_s: dict[bool, float], own: bool) -> bool:
+    """The head's own flash setting `own`, unless the other one's best plan predicts a decode
+    faster by more than DECODE_TIE (`decode_s`: predicted seconds per token by setting, for the
+    settings some plan can run with). Starting from the head's own choice keeps a mesh of like
+    machines on the setting `meshchat generate` uses alone, so the two give the same text."""
+    other = not own
+    if own not in decode_s:
+        return other if other in decode_s else own
+    if other in decode_s and decode_s[other] < decode_s[own] * (1 - DECODE_TIE):
+        return other
+    return own
