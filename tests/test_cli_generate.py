@@ -62,7 +62,10 @@ def test_generate_is_identical_unsplit_split_and_plain_llama_cpp(
     assert outputs[None] == reference + "\n"
 
 
-def test_generate_chat_mode_and_model_flag(smollm2: Path, tmp_path: Path) -> None:
+def test_generate_chat_mode_and_model_flag(
+    smollm2: Path, smollm2_profile: EngineProfile, tmp_path: Path
+) -> None:
+    """(`smollm2_profile`: this machine is measured already, so stderr has nothing to say.)"""
     result = run_meshchat(
         "generate",
         "--model",

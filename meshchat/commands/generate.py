@@ -63,6 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
         choice.path,
         data,
         StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
+        notify=lambda message: print(f"meshchat: {message}", file=sys.stderr, flush=True),
     )
     stages = build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
     if len(ranges) > 1:

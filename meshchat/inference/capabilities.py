@@ -21,7 +21,7 @@ from meshchat.engine.stage import StageOptions
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference import profiling
 from meshchat.inference.local_model import LocalModel, fingerprint_from_json, fingerprint_to_json
-from meshchat.inference.profiling import Calibration, Speed
+from meshchat.inference.profiling import Calibration, Notify, Speed
 from meshchat.model.fingerprint import Fingerprint
 from meshchat.paths import DataDir
 
@@ -162,9 +162,12 @@ def free_memory() -> int:
     return min(usable, parse_size(limit)) if limit else usable
 
 
-def calibration(model: LocalModel, data: DataDir, threads: int) -> Calibration:
-    """This machine's engine profile and speeds for `model` (measured once, then cached)."""
-    return profiling.calibration(model, data, threads, free_memory())
+def calibration(
+    model: LocalModel, data: DataDir, threads: int, notify: Notify | None = None
+) -> Calibration:
+    """This machine's engine profile and speeds for `model` (measured once, then cached;
+    `notify` hears of a measurement before it starts)."""
+    return profiling.calibration(model, data, threads, free_memory(), notify=notify)
 
 
 def plan_profile(model: LocalModel, data: DataDir, threads: int, flash_attn: bool) -> EngineProfile:
@@ -179,10 +182,12 @@ def plan_profile(model: LocalModel, data: DataDir, threads: int, flash_attn: boo
     return profile
 
 
-def tuned_options(path: Path, data: DataDir, options: StageOptions) -> StageOptions:
+def tuned_options(
+    path: Path, data: DataDir, options: StageOptions, notify: Notify | None = None
+) -> StageOptions:
     """`options` with the engine profile this machine runs the model at `path` best with."""
     model = LocalModel.open(path, data)
-    profile = calibration(model, data, options.n_threads).profile
+    profile = calibration(model, data, options.n_threads, notify).profile
     log.debug("engine profile for %s: %s", path.name, profile.label)
     return options.with_profile(profile)
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -57,6 +57,9 @@ DECODE_TIE = 0.03
 # Output further than this (times the safe profile's largest value) from the safe profile's
 # is nonsense. Flash attention moves SmolLM2's logits by 1.3% of their largest value.
 NONSENSE_DISTANCE = 0.1
+
+
+Notify = Callable[[str], None]
 
 
 class TrialOutcome(StrEnum):
@@ -419,6 +422,7 @@ def calibration(
     *,
     remeasure: bool = False,
     cache_dir: Path | None = None,
+    notify: Notify | None = None,
 ) -> Calibration:
     """This machine's calibration for `model` at `threads`, measured once and cached.
 
@@ -430,6 +434,11 @@ def calibration(
         cached = None if remeasure else read_cached(path, threads)
         if cached is not None:
             return cached
+        if notify is not None:
+            notify(
+                f"measuring which llama.cpp settings run {model.path.name} best on this machine "
+                "(once; `meshchat doctor` shows them)"
+            )
         target = probe_target(model, data, memory)
         trials = run_trials(target, candidates(threads))
         best = _best([t for t in trials if t.outcome is TrialOutcome.OK])
