@@ -1,7 +1,8 @@
 """Where a node keeps its files.
 
-Everything lives under one data dir (`--data-dir`, default: the platformdirs user data dir, which
-honours XDG_DATA_HOME), so several nodes on one machine can each have their own.
+Everything a node owns lives under one data dir (`--data-dir`, default: the platformdirs user data
+dir, which honours XDG_DATA_HOME), so several nodes on one machine can each have their own. What
+the machine measured about itself is shared by all of them (`machine_cache_dir`).
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ def run_bench(args: argparse.Namespace) -> int:
     threads = thread_count(args.threads)
     prompt = bench_prompt(choice.path)
     model = LocalModel.from_header(choice.header, data)
-    profile = calibration(model, data, threads)
+    calib = calibration(model, data, threads)
     options = StageOptions(
         n_ctx=1024, max_sessions=1, n_batch=PROMPT_TOKENS, n_threads=threads
-    ).with_profile(profile.profile)
+    ).with_profile(calib.profile)
 
     def make_stages(ranges: list[tuple[int, int]]) -> list[Stage]:
         return build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
@@ -45,7 +45,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     # The mesh rows send the prompt in generate --join's micro-batches (its default chunk).
     mesh = MeshRows(choice.path, data, threads, n_ctx=1024)
-    reference = LlamaCppRow(choice.path, profile.profile, n_ctx=1024)
+    reference = LlamaCppRow(choice.path, calib.profile, n_ctx=1024)
     try:
         report = run_benchmark(
             choice.spec,
@@ -56,7 +56,7 @@ def run_bench(args: argparse.Namespace) -> int:
             progress,
             mesh,
             reference=reference,
-            profile=profile,
+            profile=calib,
         )
     finally:
         mesh.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 from meshchat.commands.common import choose_model, thread_count
 from meshchat.inference import profiling
@@ -26,23 +25,6 @@ NOTABLE_FLAGS = (
 )  # fmt: skip
 
 
-def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and which of the notable flags it has."""
-    name = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Processor") and name == platform.machine():
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return name, [flag for flag in NOTABLE_FLAGS if flag in flags]
-
-
 def run_doctor(args: argparse.Namespace) -> int:
     data = DataDir.resolve(args.data_dir)
     choice = choose_model(args, data)
@@ -51,12 +33,13 @@ def run_doctor(args: argparse.Namespace) -> int:
     calibration = profiling.calibration(
         model, data, threads, free_memory(), remeasure=args.remeasure
     )
-    cpu, flags = cpu_description()
+    cpu = profiling.cpu_info()
+    flags = [flag for flag in NOTABLE_FLAGS if flag in cpu.flags]
     if args.json:
-        report = {"cpu": cpu, "cpu_flags": flags, "model": str(choice.path)}
+        report = {"cpu": cpu.name, "cpu_flags": flags, "model": str(choice.path)}
         print(json.dumps({**report, **calibration.to_json()}, indent=2))
         return 0
-    print(_text(cpu, flags, str(choice.path), calibration))
+    print(_text(cpu.name, flags, str(choice.path), calibration))
     return 0
 
 

@@ -15,6 +15,7 @@ from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference.capabilities import tuned_options
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.pipeline import Pipeline
 from meshchat.model.architectures import parse_split, split_ranges
 from meshchat.paths import DataDir
@@ -60,7 +61,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(tokens) >= n_ctx:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
     options = tuned_options(
-        choice.path,
+        LocalModel.from_header(choice.header, data),
         data,
         StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
         notify=lambda message: print(f"meshchat: {message}", file=sys.stderr, flush=True),

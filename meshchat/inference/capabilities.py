@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from meshchat.engine.profile import EngineProfile
@@ -183,12 +182,11 @@ def plan_profile(model: LocalModel, data: DataDir, threads: int, flash_attn: boo
 
 
 def tuned_options(
-    path: Path, data: DataDir, options: StageOptions, notify: Notify | None = None
+    model: LocalModel, data: DataDir, options: StageOptions, notify: Notify | None = None
 ) -> StageOptions:
-    """`options` with the engine profile this machine runs the model at `path` best with."""
-    model = LocalModel.open(path, data)
+    """`options` with the engine profile this machine runs `model` best with."""
     profile = calibration(model, data, options.n_threads, notify).profile
-    log.debug("engine profile for %s: %s", path.name, profile.label)
+    log.debug("engine profile for %s: %s", model.path.name, profile.label)
     return options.with_profile(profile)
 
 

@@ -362,22 +362,35 @@ def probe_target(model: LocalModel, data: DataDir, memory: int) -> ProbeTarget:
     return ProbeTarget(path, first, end, model.n_layers, weights, timeout)
 
 
-def machine_key(threads: int) -> str:
-    """What the measurement depends on besides the model: machine, threads, llama.cpp build."""
-    cpu_name, flags = "", ""
+@dataclass(frozen=True)
+class CpuInfo:
+    name: str  # "AMD EPYC", "Intel(R) Xeon(R) Platinum 8480+", ...
+    flags: tuple[str, ...]  # as /proc/cpuinfo lists them (x86 "flags", ARM64 "Features")
+
+
+def cpu_info() -> CpuInfo:
+    """This CPU's model name and feature flags (Linux's /proc/cpuinfo; elsewhere what
+    `platform` tells, and no flags)."""
+    name, flags = "", ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
         for line in handle:
-            if line.startswith(("model name", "Processor")) and not cpu_name:
-                cpu_name = line.split(":", 1)[-1].strip()
+            if line.startswith(("model name", "Processor")) and not name:
+                name = line.split(":", 1)[-1].strip()
             elif line.startswith(("flags", "Features")) and not flags:
                 flags = line.split(":", 1)[-1].strip()
+    return CpuInfo(name or platform.processor() or platform.machine(), tuple(flags.split()))
+
+
+def machine_key(threads: int) -> str:
+    """What the measurement depends on besides the model: machine, threads, llama.cpp build."""
+    cpu = cpu_info()
     return "|".join(
         [
             platform.node(),
             platform.system(),
             platform.machine(),
-            cpu_name or platform.processor(),
-            hashlib.sha256(flags.encode()).hexdigest()[:16],
+            cpu.name,
+            hashlib.sha256(" ".join(cpu.flags).encode()).hexdigest()[:16],
             str(os.cpu_count()),
             f"threads={threads}",
             build_id(),

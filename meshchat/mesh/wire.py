@@ -38,6 +38,7 @@ HEADER_SIZE = HEADER.size
 MAX_CONTROL_BODY = 1 << 20  # 1 MiB: control messages are small
 MAX_TENSOR_BODY = 64 << 20  # 64 MiB: a long prefill chunk of a wide model
 MAX_TENSOR_DIMS = 4
+MAX_NODE_ID_TEXT = 80  # a NodeID's text is 55 characters; longer is refused unread
 # JSON bounds (control bodies): u64 fits in 20 digits; nothing we send nests deeper than ~4.
 MAX_JSON_INT = 1 << 64  # |value| below this
 MAX_JSON_NUMBER_TEXT = 32  # characters of one number literal
@@ -264,13 +265,18 @@ def roster_ts(value: Any, name: str) -> float:
 
 
 def _node_id(obj: dict[str, Any], key: str, name: str) -> NodeId:
-    text = obj.get(key)
-    if not isinstance(text, str) or len(text) > 80:
-        raise ProtocolError(f"{name}.{key}: expected a NodeID")
+    return parse_node_id(obj.get(key), f"{name}.{key}")
+
+
+def parse_node_id(value: Any, where: str) -> NodeId:
+    """A NodeID from a peer's JSON; `where` names the field in the ProtocolError."""
+    # The bound comes before parsing: a NodeID's text is 55 characters.
+    if not isinstance(value, str) or len(value) > MAX_NODE_ID_TEXT:
+        raise ProtocolError(f"{where}: expected a NodeID")
     try:
-        return NodeId.parse(text)
+        return NodeId.parse(value)
     except MeshchatError:
-        raise ProtocolError(f"{name}.{key}: not a NodeID") from None
+        raise ProtocolError(f"{where}: not a NodeID") from None
 
 
 def _fixed_b64(obj: dict[str, Any], key: str, size: int, name: str) -> bytes:
@@ -460,12 +466,7 @@ def _typed_to_json(value: Any) -> Any:
 def _check_typed(value: Any, hint: Any, name: str) -> Any:
     """`_check` for NodeId, enums, tuple[X, ...] and nested frozen dataclasses (records)."""
     if hint is NodeId:
-        if not isinstance(value, str) or len(value) > 128:
-            raise ProtocolError(f"field {name}: expected a NodeID")
-        try:
-            return NodeId.parse(value)
-        except MeshchatError:
-            raise ProtocolError(f"field {name}: not a NodeID") from None
+        return parse_node_id(value, f"field {name}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         base = str if issubclass(hint, str) else int
         if not isinstance(value, base) or isinstance(value, bool):

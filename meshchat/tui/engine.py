@@ -24,6 +24,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import tuned_options
 from meshchat.inference.head import ChatPrompter, GenerationStats, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.pipeline import Pipeline
 from meshchat.model.architectures import allowed_split_points, is_supported, split_ranges
 from meshchat.model.gguf_file import read_header
@@ -109,7 +110,7 @@ class ChatEngine:
             raise MeshchatError(f"unsupported architecture {spec.arch!r} in {model_path}")
         ranges = ranges or [(0, spec.n_layers)]
         options = tuned_options(
-            model_path,
+            LocalModel.from_header(header, data),
             data,
             StageOptions(
                 n_ctx=min(n_ctx, spec.context_length),
