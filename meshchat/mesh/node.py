@@ -800,10 +800,13 @@ class Node:
         }
 
 
+_MAX_PEER_ADDRESSES = 8  # addresses taken from a peer, and kept per peer
+
+
 def _ok_addrs(addrs: list[str]) -> list[str]:
     """Keep well-formed HOST:PORT strings from a peer (hints; bounded)."""
     good = []
-    for text in addrs[:8]:
+    for text in addrs[:_MAX_PEER_ADDRESSES]:
         with contextlib.suppress(MeshchatError):
             host, port = parse_addr(text)
             if port and host not in ("0.0.0.0", "::"):
@@ -814,7 +817,6 @@ def _ok_addrs(addrs: list[str]) -> list[str]:
 # Non-members seen by mDNS, shown in the mesh view. A LAN has a handful of meshchat nodes;
 # past this, new names are ignored until old ones go (mDNS reports them lost).
 _MAX_NEARBY = 64
-_MAX_PEER_ADDRESSES = 8  # addresses kept per peer (the same bound as `_ok_addrs`)
 
 
 def _with_hints(known: list[str], found: list[str]) -> list[str]:
