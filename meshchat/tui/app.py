@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from textual import work
 from textual.app import ComposeResult, SystemCommand
-from textual.binding import BindingType
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.theme import Theme
@@ -35,7 +35,7 @@ from meshchat.tui.app_chats import ConversationsMixin
 from meshchat.tui.app_mesh import MeshMixin
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import DB_NAME, Conversation, History, HistoryError
-from meshchat.tui.keys import APP_BINDINGS, check_keymap
+from meshchat.tui.keys import APP_BINDINGS, check_keymap, keys_for
 from meshchat.tui.screens.help import HelpScreen
 from meshchat.tui.split import SplitPlan
 from meshchat.tui.theming import load_themes, node_colours
@@ -49,6 +49,10 @@ from meshchat.tui.widgets.status import StatusLine
 __all__ = ["AppOptions", "MeshchatApp"]
 
 log = logging.getLogger(__name__)
+
+_MAIN_SCREEN_ACTIONS = frozenset(
+    b.action for b in APP_BINDINGS if isinstance(b, Binding) and b.action != "quit"
+)
 
 
 class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
@@ -225,8 +229,9 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
             self.history.close()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        # App keys act on the main screen; in a dialog they fall through to the dialog.
-        return action == "quit" or not isinstance(self.screen, ModalScreen)
+        # meshchat's own keys act on the main screen; in a dialog they fall through to the
+        # dialog. Textual's own (Tab/Shift+Tab focus, the palette) keep working in dialogs.
+        return action not in _MAIN_SCREEN_ACTIONS or not isinstance(self.screen, ModalScreen)
 
     # --- crashes ----------------------------------------------------------------------------
 
@@ -260,40 +265,56 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        commands: list[tuple[str, str, Callable[[], Any]]] = [
-            ("New chat", "Start an empty chat (Ctrl+N)", self.action_new_chat),
-            ("Stop the answer", "Cancel generation (Esc)", self.action_cancel),
-            ("Regenerate answer", "Write the last answer again (Ctrl+R)", self.action_regenerate),
+        # (title, what it does, binding id whose live keys the hint names, action)
+        commands: list[tuple[str, str, str | None, Callable[[], Any]]] = [
+            ("New chat", "Start an empty chat", "new_chat", self.action_new_chat),
+            ("Stop the answer", "Cancel generation", "cancel", self.action_cancel),
+            (
+                "Regenerate answer",
+                "Write the last answer again",
+                "regenerate",
+                self.action_regenerate,
+            ),
             (
                 "Edit last message",
-                "Change your last message and resend (F4)",
+                "Change your last message and resend",
+                "edit_last",
                 self.action_edit_last,
             ),
-            ("Copy last answer", "To the clipboard (F8)", self.action_copy_answer),
-            ("Copy code block", "A code block of the last answer", self.action_copy_code),
-            ("Chats", "Show the list of chats (Ctrl+B)", self.action_toggle_chats),
-            ("Search chats", "Find words in titles and messages (Ctrl+F)", self.action_search),
-            ("Rename chat", "Give this chat a title (F2)", self.action_rename_chat),
-            ("Delete chat", "Delete this chat", self.action_delete_chat),
+            ("Copy last answer", "To the clipboard", "copy_answer", self.action_copy_answer),
+            ("Copy code block", "A code block of the last answer", None, self.action_copy_code),
+            ("Chats", "Show the list of chats", "chats", self.action_toggle_chats),
+            ("Search chats", "Find words in titles and messages", "search", self.action_search),
+            ("Rename chat", "Give this chat a title", "rename_chat", self.action_rename_chat),
+            ("Delete chat", "Delete this chat", None, self.action_delete_chat),
             (
                 "Chat settings",
-                "System prompt and sampling of this chat (F3)",
+                "System prompt and sampling of this chat",
+                "chat_settings",
                 self.action_chat_settings,
             ),
-            ("Export chat", "Save this chat as Markdown (Ctrl+S)", self.action_export_chat),
-            ("Edit layer split", "Move stage boundaries (Ctrl+L)", self.action_focus_split),
-            ("Auto split", "Restore the planner's plan", self._on_split_auto),
-            ("Apply split", "Run the edited plan", self.split.action_apply),
-            ("Peers", "Focus the peers table (Ctrl+T)", self.action_focus_peers),
-            ("Show invite code", "Let another machine join (F5)", self.action_invite),
-            ("Join a mesh", "Use an invite code (F6)", self.action_join),
-            ("Remove a member", "Take a node off the mesh (F7)", self.action_remove_member),
+            ("Export chat", "Save this chat as Markdown", "export_chat", self.action_export_chat),
+            ("Edit layer split", "Move stage boundaries", "split_editor", self.action_focus_split),
+            ("Auto split", "Restore the planner's plan", None, self._on_split_auto),
+            ("Apply split", "Run the edited plan", None, self.split.action_apply),
+            ("Peers", "Focus the peers table", "peers", self.action_focus_peers),
+            ("Show invite code", "Let another machine join", "invite", self.action_invite),
+            ("Join a mesh", "Use an invite code", "join", self.action_join),
+            (
+                "Remove a member",
+                "Take a node off the mesh",
+                "remove_member",
+                self.action_remove_member,
+            ),
             (
                 "Toggle mesh panel",
-                "Show or hide the split bar and peers (F9)",
+                "Show or hide the split bar and peers",
+                "toggle_mesh",
                 self.action_toggle_mesh,
             ),
-            ("Help: keys", "Every key binding (F1)", self.action_help),
+            ("Help: keys", "Every key binding", "help", self.action_help),
         ]
-        for title, help_text, callback in commands:
+        for title, help_text, binding_id, callback in commands:
+            if binding_id is not None:
+                help_text += f" ({keys_for(binding_id, self._keymap)})"
             yield SystemCommand(title, help_text, callback)

@@ -286,3 +286,10 @@ class ChatMixin(AppBase):
     def _on_leave_up(self) -> None:
         if self.chat_log.views():
             self.chat_log.focus()
+
+    @on(PromptInput.ScrollChat)
+    def _on_scroll_chat(self, event: PromptInput.ScrollChat) -> None:
+        if event.pages < 0:
+            self.chat_log.scroll_page_up(animate=False)
+        else:
+            self.chat_log.scroll_page_down(animate=False)

@@ -42,7 +42,7 @@ APP_BINDINGS: list[BindingType] = [
 SECTIONS: list[tuple[str, list[BindingType]]] = [
     ("Anywhere", APP_BINDINGS),
     ("Message box", PromptInput.BINDINGS),
-    ("Chat log (↑ from the message box; ↑/↓ pick a message)", ChatLog.BINDINGS),
+    ("Chat log (↑ from an empty message box, then ↑/↓ pick a message)", ChatLog.BINDINGS),
     ("Layer-split editor (Ctrl+L)", SplitEditor.BINDINGS),
     ("Peers table (Ctrl+T)", PeersTable.BINDINGS),
     ("Chat list (Ctrl+B)", ChatList.BINDINGS),
@@ -83,6 +83,26 @@ def display_keys(keys: str) -> str:
     return " / ".join(shown)
 
 
+def _binding(binding_id: str) -> Binding:
+    for _, items in SECTIONS:
+        for binding in _bindings(items):
+            if binding.id == binding_id:
+                return binding
+    raise KeyError(binding_id)
+
+
+def keys_for(binding_id: str, keymap: Mapping[str, str]) -> str:
+    """The keys that run a binding now, as people read them: the user's `[keys]` win."""
+    return display_keys(keymap.get(binding_id) or _binding(binding_id).key)
+
+
+# Not bindings of ours: Textual's command palette, and its theme picker inside it.
+PALETTE_ROWS = [
+    KeyHelp("Anywhere", "command_palette", "Ctrl+P", "Command palette: every action"),
+    KeyHelp("Anywhere", "theme", "Ctrl+P, theme", "Change the colour theme (saved)"),
+]
+
+
 def key_help(keymap: Mapping[str, str]) -> list[KeyHelp]:
     rows = []
     for section, items in SECTIONS:
@@ -90,8 +110,21 @@ def key_help(keymap: Mapping[str, str]) -> list[KeyHelp]:
             assert binding.id is not None
             keys = keymap.get(binding.id, binding.key)
             rows.append(KeyHelp(section, binding.id, display_keys(keys), binding.description))
-    rows.append(KeyHelp("Anywhere", "command_palette", "Ctrl+P", "Command palette: every action"))
+        if section == "Anywhere":
+            rows += PALETTE_ROWS
     return rows
+
+
+def markdown_table(rows: Iterable[KeyHelp]) -> str:
+    """The keys as the README shows them (tests/test_tui_screens.py checks they agree)."""
+    lines = ["| Keys | Does | Id |", "|---|---|---|"]
+    section = None
+    for row in rows:
+        if row.section != section:
+            section = row.section
+            lines.append(f"| **{section}** | | |")
+        lines.append(f"| {row.keys} | {row.description} | `{row.id}` |")
+    return "\n".join(lines) + "\n"
 
 
 def check_keymap(keys: Mapping[str, str]) -> list[str]:

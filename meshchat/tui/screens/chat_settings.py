@@ -60,15 +60,20 @@ class ChatSettingsScreen(ModalScreen[ChatSetup | None]):
         Binding("escape", "dismiss(None)", "Cancel"),
         Binding("ctrl+s", "save", "Save", priority=True),
     ]
+    # Compact rows (label | field, two pairs a row) so the whole form, its error line and its
+    # buttons fit 80×24; the old one-field-per-cell grid ran off the screen at every size.
     DEFAULT_CSS = (
         """
         ChatSettingsScreen { align: center middle; }
-        ChatSettingsScreen .dialog { width: 80; }
-        ChatSettingsScreen TextArea { height: 5; }
+        ChatSettingsScreen .dialog { width: 80; padding: 0 1; }
+        ChatSettingsScreen .dialog > .title { margin: 0; }
+        ChatSettingsScreen TextArea { height: 4; background: $boost; }
         ChatSettingsScreen Grid {
-            grid-size: 2; grid-columns: 1fr 1fr; height: auto; grid-gutter: 0 2;
+            grid-size: 4; grid-columns: auto 1fr auto 1fr; grid-rows: 1;
+            height: auto; grid-gutter: 1 1; margin: 1 0;
         }
-        ChatSettingsScreen Grid Label { margin-top: 1; }
+        ChatSettingsScreen Grid Input { background: $boost; }
+        ChatSettingsScreen Grid Label { color: $text-muted; }
         """
         + DIALOG_CSS
     )
@@ -82,17 +87,28 @@ class ChatSettingsScreen(ModalScreen[ChatSetup | None]):
         with Vertical(classes="dialog"):
             yield Label(f"Settings of “{self._title}”", classes="title")
             yield Label("System prompt")
-            yield TextArea(self._system, id="system", soft_wrap=True, show_line_numbers=False)
+            # Tab leaves the prompt (the default would indent), so Tab walks every field.
+            yield TextArea(
+                self._system,
+                id="system",
+                soft_wrap=True,
+                show_line_numbers=False,
+                tab_behavior="focus",
+                compact=True,
+            )
             with Grid():
                 for key, label, _ in FIELDS:
                     value = getattr(current, key)
-                    with Vertical():
-                        yield Label(label)
-                        yield Input("" if value is None else str(value), id=key)
+                    yield Label(label)
+                    yield Input("" if value is None else str(value), id=key, compact=True)
             yield Static("", classes="error", id="error")
+            yield Static(
+                "Tab/Shift+Tab next/previous field · Enter or Ctrl+S save · Esc cancel",
+                classes="hint",
+            )
             with Horizontal(classes="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Save (Ctrl+S)", id="save", variant="primary")
+                yield Button("Cancel", id="cancel", compact=True)
+                yield Button("Save (Ctrl+S)", id="save", variant="primary", compact=True)
 
     def action_save(self) -> None:
         values = {key: self.query_one(f"#{key}", Input).value for key, _, _ in FIELDS}

@@ -22,6 +22,11 @@ class PromptInput(TextArea):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "submit", "Send", id="send", show=False),
         Binding("ctrl+j,shift+enter", "newline", "New line", id="newline", show=False),
+        # The message box keeps focus while the user reads back: page keys scroll the chat.
+        Binding("pageup", "scroll_chat(-1)", "Scroll the chat up", id="chat.page_up", show=False),
+        Binding(
+            "pagedown", "scroll_chat(1)", "Scroll the chat down", id="chat.page_down", show=False
+        ),
     ]
 
     DEFAULT_CSS = """
@@ -43,6 +48,12 @@ class PromptInput(TextArea):
     @dataclass
     class LeaveUp(Message):
         """Up was pressed on the first line."""
+
+    @dataclass
+    class ScrollChat(Message):
+        """Page the chat log: -1 up, +1 down."""
+
+        pages: int
 
     def __init__(
         self,
@@ -87,6 +98,9 @@ class PromptInput(TextArea):
         text = self.text.strip()
         if text:
             self.post_message(self.Submitted(self.text))
+
+    def action_scroll_chat(self, pages: int) -> None:
+        self.post_message(self.ScrollChat(pages))
 
     def action_newline(self) -> None:
         self.insert("\n")
