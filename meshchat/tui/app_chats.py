@@ -111,7 +111,7 @@ class ConversationsMixin(AppBase):
                 self.sub_title = title
             self._refresh_chat_list()
 
-        await self.push_screen(AskText("Rename chat", chat.title), done)
+        await self.push_screen(AskText("Rename chat", chat.title, enter="rename"), done)
 
     async def _delete(self, conversation_id: int) -> None:
         chat = self._history_call(lambda h: h.get(conversation_id))
@@ -205,4 +205,4 @@ class ConversationsMixin(AppBase):
                 return
             self.notify(f"Exported to {path}")
 
-        await self.push_screen(AskText("Export chat as Markdown to", default), done)
+        await self.push_screen(AskText("Export chat as Markdown to", default, enter="export"), done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -44,10 +45,12 @@ class AskText(ModalScreen[str | None]):
         placeholder: str = "",
         hint: str = "",
         check: Callable[[str], str | None] | None = None,
+        enter: str = "OK",
     ) -> None:
         super().__init__()
         self._title, self._value, self._placeholder = title, value, placeholder
         self._hint, self._check = hint, check
+        self._keys = f"Enter {enter} · Esc cancel"
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -56,6 +59,7 @@ class AskText(ModalScreen[str | None]):
             yield Static("", classes="error", id="error")
             if self._hint:
                 yield Static(self._hint, classes="hint")
+            yield Static(self._keys, classes="hint keys")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -120,7 +124,11 @@ class ShowInvite(ModalScreen[None]):
         Binding("c", "copy", "Copy"),
     ]
     DEFAULT_CSS = (
-        "ShowInvite { align: center middle; } ShowInvite #code { border: round $accent; }"
+        # No border around the code, and the dialog as wide as the screen allows: a terminal
+        # selection of it (over SSH, where Copy cannot reach the clipboard without OSC 52) must
+        # take the code and nothing else.
+        "ShowInvite { align: center middle; } ShowInvite .dialog { width: auto; padding: 1; }"
+        "ShowInvite #code { color: $accent; text-style: bold; width: auto; margin-bottom: 1; }"
         + DIALOG_CSS
     )
 
@@ -131,10 +139,11 @@ class ShowInvite(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Invite another machine", classes="title")
-            yield Static(self.code, id="code")
+            yield Static(Text(self.code, overflow="fold"), id="code")
             yield Static(
                 f"On the other machine run:  meshchat --join {self.code[:12]}…\n"
-                f"or press F6 there and paste it. One use, {self._expires}.",
+                f"or press F6 there and paste it. One use, {self._expires}.\n"
+                "c copy · Esc close",
                 classes="hint",
             )
             with Horizontal(classes="buttons"):
