@@ -17,6 +17,8 @@ from textual.message import Message
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
+from meshchat.tui.widgets.message_markdown import MessageMarkdown
+
 ROLE_LABEL = {"user": "You", "assistant": "Assistant"}
 
 
@@ -65,7 +67,7 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
-        yield Markdown(self.text)
+        yield MessageMarkdown(self.text)
         yield Static(describe_meta(self.meta), classes="meta")
 
     def on_mount(self) -> None:
