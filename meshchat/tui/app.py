@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.theme import Theme
-from textual.widgets import Footer, Header
+from textual.widgets import Header
 
 from meshchat.config import save_config, with_theme
 from meshchat.errors import MeshchatError
@@ -41,6 +41,7 @@ from meshchat.tui.split import SplitPlan
 from meshchat.tui.theming import load_themes, node_colours
 from meshchat.tui.widgets.chat import ChatLog
 from meshchat.tui.widgets.chats import ChatList
+from meshchat.tui.widgets.footer import FittedFooter
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.prompt import PromptInput
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -78,7 +79,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         with Vertical(id="mesh"):
             yield SplitEditor(id="split")
             yield PeersTable(id="peers")
-        yield Footer()
+        yield FittedFooter()
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         self._setup_themes(problems)
         problems += check_keymap(self.config.keys)
         self.set_keymap(dict(self.config.keys))
-        self.chat_list.display = self.size.width >= 110
+        self.chat_list.fit(self.size.width)
         self._open_history()
         await self._show_conversation(self._latest_conversation())
         self.prompt.focus()
@@ -99,6 +100,11 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         self._load_engine()
         self._start_mesh()
         self._exit_on_signals()
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Also before mount and under a dialog: the main screen is the stack's first.
+        for chats in self.screen_stack[0].query(ChatList) if self.screen_stack else ():
+            chats.fit(event.size.width)
 
     def _exit_on_signals(self) -> None:
         """SIGTERM or SIGINT from outside ends the app as Ctrl+Q does (the model closed, the

@@ -143,10 +143,10 @@ class ConversationsMixin(AppBase):
     def action_toggle_chats(self) -> None:
         chats = self.chat_list
         if chats.display and chats.has_focus:
-            chats.display = False
+            chats.choose_display(False)
             self.prompt.focus()
         else:
-            chats.display = True
+            chats.choose_display(True)
             chats.focus()
 
     async def action_search(self) -> None:
