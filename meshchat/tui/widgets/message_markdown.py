@@ -35,7 +35,7 @@ class FramedFence(MarkdownFence):
 
 
 class MessageMarkdown(Markdown):
-    BLOCKS = {
+    BLOCKS = {  # noqa: RUF012 - Markdown declares it an instance variable (mypy)
         **Markdown.BLOCKS,
         "fence": FramedFence,
         "code_block": FramedFence,
