@@ -34,12 +34,19 @@ class ConversationsMixin(AppBase):
         await self.chat_log.show([(m.role, m.content, m.meta) for m in self.messages])
         self.sub_title = conversation.title if conversation else "New chat"
         self._refresh_chat_list()
+        self._show_chat_notes()
         if self.engine is not None:
             self.status.set(context_used=self._count_context(), ttft_s=None, tok_s=None)
 
     def _refresh_chat_list(self) -> None:
         chats = self._history_call(lambda h: h.chats(), [])
         self.chat_list.show(chats, self.conversation.id if self.conversation else None)
+
+    def _show_chat_notes(self) -> None:
+        notes = ["system prompt on"] if self._system_prompt() else []
+        if self._settings().temperature == 0:
+            notes.append("temperature 0 (greedy)")
+        self.prompt.set_notes(notes)
 
     def _settings(self) -> ChatSettings:
         return self.conversation.settings if self.conversation else self.config.sampling
@@ -179,6 +186,7 @@ class ConversationsMixin(AppBase):
                 )
                 chat.system_prompt, chat.settings = setup.system_prompt, setup.settings
             self.status.set(context_used=self._count_context())
+            self._show_chat_notes()
             self.notify("Chat settings saved")
 
         await self.push_screen(

@@ -67,6 +67,7 @@ class PromptInput(TextArea):
         # The first key of each, as people read it ("enter" → "Enter").
         self._send_name = _key_name(send_keys)
         self._newline_name = _key_name(newline_keys)
+        self._notes = ""  # what is special about this chat's setup, shown in the border title
         super().__init__(
             "",
             id=id,
@@ -111,13 +112,18 @@ class PromptInput(TextArea):
             return
         super().action_cursor_up(select)
 
+    def set_notes(self, notes: list[str]) -> None:
+        """Name what shapes the answers of this chat (a system prompt, greedy sampling)."""
+        self._notes = "".join(f" · {note}" for note in notes)
+        self.set_editing(self.has_class("-editing"))
+
     def set_editing(self, editing: bool) -> None:
         self.set_class(editing, "-editing")
         if editing:
-            self.border_title = "Editing a message"
+            self.border_title = "Editing a message" + self._notes
             self.border_subtitle = f"{self._send_name} resend · Esc keep the chat as it is"
         else:
-            self.border_title = "Message"
+            self.border_title = "Message" + self._notes
             self.border_subtitle = self.hint
 
 
