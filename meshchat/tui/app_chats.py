@@ -18,7 +18,7 @@ from meshchat.tui.history import (
 )
 from meshchat.tui.screens.chat_settings import ChatSettingsScreen, ChatSetup
 from meshchat.tui.screens.dialogs import AskText, Confirm
-from meshchat.tui.screens.search import SearchScreen
+from meshchat.tui.screens.search import SearchChoice, SearchScreen
 from meshchat.tui.widgets.chats import ChatList
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,23 @@ class ConversationsMixin(AppBase):
         if self.history is None:
             return
 
-        async def done(conversation_id: int | None) -> None:
-            if conversation_id is not None:
-                await self._open_chat(conversation_id)
+        async def done(choice: SearchChoice | None) -> None:
+            if choice is not None:
+                await self._open_chat(choice.conversation_id)
                 self.prompt.focus()
+                if self.conversation and self.conversation.id == choice.conversation_id:
+                    self.chat_log.show_match(self._match_index(choice.query))
 
         await self.push_screen(SearchScreen(self.history), done)
+
+    def _match_index(self, query: str) -> int | None:
+        """The first message holding `query` (as the search matched it: case-insensitive)."""
+        wanted = query.casefold()
+        if not wanted:
+            return None
+        return next(
+            (i for i, m in enumerate(self.messages) if wanted in m.content.casefold()), None
+        )
 
     async def action_chat_settings(self) -> None:
         title = self.conversation.title if self.conversation else "new chats"

@@ -75,11 +75,15 @@ def display_keys(keys: str) -> str:
         "equals_sign": "=",
         "delete": "Del",
         "escape": "Esc",
+        "pageup": "PageUp",
+        "pagedown": "PageDown",
     }
     shown = []
     for key in keys.split(","):
-        parts = [names.get(p, p) for p in key.strip().split("+")]
-        shown.append("+".join(p.capitalize() if len(p) > 1 else p.upper() for p in parts))
+        parts = key.strip().split("+")
+        shown.append(
+            "+".join(names.get(p) or (p.capitalize() if len(p) > 1 else p.upper()) for p in parts)
+        )
     return " / ".join(shown)
 
 

@@ -1,7 +1,8 @@
-"""Search every chat's title and messages; Enter opens the chosen chat."""
+"""Search every chat's title and messages; Enter opens the chosen chat at the match."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from rich.text import Text
@@ -16,7 +17,13 @@ from meshchat.tui.history import History, HistoryError
 from meshchat.tui.screens.dialogs import DIALOG_CSS
 
 
-class SearchScreen(ModalScreen[int | None]):
+@dataclass(frozen=True)
+class SearchChoice:
+    conversation_id: int
+    query: str  # the words searched for, to find and highlight the message in the chat
+
+
+class SearchScreen(ModalScreen[SearchChoice | None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss(None)", "Close"),
         Binding("down", "results", "Results", show=False),
@@ -47,7 +54,8 @@ class SearchScreen(ModalScreen[int | None]):
         results = self.query_one(OptionList)
         if results.option_count:
             option = results.get_option_at_index(results.highlighted or 0)
-            self.dismiss(int(option.id or 0))
+            if option.id is not None:
+                self._choose(option.id)
 
     def action_results(self) -> None:
         self.query_one(OptionList).focus()
@@ -75,4 +83,8 @@ class SearchScreen(ModalScreen[int | None]):
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
         if event.option.id is not None:
-            self.dismiss(int(event.option.id))
+            self._choose(event.option.id)
+
+    def _choose(self, option_id: str) -> None:
+        query = self.query_one("#query", Input).value.strip()
+        self.dismiss(SearchChoice(int(option_id), query))

@@ -56,6 +56,7 @@ class MessageView(Vertical):
     MessageView > .meta { height: auto; color: $text-muted; padding: 0 1; }
     MessageView > .meta.-error { color: $error; }
     MessageView.-selected { background: $boost; border-left: thick $accent; }
+    MessageView.-found { background: $accent 15%; border-left: thick $warning; }
     """
 
     def __init__(self, role: str, text: str = "", meta: dict[str, Any] | None = None) -> None:
@@ -161,6 +162,8 @@ class ChatLog(VerticalScroll, can_focus=True):
     ) -> MessageView:
         for welcome in self.query("#welcome"):
             await welcome.remove()
+        for found in self.query(".-found"):
+            found.remove_class("-found")
         view = MessageView(role, text, meta)
         await self.mount(view)
         self.anchor()
@@ -174,6 +177,15 @@ class ChatLog(VerticalScroll, can_focus=True):
             await self.remove_children(doomed)
         if self.selected is not None and self.selected >= index:
             self._select(None)
+
+    def show_match(self, index: int | None) -> None:
+        """Scroll to the message a search found and mark it (until the chat changes)."""
+        views = self.views()
+        for i, view in enumerate(views):
+            view.set_class(i == index, "-found")
+        if index is not None and 0 <= index < len(views):
+            self.release_anchor()
+            self.call_after_refresh(views[index].scroll_visible, animate=False, top=True)
 
     def _select(self, index: int | None) -> None:
         views = self.views()

@@ -59,22 +59,31 @@ _STATE_STYLE = {
 
 
 def render_status(info: StatusInfo, width: int) -> Text:
-    """The status line in `width` cells: what is unknown yet ("—") goes first, then the model
-    name is shortened, so the state, speed, context and layer range stay readable at 80
-    columns (the model name is in the header's title bar too)."""
-    state = (f"● {info.state}", _STATE_STYLE.get(info.state, "bold"))
+    """The status line in `width` cells. When it does not fit, the model name is shortened,
+    then parts go in this order: the model name (the title bar has the chat, F1 the keys),
+    TTFT (each answer's note keeps it), tok/s, context; the state and the layer range stay,
+    which at 80 columns used to be cut off the end."""
     ttft = f"TTFT {_fmt_ttft(info.ttft_s)}" if info.ttft_s is not None else ""
     speed = f"{info.tok_s:.1f} tok/s" if info.tok_s else ""
     context = f"ctx {info.context_used}/{info.context_size}" if info.context_size else ""
-    fixed = [p for p in (ttft, speed, context, info.layout) if p]
-    used = cell_len(state[0]) + sum(2 + cell_len(p) for p in fixed)
-    model = info.model
-    room = width - used - 2
-    if cell_len(model) > room:
-        model = model[: max(0, room - 1)] + "…" if room > 4 else ""
+    parts = [p for p in (info.model, ttft, speed, context, info.layout) if p]
+    droppable = [p for p in (info.model, ttft, speed, context) if p]
+    state = f"● {info.state}"
+
+    def length() -> int:
+        return cell_len(state) + sum(2 + cell_len(p) for p in parts)
+
+    if length() > width and info.model in parts:
+        room = cell_len(info.model) - (length() - width)
+        if room >= 8:  # still a recognisable name
+            parts[parts.index(info.model)] = info.model[: room - 1] + "…"
+    for part in droppable:
+        if length() <= width:
+            break
+        parts = [p for p in parts if p != part and not (part == info.model and p.endswith("…"))]
     text = Text(no_wrap=True, overflow="ellipsis")
-    text.append(state[0], style=state[1])
-    for part in ([model] if model else []) + fixed:
+    text.append(state, style=_STATE_STYLE.get(info.state, "bold"))
+    for part in parts:
         text.append(f"  {part}")
     if info.error:
         text.append(f"  {info.error}", style="red")
