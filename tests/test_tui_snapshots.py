@@ -76,3 +76,48 @@ def test_help_screen(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
         await pilot.pause()
 
     assert snap_compare(_app(tmp_path, smollm2), terminal_size=SIZE, run_before=help_)
+
+
+# Issue 15: the screens at the two sizes users run most, 80×24 and 120×40. At 80×24 the status
+# line must keep the layer range and the footer end on a whole key; the settings dialog must show
+# its buttons; the chat list stays away on a first run.
+SMALL, LARGE = (80, 24), (120, 40)
+
+
+def test_main_screen_80x24(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    assert snap_compare(_app(tmp_path, smollm2), terminal_size=SMALL, run_before=_ready)
+
+
+def test_main_screen_120x40(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    assert snap_compare(_app(tmp_path, smollm2), terminal_size=LARGE, run_before=_ready)
+
+
+def test_first_run_120x40(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    config = Config(sampling=GREEDY, mdns=False, threads=1, path=Path("/home/ada/config.toml"))
+    app = make_app(tmp_path, smollm2, mesh=two_peers(), config=config)
+    assert snap_compare(app, terminal_size=LARGE, run_before=_ready)
+
+
+async def _settings(pilot: Any) -> None:
+    await _ready(pilot)
+    await pilot.press("f3", "tab", "ctrl+a")  # to the temperature, a bad value, Enter
+    pilot.app.screen.query_one("#temperature").value = "abc"
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+def test_chat_settings_80x24(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    assert snap_compare(_app(tmp_path, smollm2), terminal_size=SMALL, run_before=_settings)
+
+
+def test_chat_settings_120x40(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    assert snap_compare(_app(tmp_path, smollm2), terminal_size=LARGE, run_before=_settings)
+
+
+def test_help_screen_80x24(snap_compare: Any, tmp_path: Path, smollm2: Path) -> None:
+    async def help_(pilot: Any) -> None:
+        await _ready(pilot)
+        await pilot.press("f1")
+        await pilot.pause()
+
+    assert snap_compare(_app(tmp_path, smollm2), terminal_size=SMALL, run_before=help_)
