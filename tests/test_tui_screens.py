@@ -7,6 +7,9 @@ under test, so each takes a second or two.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from meshchat.tui.keys import key_help, keys_for, markdown_table
 from meshchat.tui.screens.chat_settings import ChatSettingsScreen
 from meshchat.tui.screens.dialogs import AskText, ShowInvite
 from meshchat.tui.screens.help import HelpScreen, keys_tables
+from meshchat.tui.theming import BUILTIN_DIR
 from meshchat.tui.widgets.chat import MessageView
 from meshchat.tui.widgets.message_markdown import FramedFence
 from meshchat.tui.widgets.status import StatusInfo, render_status
@@ -326,3 +330,28 @@ async def test_invite_code_has_no_border_around_it(tmp_path: Path) -> None:
         code = app.screen.query_one("#code")
         assert all(edge[0] in ("", "none") for edge in code.styles.border)
         assert str(code.render()) == app.screen.code  # type: ignore[attr-defined]
+
+
+# --- structure ----------------------------------------------------------------------------
+
+
+def test_builtin_themes_ship_in_the_package(tmp_path: Path) -> None:
+    """The top-level `themes/` folder lands in the wheel as `meshchat/themes/`, where
+    BUILTIN_DIR looks first (build_py lays out what the wheel holds)."""
+    root = README.parent
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    for folder in ("meshchat", "themes"):
+        shutil.copytree(
+            root / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", "out"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    shipped = sorted(p.name for p in (tmp_path / "out" / "meshchat" / "themes").glob("*.toml"))
+    assert shipped == sorted(p.name for p in BUILTIN_DIR.glob("*.toml"))
+    assert len(shipped) == 3 and root / "themes" == BUILTIN_DIR  # a checkout reads the folder

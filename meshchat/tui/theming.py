@@ -1,4 +1,4 @@
-"""Themes from TOML files: the ones shipped in `meshchat/tui/themes/` and the user's own.
+"""Themes from TOML files: the built-in ones (the top-level `themes/` folder) and the user's own.
 
 A theme file holds the fields of `textual.theme.Theme` (name, primary, background, dark, ...) and
 an optional `[variables]` table. A file that does not parse, names unknown fields or gives a
@@ -14,7 +14,16 @@ from pathlib import Path
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
-BUILTIN_DIR = Path(__file__).parent / "themes"
+
+def _builtin_dir() -> Path:
+    """`meshchat/themes/` in an installed wheel (setup.py maps the folder there), the
+    repository's top-level `themes/` in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    installed, checkout = package / "themes", package.parent / "themes"
+    return installed if installed.is_dir() or not checkout.is_dir() else checkout
+
+
+BUILTIN_DIR = _builtin_dir()
 NODE_COLOUR_VARS = tuple(f"mesh-node-{i}" for i in range(1, 7))
 _COLOUR_FIELDS = (
     "primary",
