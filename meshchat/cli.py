@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from meshchat import stops
+from meshchat.config import ChatSettings
 from meshchat.errors import MeshchatError, UsageError
 
 
@@ -72,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT")
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N")
-    gen.add_argument("--temperature", type=float, default=0.7, metavar="T")
-    gen.add_argument("--top-k", type=int, default=40, metavar="K")
-    gen.add_argument("--top-p", type=float, default=0.95, metavar="P")
-    gen.add_argument("--min-p", type=float, default=0.05, metavar="P")
-    gen.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R")
+    sampling = ChatSettings()  # the defaults, declared once in config.py
+    gen.add_argument("--temperature", type=float, default=sampling.temperature, metavar="T")
+    gen.add_argument("--top-k", type=int, default=sampling.top_k, metavar="K")
+    gen.add_argument("--top-p", type=float, default=sampling.top_p, metavar="P")
+    gen.add_argument("--min-p", type=float, default=sampling.min_p, metavar="P")
+    gen.add_argument("--repeat-penalty", type=float, default=sampling.repeat_penalty, metavar="R")
     gen.add_argument("--seed", type=int, default=None, metavar="S")
     gen.add_argument("--split", metavar="A,B,...", help="stage boundaries, e.g. 10,20")
     gen.add_argument("--system", metavar="TEXT", help="system prompt (chat mode)")

@@ -4,28 +4,10 @@ Everything has a default, so a missing file is a normal first run. A file that e
 not parse, or holds values of the wrong type, is reported (`Config.problems`) and the defaults are
 used for what could not be read; such a file is never overwritten, so the user can fix it.
 
-```toml
-theme = "meshchat-dusk"
-model = "/path/to/model.gguf"   # used when --model is not given
-context_size = 4096
-threads = 0                     # 0 = pick from the CPU count
-listen = ""                     # where the in-app node listens; "" = port 47470, else any
-mdns = true                     # find peers on the LAN by multicast DNS
-system_prompt = ""              # for new chats
-api_key = ""                    # bearer key the HTTP API requires (--api-key wins); "" = none
-
-[sampling]                      # defaults for new chats; each chat keeps its own copy
-temperature = 0.7
-top_k = 40
-top_p = 0.95
-min_p = 0.05
-repeat_penalty = 1.0
-max_tokens = 512
-# seed = 42                     # absent = a random seed per answer
-
-[keys]                          # binding id = "key[,key...]"; see the help screen (F1)
-regenerate = "ctrl+r"
-```
+Each setting is declared once, in `CONFIG_SCHEMA` and `SAMPLING_SCHEMA` (key, type, default,
+label, bounds, one line of docs); the dataclasses' defaults, parsing and validation, the TOML
+writer, the chat-settings dialog and the documented file (`documented_toml()`, shown in the
+README) all derive from them.
 
 No textual import here: the headless worker may read the same file.
 """
@@ -34,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,35 +32,96 @@ CONFIG_MODE = 0o600  # owner only: the file may hold the API key
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One setting of config.toml: what it is, its default, how it reads, what it may be."""
+
+    key: str
+    kind: type  # str | int | float | bool
+    default: Any
+    doc: str  # one line for the documented file
+    label: str = ""  # how the settings dialog names it
+    name: str = ""  # how error messages name it (default: the key)
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    above: float | None = None  # exclusive lower bound
+    optional: bool = False  # may be absent (None)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with this (well-typed) value, or None."""
+        if value is None:
+            return None if self.optional else f"{self.name or self.key} must be set"
+        if self.kind not in (int, float):
+            return None
+        name = self.name or self.key
+        if self.low is not None and self.high is not None:
+            if not self.low <= value <= self.high:
+                return f"{name} must lie in {self.low:g}..{self.high:g} (got {value:g})"
+        elif self.low is not None and value < self.low:
+            return f"{name} must be >= {self.low:g} (got {value:g})"
+        if self.above is not None and value <= self.above:
+            return f"{name} must be > {self.above:g} (got {value:g})"
+        return None
+
+    def accepts(self, value: Any) -> bool:
+        """Of the right TOML type (an int is a float; a bool is neither an int nor a float)."""
+        if isinstance(value, bool):
+            return self.kind is bool
+        if self.kind is float:
+            return isinstance(value, int | float)
+        return isinstance(value, self.kind)
+
+
+# The top-level settings. (A new key: one row here and one field in Config.)
+CONFIG_SCHEMA: tuple[Setting, ...] = (
+    Setting("theme", str, DEFAULT_THEME, "colour theme (Ctrl+P, theme)"),
+    Setting("model", str, "", "used when --model is not given"),
+    Setting("context_size", int, 4096, "tokens of context", low=256),
+    Setting("threads", int, 0, "0 = pick from the CPU count", low=0),
+    Setting("listen", str, "", 'where the in-app node listens; "" = port 47470, else any'),
+    Setting("mdns", bool, True, "find peers on the LAN by multicast DNS"),
+    Setting("system_prompt", str, "", "for new chats"),
+    Setting("api_key", str, "", 'bearer key the HTTP API requires (--api-key wins); "" = none'),
+)
+
+# [sampling]: defaults for new chats; each chat keeps its own copy. The one place the
+# sampling defaults live (ChatSettings, the engine's SamplingParams and `generate` take them).
+SAMPLING_SCHEMA: tuple[Setting, ...] = (
+    Setting("temperature", float, 0.7, "0 = greedy", "Temperature (0 = greedy)", low=0),
+    Setting("top_k", int, 40, "0 = off", "Top-k (0 = off)", name="top-k", low=0),
+    Setting("top_p", float, 0.95, "nucleus sampling", "Top-p", name="top-p", low=0, high=1),
+    Setting("min_p", float, 0.05, "0 = off", "Min-p", name="min-p", low=0, high=1),
+    Setting("repeat_penalty", float, 1.0, "1 = off", "Repeat penalty", "repeat penalty", above=0),
+    Setting("max_tokens", int, 512, "per answer", "Max tokens", name="max tokens", low=1),
+    Setting(
+        "seed",
+        int,
+        None,
+        "absent = a random seed per answer",
+        "Seed (empty = random)",
+        low=0,
+        optional=True,
+    ),
+)
+_SAMPLING = {s.key: s for s in SAMPLING_SCHEMA}
+_CONFIG = {s.key: s for s in CONFIG_SCHEMA}
+
+
+@dataclass(frozen=True)
 class ChatSettings:
     """How answers are sampled; stored per chat, defaults from the config."""
 
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int = 512
-    seed: int | None = None
+    temperature: float = _SAMPLING["temperature"].default
+    top_k: int = _SAMPLING["top_k"].default
+    top_p: float = _SAMPLING["top_p"].default
+    min_p: float = _SAMPLING["min_p"].default
+    repeat_penalty: float = _SAMPLING["repeat_penalty"].default
+    max_tokens: int = _SAMPLING["max_tokens"].default
+    seed: int | None = _SAMPLING["seed"].default
 
     def problems(self) -> list[str]:
         """What is wrong with these values, one message each (empty when valid)."""
-        found = []
-        if self.temperature < 0:
-            found.append(f"temperature must be >= 0 (got {self.temperature:g})")
-        if self.top_k < 0:
-            found.append(f"top-k must be >= 0 (got {self.top_k})")
-        if not 0.0 <= self.top_p <= 1.0:
-            found.append(f"top-p must lie in 0..1 (got {self.top_p:g})")
-        if not 0.0 <= self.min_p <= 1.0:
-            found.append(f"min-p must lie in 0..1 (got {self.min_p:g})")
-        if self.repeat_penalty <= 0:
-            found.append(f"repeat penalty must be > 0 (got {self.repeat_penalty:g})")
-        if self.max_tokens < 1:
-            found.append(f"max tokens must be at least 1 (got {self.max_tokens})")
-        if self.seed is not None and self.seed < 0:
-            found.append(f"seed must be >= 0 (got {self.seed})")
-        return found
+        found = (s.problem(getattr(self, s.key)) for s in SAMPLING_SCHEMA)
+        return [p for p in found if p]
 
     def to_dict(self) -> dict[str, Any]:
         """TOML/JSON form: a None seed is left out (TOML has no null)."""
@@ -89,20 +132,12 @@ class ChatSettings:
         """Settings from a table; unknown keys and mistyped values are reported, not fatal."""
         values: dict[str, Any] = {}
         problems: list[str] = []
-        types = {f.name: f.type for f in fields(cls)}
         for key, value in data.items():
-            want = types.get(key)
-            if want is None:
+            setting = _SAMPLING.get(key)
+            if setting is None:
                 problems.append(f"unknown sampling setting {key!r}")
-                continue
-            if (
-                "float" in str(want)
-                and isinstance(value, int | float)
-                and not isinstance(value, bool)
-            ):
-                values[key] = float(value)
-            elif "int" in str(want) and isinstance(value, int) and not isinstance(value, bool):
-                values[key] = value
+            elif setting.accepts(value):
+                values[key] = setting.kind(value)
             else:
                 problems.append(f"sampling setting {key!r} has the wrong type ({value!r})")
         settings = cls(**values)
@@ -114,14 +149,14 @@ class ChatSettings:
 
 @dataclass(frozen=True)
 class Config:
-    theme: str = DEFAULT_THEME
-    model: str = ""
-    context_size: int = 4096
-    threads: int = 0
-    listen: str = ""  # "" = 0.0.0.0:47470, or any free port when that one is taken
-    mdns: bool = True
-    system_prompt: str = ""
-    api_key: str = ""
+    theme: str = _CONFIG["theme"].default
+    model: str = _CONFIG["model"].default
+    context_size: int = _CONFIG["context_size"].default
+    threads: int = _CONFIG["threads"].default
+    listen: str = _CONFIG["listen"].default  # "" = 0.0.0.0:47470, or any free port
+    mdns: bool = _CONFIG["mdns"].default
+    system_prompt: str = _CONFIG["system_prompt"].default
+    api_key: str = _CONFIG["api_key"].default
     sampling: ChatSettings = field(default_factory=ChatSettings)
     keys: dict[str, str] = field(default_factory=dict)
     # Not saved: where the file lives and what was wrong with it.
@@ -134,31 +169,29 @@ class Config:
         return self.path is not None and not self.problems
 
     def to_toml(self) -> str:
-        data: dict[str, Any] = {
-            "theme": self.theme,
-            "model": self.model,
-            "context_size": self.context_size,
-            "threads": self.threads,
-            "listen": self.listen,
-            "mdns": self.mdns,
-            "system_prompt": self.system_prompt,
-            "api_key": self.api_key,
-            "sampling": self.sampling.to_dict(),
-            "keys": dict(self.keys),
-        }
+        data: dict[str, Any] = {s.key: getattr(self, s.key) for s in CONFIG_SCHEMA}
+        data["sampling"] = self.sampling.to_dict()
+        data["keys"] = dict(self.keys)
         return tomli_w.dumps(data)
 
 
-_SCALARS: dict[str, type] = {
-    "theme": str,
-    "model": str,
-    "context_size": int,
-    "threads": int,
-    "listen": str,
-    "mdns": bool,
-    "system_prompt": str,
-    "api_key": str,
-}
+def documented_toml() -> str:
+    """config.toml with every setting at its default and one comment each (for the docs)."""
+    lines = []
+
+    def line(setting: Setting) -> str:
+        if setting.default is None:
+            text = f"# {setting.key} = 42"
+        else:
+            text = tomli_w.dumps({setting.key: setting.default}).strip()
+        return f"{text:<31} # {setting.doc}" if setting.doc else text
+
+    lines += [line(s) for s in CONFIG_SCHEMA]
+    lines += ["", f"{'[sampling]':<31} # defaults for new chats; each chat keeps its own copy"]
+    lines += [line(s) for s in SAMPLING_SCHEMA]
+    lines += ["", f'{"[keys]":<31} # binding id = "key[,key...]"; F1 lists the ids']
+    lines += ['regenerate = "ctrl+r"']
+    return "\n".join(lines) + "\n"
 
 
 def config_dir() -> Path:
@@ -184,13 +217,15 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     problems: list[str] = []
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _SCALARS:
-            want = _SCALARS[key]
-            # bool is an int in Python; keep them apart so `threads = true` is caught.
-            if isinstance(value, want) and (want is bool or not isinstance(value, bool)):
-                values[key] = value
+        if key in _CONFIG:
+            setting = _CONFIG[key]
+            # bool is an int in Python; kept apart so `threads = true` is caught.
+            if not setting.accepts(value):
+                problems.append(f"config{where}: {key!r} should be a {setting.kind.__name__}")
+            elif out_of_range := setting.problem(value):
+                problems.append(f"config{where}: {out_of_range}")
             else:
-                problems.append(f"config{where}: {key!r} should be a {want.__name__}")
+                values[key] = value
         elif key == "sampling" and isinstance(value, dict):
             settings, bad = ChatSettings.from_dict(value)
             values["sampling"] = settings
@@ -205,12 +240,6 @@ def parse_config(text: str, path: Path | None = None) -> Config:
             values["keys"] = keys
         else:
             problems.append(f"config{where}: unknown setting {key!r}")
-    if values.get("context_size", 4096) < 256:
-        problems.append(f"config{where}: context_size must be at least 256")
-        values.pop("context_size")
-    if values.get("threads", 0) < 0:
-        problems.append(f"config{where}: threads must be >= 0")
-        values.pop("threads")
     return Config(**values, path=path, problems=tuple(problems))
 
 

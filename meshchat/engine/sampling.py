@@ -8,6 +8,7 @@ from typing import Protocol
 
 import llama_cpp
 
+from meshchat.config import ChatSettings
 from meshchat.errors import UsageError
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per chain
@@ -31,13 +32,16 @@ class SamplingSettings(Protocol):
     def seed(self) -> int | None: ...
 
 
+_DEFAULTS = ChatSettings()  # the sampling defaults are declared once, in config.py
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = _DEFAULTS.temperature
+    top_k: int = _DEFAULTS.top_k
+    top_p: float = _DEFAULTS.top_p
+    min_p: float = _DEFAULTS.min_p
+    repeat_penalty: float = _DEFAULTS.repeat_penalty
     repeat_last_n: int = 64
     seed: int | None = None
 

@@ -13,18 +13,12 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
-from meshchat.config import ChatSettings
+from meshchat.config import SAMPLING_SCHEMA, ChatSettings
 from meshchat.tui.screens.dialogs import DIALOG_CSS
 
-FIELDS: list[tuple[str, str, type]] = [
-    ("temperature", "Temperature (0 = greedy)", float),
-    ("top_p", "Top-p", float),
-    ("top_k", "Top-k (0 = off)", int),
-    ("min_p", "Min-p", float),
-    ("repeat_penalty", "Repeat penalty", float),
-    ("max_tokens", "Max tokens", int),
-    ("seed", "Seed (empty = random)", int),
-]
+# The form's fields, in the schema's order, as config.py declares them.
+FIELDS: list[tuple[str, str, type]] = [(s.key, s.label, s.kind) for s in SAMPLING_SCHEMA]
+_OPTIONAL = {s.key for s in SAMPLING_SCHEMA if s.optional}
 
 
 @dataclass(frozen=True)
@@ -39,7 +33,7 @@ def parse_settings(values: dict[str, str]) -> tuple[ChatSettings | None, list[st
     problems = []
     for key, label, kind in FIELDS:
         text = values.get(key, "").strip()
-        if key == "seed" and not text:
+        if key in _OPTIONAL and not text:
             parsed[key] = None
             continue
         try:
