@@ -23,7 +23,7 @@ from meshchat.config import ChatSettings, Config
 from meshchat.tui.app import MeshchatApp
 from meshchat.tui.history import History, StoredMessage
 from meshchat.tui.keys import key_help, keys_for, markdown_table
-from meshchat.tui.screens.chat_settings import ChatSettingsScreen
+from meshchat.tui.screens.chat_settings import FIELDS, ChatSettingsScreen
 from meshchat.tui.screens.dialogs import AskText, ShowInvite
 from meshchat.tui.screens.help import HelpScreen, keys_tables
 from meshchat.tui.theming import BUILTIN_DIR
@@ -79,7 +79,8 @@ async def test_point1_settings_dialog_shows_buttons_and_tab_walks_fields(
             assert _on_screen(app, button), button
         assert _on_screen(app, screen.query_one("#error"))
         assert app.focused is screen.query_one("#system")
-        order = ["temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"]
+        order = [key for key, _, _ in FIELDS]  # the schema's order, row by row
+        assert order[0] == "temperature" and order[-1] == "seed"
         for field in order:
             await pilot.press("tab")
             assert app.focused is not None and app.focused.id == field
