@@ -356,3 +356,25 @@ def test_builtin_themes_ship_in_the_package(tmp_path: Path) -> None:
     shipped = sorted(p.name for p in (tmp_path / "out" / "meshchat" / "themes").glob("*.toml"))
     assert shipped == sorted(p.name for p in BUILTIN_DIR.glob("*.toml"))
     assert len(shipped) == 3 and root / "themes" == BUILTIN_DIR  # a checkout reads the folder
+
+
+async def test_ctrl_up_recalls_earlier_prompts(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    async with app.run_test(size=SMALL) as pilot:
+        await ready(pilot)
+        for text in ("first question", "second question"):
+            app.prompt.text = text
+            await pilot.press("enter")  # no model: refused, but the prompt is remembered
+        app.prompt.text = "half-typed"
+        seen = []
+        for key in ("ctrl+up", "ctrl+up", "ctrl+up", "ctrl+down", "ctrl+down"):
+            await pilot.press(key)
+            seen.append(app.prompt.text)
+        assert seen == [
+            "second question",
+            "first question",
+            "first question",  # the oldest stays
+            "second question",
+            "half-typed",  # past the newest: what was being typed comes back
+        ]
+        assert app.prompt.has_focus

@@ -27,7 +27,12 @@ class PromptInput(TextArea):
         Binding(
             "pagedown", "scroll_chat(1)", "Scroll the chat down", id="chat.page_down", show=False
         ),
+        # Not plain ↑: from an empty box it goes to the chat log (pick a message to copy/edit).
+        Binding("ctrl+up", "recall(-1)", "Earlier prompt", id="prompt.recall_prev", show=False),
+        Binding("ctrl+down", "recall(1)", "Later prompt", id="prompt.recall_next", show=False),
     ]
+
+    RECALL_LIMIT = 100  # prompts kept for Ctrl+↑ (this session's, oldest dropped first)
 
     DEFAULT_CSS = """
     PromptInput {
@@ -68,6 +73,9 @@ class PromptInput(TextArea):
         self._send_name = _key_name(send_keys)
         self._newline_name = _key_name(newline_keys)
         self._notes = ""  # what is special about this chat's setup, shown in the border title
+        self._sent: list[str] = []  # earlier prompts, oldest first (Ctrl+↑ recalls them)
+        self._recall: int | None = None  # index into _sent while recalling
+        self._unsent = ""  # what the box held before recalling began
         super().__init__(
             "",
             id=id,
@@ -98,7 +106,29 @@ class PromptInput(TextArea):
     def action_submit(self) -> None:
         text = self.text.strip()
         if text:
+            self.remember(self.text)
             self.post_message(self.Submitted(self.text))
+
+    def remember(self, text: str) -> None:
+        """Keep a sent prompt for recall (not twice in a row)."""
+        self._recall = None
+        if not self._sent or self._sent[-1] != text:
+            self._sent = [*self._sent, text][-self.RECALL_LIMIT :]
+
+    def action_recall(self, step: int) -> None:
+        """Ctrl+↑ an earlier prompt, Ctrl+↓ a later one, past the newest what was typed."""
+        if not self._sent:
+            return
+        if self._recall is None:
+            if step > 0:
+                return
+            self._unsent, self._recall = self.text, len(self._sent)
+        index = self._recall + step
+        if index < 0:
+            return
+        self._recall = index if index < len(self._sent) else None
+        self.text = self._sent[index] if self._recall is not None else self._unsent
+        self.move_cursor(self.document.end)
 
     def action_scroll_chat(self, pages: int) -> None:
         self.post_message(self.ScrollChat(pages))
