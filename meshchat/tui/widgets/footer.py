@@ -9,7 +9,7 @@ from __future__ import annotations
 from rich.cells import cell_len
 from textual import events
 from textual.widgets import Footer
-from textual.widgets._footer import FooterKey
+from textual.widgets._footer import FooterKey  # not exported; textual is pinned below 9
 
 
 def key_width(key: FooterKey) -> int:
