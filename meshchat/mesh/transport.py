@@ -55,7 +55,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -196,7 +196,10 @@ class Connection(QuicConnectionProtocol):
         self._drained = asyncio.Event()
         self._terminated = False
         self.close_reason = ""
+        # loop.time() and time.perf_counter() are both CLOCK_MONOTONIC here (hop_timing).
         self.opened_at = self.last_heard = self._loop.time()
+        self.last_framed = 0.0  # when the last frame's bytes were built (hop_timing)
+        self.last_sent = 0.0  # when the last datagram went to the kernel (hop_timing)
         self.closed = self._loop.create_future()
         # Set by the node once authenticated.
         self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
@@ -480,6 +483,7 @@ class Connection(QuicConnectionProtocol):
         chunk = self.tuning.chunk
         # Join the parts first: a frame's header and data then leave in one packet, not two.
         data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+        self.last_framed = time.perf_counter()
         pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [memoryview(b"")]
         for i, piece in enumerate(pieces):
             if self._terminated:
@@ -544,6 +548,22 @@ def parse_addr(text: str) -> Address:
     if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or int(port) > 65535:
         raise MeshchatError(f"not an address (HOST:PORT): {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Stamped:
+    """The endpoint's socket as one connection sees it: notes when it last sent (hop_timing)."""
+
+    __slots__ = ("_conn", "_endpoint")
+
+    def __init__(self, endpoint: Endpoint, conn: Connection) -> None:
+        self._endpoint = endpoint
+        self._conn = conn
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        transport = self._endpoint._transport
+        if transport is not None:
+            self._conn.last_sent = time.perf_counter()
+            transport.sendto(data, addr)
 
 
 class RetryTokens:
@@ -664,8 +684,7 @@ class Endpoint(asyncio.DatagramProtocol):
         conn._connection_id_retired_handler = lambda cid: self._retire(conn, cid)
         # ConnectionTerminated also reaches quic_event_received, with the reason.
         conn._connection_terminated_handler = lambda: None
-        assert self._transport is not None
-        conn.connection_made(self._transport)
+        conn.connection_made(cast(asyncio.DatagramTransport, _Stamped(self, conn)))
         for cid in cids:
             self._by_cid[cid] = conn
         self._conns.add(conn)
