@@ -6,8 +6,8 @@ token when that process is done with it (while it waits for the next one), and
 `per_hop_summary(load(DIR))` joins them. All processes must share one clock: this is for
 nodes on one machine (loopback), where CLOCK_MONOTONIC (`time.perf_counter`) is system-wide.
 
-A decode token visits the head (order 0), then each remote stage (order = its first layer),
-then the head again (order END). Marks, in path order:
+A decode token visits the head (order 0), then each remote stage (order = `stage_order` of its
+first layer), then the head again (order END). Marks, in path order:
   START     head: `forward` of the step begins
   RECEIVED  the datagram that completed the frame reached Python (transport)
   ARRIVED   aioquic decrypted it and the frame decoded into a message (its arrival handler)
@@ -62,7 +62,7 @@ class Mark(enum.IntEnum):
 class Event:
     session: int
     position: int
-    order: int  # which visit of the token: 0 head, first layer of a stage, END head again
+    order: int  # which visit of the token: 0 head, stage_order(first layer), END head again
     mark: Mark
     t: float  # seconds, time.perf_counter()
 
@@ -109,6 +109,11 @@ class Recorder:
 
 
 RECORDER: Recorder | None = None
+
+
+def stage_order(first_layer: int) -> int:
+    """A remote stage's visit order: after the head's (0) even when it starts at layer 0."""
+    return first_layer + 1
 
 
 def _conn(node: Node, peer: NodeId) -> Connection | None:

@@ -400,7 +400,9 @@ class MeshPipeline:
         try:
             try:
                 for i, chunk in enumerate(chunks):
-                    await self._send_step(s, position, chunk, want=i == len(chunks) - 1)
+                    await self._send_step(
+                        s, position, chunk, want=i == len(chunks) - 1, traced=decode
+                    )
                     position += len(chunk)
                 n_tokens = sum(len(c) for c in chunks)
                 token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * n_tokens)
@@ -430,9 +432,12 @@ class MeshPipeline:
         assert out.token is not None
         return out.token, int((time.perf_counter() - started) * 1e6)
 
-    async def _send_step(self, s: _Session, position: int, chunk: list[int], want: bool) -> None:
-        """Run `chunk` on the head's stage (if any) and send it down the chain."""
-        rec = hop_timing.RECORDER if len(chunk) == 1 else None
+    async def _send_step(
+        self, s: _Session, position: int, chunk: list[int], want: bool, traced: bool = False
+    ) -> None:
+        """Run `chunk` on the head's stage (if any) and send it down the chain; `traced`: mark
+        this decode step's path (hop_timing)."""
+        rec = hop_timing.RECORDER if traced else None
         if self._local is None:
             if rec is not None:  # no compute here: mark it empty, for the split
                 rec.mark(s.wire_id, position, 0, hop_timing.Mark.COMPUTE)

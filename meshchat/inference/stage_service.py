@@ -317,12 +317,12 @@ class StageService:
     # -- work ----------------------------------------------------------------------------------
 
     def _on_activations(self, peer: NodeId, msg: wire.Activations) -> None:
-        if (rec := hop_timing.RECORDER) is not None and len(msg.tokens) == 1:
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
             rec.arrived(self.node, peer, msg.session, msg.position, self._order())
         self._admit(peer, _StepJob(peer, msg), msg.session, len(msg.data))
 
     def _order(self) -> int:
-        return self._assignment.first if self._assignment else -1
+        return hop_timing.stage_order(self._assignment.first) if self._assignment else -1
 
     def _on_session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
         self._admit(peer, _OpJob(peer, msg), msg.session, 0)
@@ -425,7 +425,7 @@ class StageService:
         return a, session
 
     async def _forward(self, peer: NodeId, msg: wire.Activations) -> None:
-        if (rec := hop_timing.RECORDER) is not None and len(msg.tokens) == 1:
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
             rec.mark(msg.session, msg.position, self._order(), hop_timing.Mark.DEQUEUED)
         a, session = self._route(peer, msg.session)
         if msg.epoch <= session.cancelled:
@@ -467,8 +467,8 @@ class StageService:
             to = session.head
         else:
             return
-        if (rec := hop_timing.RECORDER) is not None and len(msg.tokens) == 1:
-            rec.sent(self.node, to, msg.session, msg.position, a.first)
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            rec.sent(self.node, to, msg.session, msg.position, hop_timing.stage_order(a.first))
 
     @staticmethod
     def _compute(stage: Stage, local_id: str, msg: wire.Activations) -> tuple[StageOutput, int]:
@@ -481,10 +481,10 @@ class StageService:
         started = time.perf_counter()
         output = stage.forward(local_id, msg.position, list(msg.tokens), hidden, msg.want_token)
         ended = time.perf_counter()
-        if (rec := hop_timing.RECORDER) is not None and len(msg.tokens) == 1:
-            first = stage.layers.first
-            rec.mark(msg.session, msg.position, first, hop_timing.Mark.COMPUTE, started)
-            rec.mark(msg.session, msg.position, first, hop_timing.Mark.COMPUTED, ended)
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            order = hop_timing.stage_order(stage.layers.first)
+            rec.mark(msg.session, msg.position, order, hop_timing.Mark.COMPUTE, started)
+            rec.mark(msg.session, msg.position, order, hop_timing.Mark.COMPUTED, ended)
         return output, int((ended - started) * 1e6)
 
     async def _session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
@@ -591,6 +591,11 @@ class StageService:
         for target in targets:
             with contextlib.suppress(ConnectionLost):
                 await self.node.send(target, fault)
+
+
+def _traced(msg: wire.Activations) -> bool:
+    """A decode step (hop_timing): one token, sampled at the end (a replay wants none)."""
+    return msg.want_token and len(msg.tokens) == 1
 
 
 def _count_down(counts: dict[NodeId, int], key: NodeId, by: int) -> None:
