@@ -1,8 +1,8 @@
 """Where a mesh hop's time goes: timestamps on the real activation path of decode steps.
 
 Off unless enabled (`enable(dir)`, or MESHCHAT_HOP_TRACE=DIR in a worker's environment): then
-every process of the mesh appends one line per mark to DIR/hops-PID.txt, written once per
-token when that process is done with it (while it waits for the next one), and
+every process of the mesh appends one line per mark to DIR/hops-PID.txt, written right after
+it sends a step on (while the next stage computes, off the token's path), and
 `per_hop_summary(load(DIR))` joins them. All processes must share one clock: this is for
 nodes on one machine (loopback), where CLOCK_MONOTONIC (`time.perf_counter`) is system-wide.
 
@@ -44,6 +44,7 @@ from meshchat.mesh.transport import Connection
 ENV = "MESHCHAT_HOP_TRACE"
 END = 1 << 30  # the order of the head's second visit (the returning token)
 MAX_MARKS = 64  # marks one process holds for one token before it writes them
+MAX_LINES = 1_000_000  # marks one process writes in all (about 40 MB): peers drive the count
 
 
 class Mark(enum.IntEnum):
@@ -75,9 +76,10 @@ class Recorder:
         self.path = directory / f"hops-{os.getpid()}.txt"
         self._file: TextIO = self.path.open("a", encoding="ascii")
         self._lines: list[str] = []
+        self._written = 0
 
     def mark(self, session: int, position: int, order: int, mark: Mark, t: float = 0.0) -> None:
-        if len(self._lines) < MAX_MARKS:
+        if len(self._lines) < MAX_MARKS and self._written < MAX_LINES:
             at = t or time.perf_counter()
             self._lines.append(f"{session} {position} {order} {int(mark)} {at!r}\n")
 
@@ -101,6 +103,7 @@ class Recorder:
         if self._lines:
             self._file.write("".join(self._lines))
             self._file.flush()
+            self._written += len(self._lines)
             self._lines.clear()
 
     def close(self) -> None:
@@ -137,6 +140,8 @@ def enable_from_env() -> None:
 
 def load(directory: Path) -> list[Event]:
     """Every mark every process wrote into `directory`; torn or foreign lines are skipped."""
+    if RECORDER is not None:
+        RECORDER.flush()  # this process's own marks since its last send
     events = []
     for path in sorted(directory.glob("hops-*.txt")):
         for line in path.read_text(encoding="ascii", errors="replace").splitlines():

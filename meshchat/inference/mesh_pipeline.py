@@ -414,7 +414,6 @@ class MeshPipeline:
         wall = time.perf_counter() - started
         if (rec := hop_timing.RECORDER) is not None and decode:
             rec.mark(s.wire_id, last_position, hop_timing.END, hop_timing.Mark.END)
-            rec.flush()
         self.last_step = StepTiming(wall, [us / 1e6 for us in trace])
         self.totals.add(self.last_step)
         if decode:
