@@ -207,6 +207,7 @@ class Connection(QuicConnectionProtocol):
         self.on_ping: Callable[[Connection, wire.Message], None] = lambda c, m: None
         self._ack_first = 0.0  # when the first packet awaiting our ACK arrived
         self._ack_bytes = 0  # and how many bytes came since
+        self._delivered = False  # the datagram being processed completed a message
 
     # --- lifecycle
 
@@ -259,11 +260,16 @@ class Connection(QuicConnectionProtocol):
         was_pending = self._ack_pending()
         self._quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self._ack_policy(now, len(data), was_pending)
+        self._delivered = False
         self._process_events()
-        # Not at once: the work this datagram woke (a stage's step, the head's token) runs
-        # first, and its own send carries any ACK due; what is left goes right after it.
-        # A hop's critical path so loses aioquic's packet-building pass (about 40 µs).
-        self._transmit_soon()
+        if self._delivered:
+            # Not at once: the work this message woke (a stage's step, the head's token) runs
+            # first, and its own send carries any ACK due; what is left goes right after it.
+            # A hop's critical path so loses one aioquic packet-building pass (measured: a
+            # hop's critical-path CPU 0.28 → 0.24 ms with the Token fast path, wire.py).
+            self._transmit_soon()
+        else:  # inside a transfer, or an ACK that may let us send more: as aioquic does
+            self.transmit()
         self._drained.set()
         if not self._terminated and self._quic._state in END_STATES:
             # The peer closed: aioquic reports that only after its draining period (3 PTO);
@@ -377,6 +383,7 @@ class Connection(QuicConnectionProtocol):
     def _dispatch(self, sid: int, msg: wire.Message) -> None:
         if self._terminated:
             return
+        self._delivered = True
         if sid == CONTROL_STREAM:
             if self.authenticated:
                 try:
