@@ -306,6 +306,11 @@ def format_table(report: dict[str, object]) -> str:
     for key in ("hop_latency_ms_p50", "hop_latency_ms_p99", "wire_bytes_per_token", *mesh_keys):
         if key in report:
             lines.append(f"{key:<28} {report[key]}")
+    per_hop = report.get("per_hop")
+    if isinstance(per_hop, dict):  # hop_timing.per_hop_summary
+        for route, figures in per_hop.items():
+            parts = " ".join(f"{k.removesuffix('_ms')} {v}" for k, v in figures.items())
+            lines.append(f"{'per_hop ' + route:<28} {parts} (ms)")
     lines.append(f"{'memory_bandwidth_gbs':<28} {report['memory_bandwidth_gbs']}")
     lines.append(f"{'decode_bound_tok_s':<28} {report['decode_bound_tok_s']}")
     engine = report.get("engine")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Loopback benchmark of the mesh transport: bulk tensor MB/s and request RTT p50/p99.
+"""Loopback benchmark of the mesh transport: bulk tensor MB/s, request RTT and hop p50/p99.
 
 Two real nodes, each in its own process (as on two machines), paired by invite over 127.0.0.1.
 Each transport setting is measured `--repeats` times, settings interleaved; medians are printed.
@@ -56,8 +56,19 @@ async def serve(setting: str, root: str) -> None:
     node.on(wire.Tensor, on_tensor)
     node.on(wire.Token, on_token)
     node.on(wire.Ack, lambda peer, msg: wire.Ack(True, msg.body))  # an echo
+    # Activations → Token, as a last stage does: queued on arrival, answered by a worker task.
+    steps: asyncio.Queue[tuple[object, wire.Activations]] = asyncio.Queue()
+    node.on_arrival(wire.Activations, lambda peer, msg: steps.put_nowait((peer, msg)))
+
+    async def stage() -> None:
+        while True:
+            peer, msg = await steps.get()
+            await node.send(peer, wire.Token(msg.session, msg.position, 0, [0]))  # type: ignore[arg-type]
+
+    worker = asyncio.ensure_future(stage())
     print(node.create_invite(), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until parent ends
+    worker.cancel()
     await node.stop()
 
 
@@ -105,17 +116,39 @@ async def _run(node: Node, code: str, mb: int, rtt_n: int) -> dict[str, float]:
         await node.request(server, wire.Ack(True, body))
         samples.append((time.perf_counter() - t0) * 1000)
     samples.sort()
+    hops = sorted(await _activation_hops(node, server, rtt_n))
     return {
         "mb_per_s": count * len(payload) / elapsed / 1e6,
         "rtt_p50_ms": statistics.median(samples),
         "rtt_p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        "hop_p50_ms": statistics.median(hops),
+        "hop_p99_ms": hops[min(len(hops) - 1, int(len(hops) * 0.99))],
     }
 
 
+async def _activation_hops(node: Node, server: object, n: int) -> list[float]:
+    """One decode step's activations out (576 f32), a Token back, no compute: half the round
+    trip is one hop's overhead on the path `MeshPipeline` and `StageService` use."""
+    tokens: asyncio.Queue[wire.Token] = asyncio.Queue()
+    node.on_arrival(wire.Token, lambda peer, msg: tokens.put_nowait(msg))
+    data = os.urandom(WIDTH * 4)
+    samples = []
+    for i in range(n + 10):
+        msg = wire.Activations(1, i, 0, (i,), wire.DType.F32, WIDTH, data, True, (0,))
+        t0 = time.perf_counter()
+        await node.send(server, msg)  # type: ignore[arg-type]
+        await tokens.get()
+        if i >= 10:  # warm-up
+            samples.append((time.perf_counter() - t0) * 1000 / 2)
+        await asyncio.sleep(0.005)  # a stage computing between steps: the loop goes idle
+    return samples
+
+
 async def main(args: argparse.Namespace) -> None:
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in SETTINGS}
+    chosen = args.settings.split(",") if args.settings else list(SETTINGS)
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in chosen}
     for _ in range(args.repeats):
-        for setting in SETTINGS:  # interleaved: machine noise hits every setting alike
+        for setting in chosen:  # interleaved: machine noise hits every setting alike
             runs[setting].append(await measure(setting, args.mb, args.rtt))
     result = {
         s: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
@@ -125,9 +158,11 @@ async def main(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     print(f"loopback, {args.mb} MB of {ROWS}x{WIDTH} f32 tensors, medians of {args.repeats} runs")
-    print(f"{'setting':<10} {'MB/s':>8} {'RTT p50 ms':>11} {'RTT p99 ms':>11}")
+    print(f"{'setting':<10} {'MB/s':>8} {'RTT p50 ms':>11} {'RTT p99 ms':>11}"
+          f" {'hop p50 ms':>11} {'hop p99 ms':>11}")  # fmt: skip
     for s, r in result.items():
-        print(f"{s:<10} {r['mb_per_s']:>8.1f} {r['rtt_p50_ms']:>11.3f} {r['rtt_p99_ms']:>11.3f}")
+        print(f"{s:<10} {r['mb_per_s']:>8.1f} {r['rtt_p50_ms']:>11.3f} {r['rtt_p99_ms']:>11.3f}"
+              f" {r['hop_p50_ms']:>11.3f} {r['hop_p99_ms']:>11.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -136,6 +171,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rtt", type=int, default=300, help="round trips per run")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--settings", help=f"comma-separated, of {','.join(SETTINGS)}")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     ns = parser.parse_args()

@@ -34,6 +34,11 @@ def test_bench_json(smollm2: Path, tmp_path: Path) -> None:
         assert 0 < report["ratios"][ratio] < 10
     assert report["splits"]["mesh3"] == [[0, 10], [10, 20], [20, 30]]
     assert 0 < report["hop_latency_ms_p50"] <= report["hop_latency_ms_p99"]
+    # mesh2's decode tokens make 2 hops, mesh3's 3; the parts are medians of >= 0 spans.
+    assert set(report["per_hop"]) == {"2 hops", "3 hops"}
+    for route in report["per_hop"].values():
+        assert route["tokens"] > 0 and 0 < route["p50_ms"] <= route["p99_ms"]
+        assert min(route[f"{part}_ms"] for part in ("encode", "send", "wire", "receive")) >= 0
     assert report["wire_bytes_per_token"] > 4 * 576  # one float32 hidden vector, plus framing
     assert report["memory_bandwidth_gbs"] > 0
     assert report["decode_bound_tok_s"] > report["rows"]["solo"]["decode_tok_s"]

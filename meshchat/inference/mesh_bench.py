@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.errors import MeshchatError
+from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import calibration
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
@@ -71,6 +72,7 @@ class MeshRows:
         self.splits: dict[str, list[tuple[int, int]]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="meshchat-bench-")
         self.root = Path(self._tmp.name)
+        self.hops = self.root / "hops"  # every node's decode-step marks (hop_timing)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -103,7 +105,8 @@ class MeshRows:
         self._call(self._setup(invite), _START_TIMEOUT_S)
 
     def _start_workers(self) -> str:
-        env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads)}
+        env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads),
+               hop_timing.ENV: str(self.hops)}  # fmt: skip
         invite = ""
         for i in range(self.n_workers):
             invite_file = self.root / f"w{i}.invite"
@@ -128,6 +131,7 @@ class MeshRows:
 
     async def _setup(self, invite: str) -> None:
         compute.adopt_loop()  # the heads' stages compute on this loop, as in generate --join
+        hop_timing.enable(self.hops)
         data = self.data
         model = self._model
         workers: list[NodeId] = []
@@ -191,7 +195,7 @@ class MeshRows:
             await pipeline.close_session(session)
         return first - started, first - started, done - first
 
-    def report(self) -> dict[str, float]:
+    def report(self) -> dict[str, Any]:
         hops = sorted(
             itertools.chain.from_iterable(p.hop_samples for p in self._pipelines.values())
         )
@@ -210,6 +214,8 @@ class MeshRows:
             "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
             "hop_latency_ms_p99": round(p99 * 1000, 3),
             "wire_bytes_per_token": round(self._decode_bytes / max(self._decode_frames, 1), 1),
+            # mesh2's decode tokens make 2 hops, mesh3's 3: one entry each.
+            "per_hop": hop_timing.per_hop_summary(hop_timing.load(self.hops)),
         }
 
     # -- teardown ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import ContextOverflowError, Stage, StageError, StageOptions
 from meshchat.errors import MeshchatError
+from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import plan_profile
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import Plan, PlanError
@@ -181,6 +182,7 @@ class MeshPipeline:
         self.wire_bytes = 0  # activation frame bytes the head sent (one hop)
         self.wire_tokens = 0
         self.failovers = 0
+        hop_timing.enable_from_env()
         node.on_arrival(wire.Token, self._on_token)
         node.on_arrival(wire.SessionDone, self._on_done)
         node.on_arrival(wire.StageFault, self._on_fault)
@@ -391,11 +393,16 @@ class MeshPipeline:
             return token
         last_position = position + sum(len(c) for c in chunks[:-1])
         key = (s.wire_id, last_position)
+        decode = len(chunks) == 1 and len(chunks[0]) == 1
+        if (rec := hop_timing.RECORDER) is not None and decode:
+            rec.mark(s.wire_id, position, 0, hop_timing.Mark.START, started)
         fut = self._tokens[key] = asyncio.get_running_loop().create_future()
         try:
             try:
                 for i, chunk in enumerate(chunks):
-                    await self._send_step(s, position, chunk, want=i == len(chunks) - 1)
+                    await self._send_step(
+                        s, position, chunk, want=i == len(chunks) - 1, traced=decode
+                    )
                     position += len(chunk)
                 n_tokens = sum(len(c) for c in chunks)
                 token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * n_tokens)
@@ -405,9 +412,11 @@ class MeshPipeline:
         finally:
             self._tokens.pop(key, None)
         wall = time.perf_counter() - started
+        if (rec := hop_timing.RECORDER) is not None and decode:
+            rec.mark(s.wire_id, last_position, hop_timing.END, hop_timing.Mark.END)
         self.last_step = StepTiming(wall, [us / 1e6 for us in trace])
         self.totals.add(self.last_step)
-        if len(chunks) == 1 and len(chunks[0]) == 1:
+        if decode:
             # Decode: one hop per remote stage, and one back to the head.
             self.hop_samples.append(self.last_step.network_s / (len(self._remote) + 1))
         return int(token)
@@ -422,14 +431,25 @@ class MeshPipeline:
         assert out.token is not None
         return out.token, int((time.perf_counter() - started) * 1e6)
 
-    async def _send_step(self, s: _Session, position: int, chunk: list[int], want: bool) -> None:
-        """Run `chunk` on the head's stage (if any) and send it down the chain."""
+    async def _send_step(
+        self, s: _Session, position: int, chunk: list[int], want: bool, traced: bool = False
+    ) -> None:
+        """Run `chunk` on the head's stage (if any) and send it down the chain; `traced`: mark
+        this decode step's path (hop_timing)."""
+        rec = hop_timing.RECORDER if traced else None
         if self._local is None:
+            if rec is not None:  # no compute here: mark it empty, for the split
+                rec.mark(s.wire_id, position, 0, hop_timing.Mark.COMPUTE)
+                rec.mark(s.wire_id, position, 0, hop_timing.Mark.COMPUTED)
             msg = wire.Activations(s.wire_id, position, s.seq, tuple(chunk), want_token=want)
         else:
             hidden, micros = await self._compute(
                 len(chunk), self._compute_local, s.local_id, position, chunk
             )
+            if rec is not None:
+                computed = time.perf_counter()
+                rec.mark(s.wire_id, position, 0, hop_timing.Mark.COMPUTE, computed - micros / 1e6)
+                rec.mark(s.wire_id, position, 0, hop_timing.Mark.COMPUTED, computed)
             msg = wire.Activations(
                 s.wire_id, position, s.seq, tuple(chunk), self.dtype, hidden.shape[1],
                 _raw(hidden), want, (micros,),
@@ -439,6 +459,8 @@ class MeshPipeline:
             )
             self.wire_tokens += len(chunk)
         await self._send(self._remote[0], msg)
+        if rec is not None:
+            rec.sent(self.node, self._remote[0], s.wire_id, position, 0)
 
     def _compute_local(self, local_id: str, position: int, chunk: list[int]) -> tuple[Any, int]:
         assert self._local is not None
@@ -500,6 +522,8 @@ class MeshPipeline:
         if not self._remote or peer != self._remote[-1]:
             return  # only the plan's last stage samples for us
         fut = self._tokens.get((msg.session, msg.position))
+        if (rec := hop_timing.RECORDER) is not None and fut is not None:
+            rec.arrived(self.node, peer, msg.session, msg.position, hop_timing.END)
         if fut is not None and not fut.done():
             fut.set_result((msg.token, msg.trace))
 

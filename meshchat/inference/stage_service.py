@@ -31,6 +31,7 @@ import numpy as np
 from meshchat.engine import compute
 from meshchat.engine.stage import ContextOverflowError, Stage, StageOptions, StageOutput
 from meshchat.errors import MeshchatError
+from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import (
     Calibration,
     calibration,
@@ -159,6 +160,7 @@ class StageService:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        hop_timing.enable_from_env()
         node = self.node
         node.on(wire.CapsQuery, self._on_caps)
         node.on(wire.Plan, self._on_plan)
@@ -315,7 +317,12 @@ class StageService:
     # -- work ----------------------------------------------------------------------------------
 
     def _on_activations(self, peer: NodeId, msg: wire.Activations) -> None:
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            rec.arrived(self.node, peer, msg.session, msg.position, self._order())
         self._admit(peer, _StepJob(peer, msg), msg.session, len(msg.data))
+
+    def _order(self) -> int:
+        return hop_timing.stage_order(self._assignment.first) if self._assignment else -1
 
     def _on_session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
         self._admit(peer, _OpJob(peer, msg), msg.session, 0)
@@ -418,6 +425,8 @@ class StageService:
         return a, session
 
     async def _forward(self, peer: NodeId, msg: wire.Activations) -> None:
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            rec.mark(msg.session, msg.position, self._order(), hop_timing.Mark.DEQUEUED)
         a, session = self._route(peer, msg.session)
         if msg.epoch <= session.cancelled:
             return  # the head cancelled this work
@@ -450,10 +459,16 @@ class StageService:
                 memoryview(hidden).cast("B"), msg.want_token, trace,
             )  # fmt: skip
             await self._send(a.next, out, msg.session, session.head)
+            to = a.next
         elif msg.want_token:
             assert output.token is not None
             token = wire.Token(msg.session, msg.position, output.token, list(trace))
             await self._send(session.head, token, msg.session, session.head)
+            to = session.head
+        else:
+            return
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            rec.sent(self.node, to, msg.session, msg.position, hop_timing.stage_order(a.first))
 
     @staticmethod
     def _compute(stage: Stage, local_id: str, msg: wire.Activations) -> tuple[StageOutput, int]:
@@ -465,7 +480,12 @@ class StageService:
                 hidden = hidden.astype(np.float32)
         started = time.perf_counter()
         output = stage.forward(local_id, msg.position, list(msg.tokens), hidden, msg.want_token)
-        return output, int((time.perf_counter() - started) * 1e6)
+        ended = time.perf_counter()
+        if (rec := hop_timing.RECORDER) is not None and _traced(msg):
+            order = hop_timing.stage_order(stage.layers.first)
+            rec.mark(msg.session, msg.position, order, hop_timing.Mark.COMPUTE, started)
+            rec.mark(msg.session, msg.position, order, hop_timing.Mark.COMPUTED, ended)
+        return output, int((ended - started) * 1e6)
 
     async def _session_op(self, peer: NodeId, msg: wire.SessionOp) -> None:
         if msg.op is wire.SessionOpKind.OPEN:
@@ -571,6 +591,11 @@ class StageService:
         for target in targets:
             with contextlib.suppress(ConnectionLost):
                 await self.node.send(target, fault)
+
+
+def _traced(msg: wire.Activations) -> bool:
+    """A decode step (hop_timing): one token, sampled at the end (a replay wants none)."""
+    return msg.want_token and len(msg.tokens) == 1
 
 
 def _count_down(counts: dict[NodeId, int], key: NodeId, by: int) -> None:

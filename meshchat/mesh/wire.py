@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import json
 import math
+import re
 import struct
 import types
 import typing
@@ -807,11 +808,46 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     return _check_typed(value, hint, name)
 
 
+# A decode step's Token, as encode_body writes it: read without the generic JSON path (which
+# costs ~35 µs, on every token's last hop). Anything else takes the generic path, which reads
+# these bytes the same way (non-negative ints, < MAX_JSON_INT, no leading zeros).
+_INT = rb"(?:0|[1-9][0-9]{0,19})"
+_TOKEN_JSON = re.compile(
+    rb'{"session":(%s),"position":(%s),"token":(%s),"trace":\[((?:%s,){0,%d}%s)?\]}'
+    % (_INT, _INT, _INT, _INT, MAX_TRACE - 1, _INT)
+)
+
+
+def _encode_token(msg: Token) -> bytes | None:
+    """encode_body's bytes for a Token of plain ints (about 15 µs less), else None."""
+    ints = (msg.session, msg.position, msg.token, *msg.trace)
+    if not all(type(v) is int for v in ints):
+        return None
+    trace = ",".join(map(str, msg.trace))
+    return (
+        f'{{"session":{msg.session},"position":{msg.position},"token":{msg.token},'
+        f'"trace":[{trace}]}}'
+    ).encode()
+
+
+def _decode_token(body: bytes | memoryview) -> Token | None:
+    match = _TOKEN_JSON.fullmatch(bytes(body))
+    if match is None:
+        return None
+    session, position, token = (int(g) for g in match.group(1, 2, 3))
+    trace = [int(v) for v in match.group(4).split(b",")] if match.group(4) else []
+    if max(session, position, token, *trace) >= MAX_JSON_INT:
+        return None  # the generic path says why
+    return Token(session, position, token, trace)
+
+
 def encode_body(msg: Message) -> bytes:
     if isinstance(msg, Tensor):
         return encode_tensor_header(msg) + bytes(msg.data)
     if isinstance(msg, Activations):
         return encode_activations_head(msg) + bytes(msg.data)
+    if type(msg) is Token and (fast := _encode_token(msg)) is not None:
+        return fast
     obj = {f.name: _to_json(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -843,6 +879,8 @@ def _decode_body(mtype: int, body: bytes | memoryview) -> Message:
         return decode_tensor(body)
     if kind is MsgType.ACTIVATIONS:
         return decode_activations(body)
+    if kind is MsgType.TOKEN and (token := _decode_token(body)) is not None:
+        return token
     return _record(_CONTROL[kind], parse_json(bytes(body), kind.name), kind.name)
 
 
