@@ -13,6 +13,7 @@ listen = ""                     # where the in-app node listens; "" = port 47470
 mdns = true                     # find peers on the LAN by multicast DNS
 system_prompt = ""              # for new chats
 api_key = ""                    # bearer key the HTTP API requires (--api-key wins); "" = none
+max_memory = ""                 # what this node offers the mesh, e.g. "2G" (--max-memory wins)
 
 [sampling]                      # defaults for new chats; each chat keeps its own copy
 temperature = 0.7
@@ -122,6 +123,7 @@ class Config:
     mdns: bool = True
     system_prompt: str = ""
     api_key: str = ""
+    max_memory: str = ""  # a size like "2G"; "" = 90% of available RAM
     sampling: ChatSettings = field(default_factory=ChatSettings)
     keys: dict[str, str] = field(default_factory=dict)
     # Not saved: where the file lives and what was wrong with it.
@@ -143,6 +145,7 @@ class Config:
             "mdns": self.mdns,
             "system_prompt": self.system_prompt,
             "api_key": self.api_key,
+            "max_memory": self.max_memory,
             "sampling": self.sampling.to_dict(),
             "keys": dict(self.keys),
         }
@@ -158,6 +161,7 @@ _SCALARS: dict[str, type] = {
     "mdns": bool,
     "system_prompt": str,
     "api_key": str,
+    "max_memory": str,
 }
 
 

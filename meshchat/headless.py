@@ -54,6 +54,10 @@ def run_headless(
     """Run until SIGINT/SIGTERM. `layers`/`model` feed the status (the inference layer's)."""
     if args.invite_uses < 1:
         raise UsageError("--invite-uses must be at least 1")
+    from meshchat.config import load_config
+    from meshchat.inference import memory_budget
+
+    memory_budget.apply(getattr(args, "max_memory", None), load_config().max_memory)
     if args.api:
         from meshchat.api.mesh_host import refuse_open_bind
 
@@ -140,6 +144,7 @@ async def _start_stage_service(
 ) -> tuple[Any, str]:
     """Serve layers of this node's model; the note says why it has none, if so."""
     from meshchat.commands.common import thread_count
+    from meshchat.inference import memory_budget
     from meshchat.inference.local_model import LocalModel
     from meshchat.inference.stage_service import StageService
     from meshchat.model.store import ModelStore, StoreError
@@ -157,6 +162,7 @@ async def _start_stage_service(
     if path is not None:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, LocalModel.open, path, data)
+        memory_budget.check_fits(model)  # a worker takes any context: the smallest a head plans
     threads_env = os.environ.get("MESHCHAT_THREADS", "")
     threads = thread_count(int(threads_env) if threads_env.isdigit() else None)
     service = StageService(node, model, data, threads)

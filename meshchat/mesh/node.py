@@ -156,6 +156,8 @@ class Node:
         self._model: dict[str, Any] | None = None
         # The engine profile this node chose and the one its stage runs with (status file only).
         self.engine: dict[str, Any] | None = None
+        # What this node offers, what its stage uses and what is left (status file only).
+        self.memory: dict[str, Any] | None = None
         self._discovery_factory = discovery
         self.discovery: Any = None
         self._started = False
@@ -796,6 +798,7 @@ class Node:
             "model": self._model,
             "layers": list(self._layers) if self._layers else None,
             "engine": self.engine,
+            "memory": self.memory,
             "peers": [p.to_json() for p in self.peers()],
         }
 

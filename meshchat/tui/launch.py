@@ -25,6 +25,9 @@ def run_tui(args: argparse.Namespace) -> int:
         raise UsageError("--api is served by `meshchat --headless`; the app does not serve it")
     data = DataDir.resolve(args.data_dir)
     config = load_config()
+    from meshchat.inference import memory_budget
+
+    memory_budget.apply(args.max_memory, config.max_memory)  # checked against the model on load
     model_path: Path | None = None
     model_error = ""
     wanted = args.model or config.model or None
