@@ -188,7 +188,7 @@ async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_
     assert scene.service._assignment is None and scene.service.layers is None
     status = scene.worker.status()
     assert status["layers"] is None
-    assert status["memory"]["used"] is None and status["memory"]["offer"] == honest // 4
+    assert status["memory"] == {"offer": honest // 4, "used": 0, "left": honest // 4, "stage": None}
     # The worker still serves a plan its budget holds.
     monkeypatch.setattr(stage_service, "check_plan", real_check)
     capabilities.set_limit(honest)
@@ -196,8 +196,10 @@ async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_
     try:
         assert await _generate_under(pipeline, _nothing) == reference
         memory = scene.worker.status()["memory"]
-        assert 0 < memory["used"]["total"] <= honest
-        assert memory["left"] == memory["offer"] - memory["used"]["total"]
+        assert 0 < memory["used"] == memory["stage"]["total"] <= honest
+        assert memory["left"] == memory["offer"] - memory["used"]
+        # The head's peers table hears it too (the worker's Status message).
+        await eventually(lambda: _peer_memory(scene) == (memory["offer"], memory["used"]))
     finally:
         await pipeline.close()
 
@@ -215,6 +217,12 @@ async def _solo(model: LocalModel, data: DataDir, flash: bool) -> list[int]:
         return await _greedy(local)
     finally:
         await local.close()
+
+
+def _peer_memory(scene: Any) -> tuple[int, int] | None:
+    peer = scene.head.peer(scene.worker.node_id)
+    report = peer.memory if peer else None
+    return (report.offer, report.used) if report else None
 
 
 class _Overstated(StageService):

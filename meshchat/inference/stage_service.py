@@ -325,15 +325,12 @@ class StageService:
         return self._assignment.stage.memory.total if self._assignment else 0
 
     def _publish_memory(self) -> None:
-        """The status file's memory entry: what this node offers, what its stage uses (as
-        llama.cpp reported its buffers) and what is left."""
+        """What this node offers, what its stage uses (as llama.cpp reported its buffers) and
+        so what is left: in the status file and the peers' tables."""
         used = self._assignment.stage.memory if self._assignment else None
-        offer = free_memory(used.total if used else 0)
-        self.node.memory = {
-            "offer": offer,
-            "used": used.to_json() if used else None,
-            "left": offer - (used.total if used else 0),
-        }
+        total = used.total if used else 0
+        offer = free_memory(total)
+        self.node.set_memory(wire.MemoryReport(offer, total), used.to_json() if used else None)
 
     def _load(self, model: LocalModel, first: int, end: int, options: StageOptions) -> Stage:
         path = model.stage_file(self.data, first, end)
