@@ -26,10 +26,23 @@ MIB = 1 << 20
 BUDGET = 180  # MiB a node: a three-way split of the default model fits, a two-way one does not
 
 
+@pytest.fixture(scope="module")
+def solo_long(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The greedy text on one machine (its first run measures the engine settings, which
+    takes minutes on a loaded machine: hence the long timeout)."""
+    root = tmp_path_factory.mktemp("solo")
+    result = subprocess.run(
+        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", LONG_TOKENS,
+         "--model", str(smollm2), "--data-dir", str(root)],
+        env=ENV, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) > 400
+    return result.stdout
+
+
 def test_budgets_that_force_a_three_way_split_give_the_solo_output(
-    smollm2: Path,
-    tmp_path: Path,
-    solo_long: str,  # noqa: F811
+    smollm2: Path, tmp_path: Path, solo_long: str
 ) -> None:
     model = LocalModel.open(smollm2, DataDir(tmp_path / "probe"))
     needs = ModelNeeds.of(model)
