@@ -26,6 +26,8 @@ from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
+from meshchat.tui.mesh_view import NodeMesh, memory_cell
+from meshchat.tui.planning import MeshPlanning
 from tests.mesh_helpers import eventually, mesh_nodes
 from tests.test_hostile_inference import (
     Mesh,
@@ -200,6 +202,8 @@ async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_
         assert memory["left"] == memory["offer"] - memory["used"]
         # The head's peers table hears it too (the worker's Status message).
         await eventually(lambda: _peer_memory(scene) == (memory["offer"], memory["used"]))
+        row = next(r for r in NodeMesh(scene.head).peers() if r.key == str(scene.worker.node_id))
+        assert row.memory == memory_cell(memory["offer"], memory["used"])  # the peers table
     finally:
         await pipeline.close()
 
@@ -272,6 +276,15 @@ async def test_a_node_that_refuses_its_plan_for_memory_is_left_out_of_the_next(
             assert len(pipeline._plan.stages) == 2  # type: ignore[union-attr]
             assert any("planning again without node" in n for n in notes), notes
             assert over_service.layers is None  # it loaded nothing, or freed what it loaded
+            # The split editor's memory per stage: the estimate of what each node offers.
+            planning = MeshPlanning(coordinator)
+            await planning.refresh()
+            split = planning.from_plan(pipeline._plan, model.n_layers)  # type: ignore[arg-type]
+            labels = planning.memory(split)
+            assert len(labels) == 2
+            for label in labels:
+                need, offer = (int(x) for x in label.removesuffix(" MiB").split("/"))
+                assert need <= offer <= two // MIB + 1
             tokens = await _greedy(pipeline)
             assert tokens == await _solo(model, data, bool(coordinator.flash_attn))
         finally:
