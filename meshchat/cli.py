@@ -52,8 +52,8 @@ def _add_memory(parser: argparse.ArgumentParser, top: bool = False) -> None:
         "--max-memory",
         metavar="SIZE",
         default=None if top else argparse.SUPPRESS,
-        help="memory this node offers the mesh, e.g. 2G (default: max_memory in config.toml, "
-        "else 90%% of available RAM; MESHCHAT_MEMORY_LIMIT when no flag is given)",
+        help="memory this node offers the mesh, e.g. 2G (before MESHCHAT_MEMORY_LIMIT and "
+        "max_memory in config.toml; default 90%% of available RAM)",
     )
 
 

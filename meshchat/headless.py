@@ -10,6 +10,8 @@ Listening: `--listen HOST:PORT`; by default 0.0.0.0:47470, or a random port if t
 Serving layers: the node runs the stage service with `--model PATH`, or with the default model
 if the model store has it (a worker never downloads by surprise: `meshchat model pull` first).
 Heads assign it a layer range; the status file shows it. MESHCHAT_THREADS sets its threads.
+`--max-memory SIZE` caps what it offers (meshchat.inference.memory_budget); the status file
+shows the offer, what its stage uses as llama.cpp reported it, and what is left.
 
 Serving the API: with `--api HOST:PORT` the node is also a head. Once joined, it plans over the
 mesh and answers OpenAI-style requests there (bearer key: `--api-key`, else `api_key` in
