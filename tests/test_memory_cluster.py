@@ -18,31 +18,32 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import ModelNeeds, Planner
 from meshchat.paths import DataDir
 from tests.mesh_cluster import CMD, ENV, Cluster, read_json
-from tests.test_mesh_generate import LONG_TOKENS, PROMPT, _plan_line
+from tests.test_mesh_generate import PROMPT, _plan_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 MIB = 1 << 20
 BUDGET = 180  # MiB a node: a three-way split of the default model fits, a two-way one does not
+TOKENS = "64"
 
 
 @pytest.fixture(scope="module")
-def solo_long(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+def solo(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The greedy text on one machine (its first run measures the engine settings, which
     takes minutes on a loaded machine: hence the long timeout)."""
     root = tmp_path_factory.mktemp("solo")
     result = subprocess.run(
-        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", LONG_TOKENS,
+        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", TOKENS,
          "--model", str(smollm2), "--data-dir", str(root)],
         env=ENV, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout) > 400
+    assert len(result.stdout) > 100  # not an early end-of-text
     return result.stdout
 
 
 def test_budgets_that_force_a_three_way_split_give_the_solo_output(
-    smollm2: Path, tmp_path: Path, solo_long: str
+    smollm2: Path, tmp_path: Path, solo: str
 ) -> None:
     model = LocalModel.open(smollm2, DataDir(tmp_path / "probe"))
     needs = ModelNeeds.of(model)
@@ -56,12 +57,13 @@ def test_budgets_that_force_a_three_way_split_give_the_solo_output(
     try:
         workers = [cluster.add(smollm2, None, *flag) for _ in range(2)]
         cluster.wait_connected()
-        result = cluster.generate(PROMPT, smollm2, "--max-tokens", LONG_TOKENS, *flag)
+        args = cluster.head_args(PROMPT, smollm2, "head", "--max-tokens", TOKENS, *flag)
+        result = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
         statuses = [read_json(w.status) for w in workers]
     finally:
         cluster.close()
     assert result.returncode == 0, result.stderr
-    assert result.stdout == solo_long
+    assert result.stdout == solo
     plan = _plan_line(result.stderr)
     assert plan.count(" on ") == 3 and "(head)" in plan, result.stderr
     assert "fits on no single node" in result.stderr
