@@ -153,6 +153,7 @@ def test_a_budget_smaller_than_the_smallest_stage_is_refused(
     for argv in (
         [*common, "--max-memory", small, "generate", "hi"],
         [*common, "--max-memory", "20M", "--headless", "--listen", "127.0.0.1:0"],
+        [*common, "--max-memory", "20M"],  # the app: refused before its screen starts
     ):
         code, err = _run(argv, capsys)
         assert code == 2, err
