@@ -310,7 +310,7 @@ class StageService:
         self.node.set_status(None, self.model.status() if self.model else None)
         self._publish_memory()
         layers = stage.layers
-        log.warning("layers %s measured %d MiB, over the budget", layers, used.total >> 20)
+        log.info("layers %s measured %d MiB, over the budget", layers, used.total >> 20)
         return wire.Error(
             Code.MEMORY,
             f"layers {layers} measured {used.total >> 20} MiB after load (weights "
