@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gguf.constants import GGMLQuantizationType
 
 from meshchat import cli
 from meshchat.engine.stage import Stage, StageOptions
+from meshchat.engine.stage_memory import StageMemory, from_log
 from meshchat.inference import capabilities, stage_service
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local import LocalPipeline, build_stages
@@ -39,8 +41,10 @@ from tests.test_hostile_inference import (
     reference,  # noqa: F401  (fixture)
 )
 from tests.test_stage_service import _greedy
+from tests.tiny_models import TinyConfig, write_tiny_model
 
 MIB = 1 << 20
+Q4_0 = GGMLQuantizationType.Q4_0
 N_CTX = 4096  # a KV cache large enough that splitting the default model saves memory
 
 
@@ -58,19 +62,40 @@ def _ranges(n_layers: int) -> list[tuple[int, int]]:
     return [(0, third), (third, 2 * third), (2 * third, n_layers), (0, n_layers)]
 
 
-def _check_estimate(path: Path, data: DataDir, n_ctx: int, sessions: int, flash: bool) -> str:
+def _check_estimate(
+    path: Path, data: DataDir, n_ctx: int, sessions: int, flash: bool, extra_bufts: bool = False
+) -> str:
     """Load every kind of stage of `path`; measured <= predicted for each; a report line."""
+    return _run_stages(path, data, n_ctx, sessions, flash, extra_bufts)[0]
+
+
+def _measure(
+    path: Path, data: DataDir, n_ctx: int, sessions: int, flash: bool, extra_bufts: bool
+) -> list[StageMemory]:
+    return _run_stages(path, data, n_ctx, sessions, flash, extra_bufts)[1]
+
+
+def _run_stages(
+    path: Path, data: DataDir, n_ctx: int, sessions: int, flash: bool, extra_bufts: bool
+) -> tuple[str, list[StageMemory]]:
     model = LocalModel.open(path, data)
     needs = ModelNeeds.of(model)
     lines = []
+    usages = []
     for first, end in _ranges(model.n_layers):
         last = end == model.n_layers
         options = StageOptions(
-            n_ctx=n_ctx, max_sessions=sessions, n_batch=STAGE_BATCH, n_threads=1, flash_attn=flash
+            n_ctx=n_ctx,
+            max_sessions=sessions,
+            n_batch=STAGE_BATCH,
+            n_threads=1,
+            flash_attn=flash,
+            extra_bufts=extra_bufts,
         )
         with Stage(model.stage_file(data, first, end), LayerRange(first, end), model.n_layers,
                    options) as stage:  # fmt: skip
             used = stage.memory
+        usages.append(used)
         predicted = needs.memory(first, end, last, n_ctx, sessions)
         # Every kind of buffer was seen in llama.cpp's report (the parse found them).
         assert used.weights > 0 and used.kv > 0 and used.compute > 0 and used.output > 0
@@ -82,7 +107,7 @@ def _check_estimate(path: Path, data: DataDir, n_ctx: int, sessions: int, flash:
             f"{used.compute / MIB:.1f} out {used.output / MIB:.1f}), predicted "
             f"{predicted / MIB:.1f} MiB: +{over:.0%}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines), usages
 
 
 @pytest.mark.parametrize("flash", [False, True])
@@ -94,14 +119,53 @@ def test_measured_allocation_of_default_model_stages_is_within_the_estimate(
         print(f"\n{report}")
 
 
+@pytest.mark.parametrize("extra_bufts", [False, True])  # repacked weights: another buffer
 def test_measured_allocation_of_tiny_model_stages_is_within_the_estimate(
-    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra_bufts: bool,
 ) -> None:
     reports = [
-        _check_estimate(path, DataDir(tmp_path), 512, 2, False) for path in tiny_models.values()
+        _check_estimate(path, DataDir(tmp_path), 512, 2, False, extra_bufts)
+        for path in tiny_models.values()
     ]
     with capsys.disabled():
         print("\n" + "\n".join(reports))
+
+
+def test_repacked_weights_count_once_and_stay_within_the_estimate(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    # Q4_0 matrices this wide are repacked with extra buffer types on (CPU_REPACK buffer).
+    config = TinyConfig("llama", n_layers=6, n_embd=256, n_ff=512, seed=7, weight_type=Q4_0)
+    path = write_tiny_model(tmp_path / "q4.gguf", config, smollm2)
+    data = DataDir(tmp_path / "data")
+    plain = _measure(path, data, 256, 1, False, extra_bufts=False)
+    repacked = _measure(path, data, 256, 1, False, extra_bufts=True)
+    for a, b in zip(plain, repacked, strict=True):  # the repacked copy replaces mapped pages
+        assert abs(a.weights - b.weights) < MIB
+
+
+def test_buffer_report_parsing() -> None:
+    lines = [  # llama.cpp 0.3.36's own lines, from a Q4_0 model loaded with extra buffers
+        "load_tensors:   CPU_Mapped model buffer size =    32.45 MiB",
+        "load_tensors:   CPU_REPACK model buffer size =     8.65 MiB",
+        "llama_context:        CPU  output buffer size =     0.19 MiB",
+        "llama_kv_cache:        CPU KV buffer size =     0.75 MiB",
+        "sched_reserve:        CPU compute buffer size =    48.50 MiB",
+        "~llama_context:        CPU compute buffer size is  48.5010 MiB, matches expectation",
+    ]
+    used = from_log(lines)
+    assert used == StageMemory(
+        weights=round(32.45 * MIB), kv=round(0.75 * MIB), compute=round(48.5 * MIB),
+        output=round(0.19 * MIB),
+    )  # fmt: skip
+    # Without a map, repacked weights are the only copy of those tensors: they count.
+    unmapped = from_log([lines[0].replace("CPU_Mapped", "CPU"), *lines[1:]])
+    assert unmapped.weights == round(32.45 * MIB) + round(8.65 * MIB)
+    assert unmapped.with_output_peak(10 * MIB).output == 10 * MIB
+    assert from_log([]).total == 0
 
 
 # -- the setting ---------------------------------------------------------------------------------
