@@ -119,8 +119,9 @@ class ModelNeeds:
         - weights: its layers and every global tensor (a slice file keeps them all);
         - KV cache: f16 keys and values, n_ctx cells per session;
         - compute buffer: llama.cpp reserves the whole graph for n_batch rows, lm head
-          included even where the stage stops before it (n_batch x n_vocab floats), or the
-          attention scores when they are larger; measured 98-99 MiB for SmolLM2 at 512 rows;
+          included even where the stage stops before it (n_batch x n_vocab floats) or the
+          attention scores if wider (n_ctx x n_head), plus 16 activations a row (measured up
+          to 12) and some slack: 49.1 MiB measured for SmolLM2 at 256 rows, 61 predicted;
         - output buffer: a stage that passes hidden states on flags every row as output, so it
           holds n_batch rows of logits; the last stage holds one row per session.
         """
@@ -427,10 +428,7 @@ class Planner:
         """The fewest nodes of the largest offer's size that could hold the model, else the
         least memory per node any split needs."""
         least: tuple[int, int] | None = None
-        for k in range(2, MAX_STAGES + 1):
-            size = self.split_memory(k)
-            if size is None:
-                break
+        for k, size in enumerate(self.split_memories(MAX_STAGES)[1:], start=2):
             if size <= largest:
                 return f"it would run on {k} nodes offering {size // _MIB + 1} MiB each"
             if least is None or size < least[0]:
@@ -446,24 +444,29 @@ class Planner:
     def split_memory(self, k: int) -> int | None:
         """The least memory every node must offer for the model to run on `k` nodes (the
         largest stage of the most even split); None if the model has fewer than k spans."""
+        sizes = self.split_memories(k)
+        return sizes[k - 1] if k <= len(sizes) else None
+
+    def split_memories(self, max_k: int) -> list[int]:
+        """`split_memory(k)` for k = 1.. up to max_k (fewer if the model has fewer spans)."""
         n = self.needs.n_layers
         points = [0, *sorted(p for p in self.needs.allowed if 0 < p < n), n]
-        if k > len(points) - 1:
-            return None
-        # worst[j][i]: the least largest stage covering [0, points[i]) with j stages.
+        spans = range(len(points))
+        need = {
+            (h, i): self.needs.memory(points[h], points[i], i == len(points) - 1, self.n_ctx,
+                                      self.sessions)
+            for i in spans for h in range(i)
+        }  # fmt: skip
+        # worst[i]: the least largest stage covering [0, points[i]) with the stages so far.
         inf = float("inf")
-        worst: list[list[float]] = [[inf] * len(points) for _ in range(k + 1)]
-        worst[0][0] = 0
-        for j in range(1, k + 1):
-            for i in range(1, len(points)):
-                last = i == len(points) - 1
-                for h in range(i):
-                    if worst[j - 1][h] == inf:
-                        continue
-                    need = self.needs.memory(points[h], points[i], last, self.n_ctx, self.sessions)
-                    worst[j][i] = min(worst[j][i], max(worst[j - 1][h], need))
-        best = worst[k][-1]
-        return None if best == inf else int(best)
+        worst: list[float] = [0.0] + [inf] * (len(points) - 1)
+        sizes: list[int] = []
+        for _ in range(min(max_k, len(points) - 1)):
+            worst = [inf] + [
+                min(max(worst[h], need[h, i]) for h in range(i)) for i in spans if i > 0
+            ]
+            sizes.append(int(worst[-1]))
+        return sizes
 
     def assign(self, ranges: list[tuple[int, int]], connected: Iterable[str] | None = None) -> Plan:
         """Put hand-chosen layer ranges on nodes: the head first, the rest where they fit best."""
