@@ -48,10 +48,21 @@ def _add_model(parser: argparse.ArgumentParser, top: bool = False) -> None:
     )
 
 
+def _add_memory(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    parser.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        default=None if top else argparse.SUPPRESS,
+        help="memory this node offers the mesh, e.g. 2G (before MESHCHAT_MEMORY_LIMIT and "
+        "max_memory in config.toml; default 90%% of available RAM)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="meshchat", description="Chat with one model split across machines.")
     _add_common(parser, top=True)
     _add_model(parser, top=True)
+    _add_memory(parser, top=True)
     parser.add_argument("--join", metavar="CODE", help="join a mesh with an invite code")
     parser.add_argument("--headless", action="store_true", help="run as a worker, no screen")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (headless)")
@@ -70,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="one-shot completion to stdout")
     _add_common(gen)
     _add_model(gen)
+    _add_memory(gen)
     gen.add_argument("prompt", metavar="PROMPT")
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--max-tokens", type=int, default=256, metavar="N")

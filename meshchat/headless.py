@@ -10,6 +10,8 @@ Listening: `--listen HOST:PORT`; by default 0.0.0.0:47470, or a random port if t
 Serving layers: the node runs the stage service with `--model PATH`, or with the default model
 if the model store has it (a worker never downloads by surprise: `meshchat model pull` first).
 Heads assign it a layer range; the status file shows it. MESHCHAT_THREADS sets its threads.
+`--max-memory SIZE` caps what it offers (meshchat.inference.memory_budget); the status file
+shows the offer, what its stage uses as llama.cpp reported it, and what is left.
 
 Serving the API: with `--api HOST:PORT` the node is also a head. Once joined, it plans over the
 mesh and answers OpenAI-style requests there (bearer key: `--api-key`, else `api_key` in
@@ -54,6 +56,10 @@ def run_headless(
     """Run until SIGINT/SIGTERM. `layers`/`model` feed the status (the inference layer's)."""
     if args.invite_uses < 1:
         raise UsageError("--invite-uses must be at least 1")
+    from meshchat.config import load_config
+    from meshchat.inference import memory_budget
+
+    memory_budget.apply(getattr(args, "max_memory", None), load_config().max_memory)
     if args.api:
         from meshchat.api.mesh_host import refuse_open_bind
 
@@ -140,6 +146,7 @@ async def _start_stage_service(
 ) -> tuple[Any, str]:
     """Serve layers of this node's model; the note says why it has none, if so."""
     from meshchat.commands.common import thread_count
+    from meshchat.inference import memory_budget
     from meshchat.inference.local_model import LocalModel
     from meshchat.inference.stage_service import StageService
     from meshchat.model.store import ModelStore, StoreError
@@ -157,6 +164,7 @@ async def _start_stage_service(
     if path is not None:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, LocalModel.open, path, data)
+        memory_budget.check_fits(model)  # a worker takes any context: the smallest a head plans
     threads_env = os.environ.get("MESHCHAT_THREADS", "")
     threads = thread_count(int(threads_env) if threads_env.isdigit() else None)
     service = StageService(node, model, data, threads)

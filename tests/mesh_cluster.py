@@ -42,7 +42,15 @@ def read_json(path: Path) -> Any:
 
 
 class Worker:
-    def __init__(self, root: Path, name: str, model: Path, join: str | None, env: dict[str, str]):
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        model: Path,
+        join: str | None,
+        env: dict[str, str],
+        extra: tuple[str, ...] = (),
+    ):
         self.name = name
         self.dir = root / name
         self.status = root / f"{name}.status.json"
@@ -55,6 +63,7 @@ class Worker:
         ]  # fmt: skip
         if join:
             args += ["--join", join]
+        args += extra
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(args, env={**ENV, **env}, stdout=log, stderr=log)
 
@@ -85,9 +94,9 @@ class Cluster:
         self.workers: list[Worker] = []
         self.invite = ""
 
-    def add(self, model: Path, env: dict[str, str] | None = None) -> Worker:
+    def add(self, model: Path, env: dict[str, str] | None = None, *extra: str) -> Worker:
         name = f"w{len(self.workers)}"
-        worker = Worker(self.root, name, model, self.invite or None, env or {})
+        worker = Worker(self.root, name, model, self.invite or None, env or {}, extra)
         self.workers.append(worker)
         wait_for(worker.ready, what=f"{name} ready")
         if not self.invite:

@@ -87,8 +87,9 @@ def test_hand_split_equals_solo(mesh: Cluster, smollm2: Path, solo_long: str, sp
 def test_auto_plan_splits_when_no_node_holds_the_model(
     smollm2: Path, tmp_path: Path, solo_long: str
 ) -> None:
-    # 130 MiB holds about half the model with its KV cache: the planner must split.
-    small = {"MESHCHAT_MEMORY_LIMIT": "130M"}
+    # 200 MiB holds a two-way split (192 MiB a node, planner estimate), not the whole model
+    # (243 MiB) with its 4096-token KV cache: the planner must split.
+    small = {"MESHCHAT_MEMORY_LIMIT": "200M"}
     cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, env=small)
@@ -128,7 +129,7 @@ def test_a_node_with_another_model_gets_no_layers(
     try:
         wait_for(lambda: stranger.layers is None and read_json(stranger.status), what="stranger")
         result = mesh.generate(
-            PROMPT, smollm2, "--max-tokens", "4", env={"MESHCHAT_MEMORY_LIMIT": "150M"}
+            PROMPT, smollm2, "--max-tokens", "4", env={"MESHCHAT_MEMORY_LIMIT": "200M"}
         )
         assert result.returncode == 0, result.stderr
         short = stranger.node_id[:8]
@@ -184,8 +185,8 @@ def test_sigstop_past_the_dead_peer_timeout_keeps_the_output(
 def test_no_plan_fits_the_survivors_fails_with_a_clear_message(
     smollm2: Path, tmp_path: Path, solo_long: str
 ) -> None:
-    # Three nodes of 110 MiB each can hold the model; two cannot.
-    small = {"MESHCHAT_MEMORY_LIMIT": "110M"}
+    # Three nodes of 180 MiB each can hold the model (174 MiB a node); two cannot (192).
+    small = {"MESHCHAT_MEMORY_LIMIT": "180M"}
     cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, env=small)

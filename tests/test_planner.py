@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshchat.errors import UsageError
 from meshchat.inference.capabilities import NodeCaps, parse_size
 from meshchat.inference.coordinator import choose_flash
 from meshchat.inference.planner import (
@@ -44,6 +45,18 @@ def whole_model_mib(n_ctx: int = 1024) -> int:
     return NEEDS.memory(0, N_LAYERS, True, n_ctx, 1) // MIB
 
 
+def split_mib(k: int) -> int:
+    """A budget that just holds the most even split of the model over `k` nodes."""
+    size = planner(caps("head")).split_memory(k)
+    assert size is not None
+    return size // MIB + 1
+
+
+def stage_mib(first: int, end: int, n_ctx: int = 1024) -> int:
+    """A budget that just holds layers [first, end) (the planner's estimate, rounded up)."""
+    return NEEDS.memory(first, end, end == N_LAYERS, n_ctx, 1) // MIB + 1
+
+
 def test_equal_nodes_keep_the_model_on_the_head_and_say_splitting_is_not_worth_it() -> None:
     choice = planner(caps("head"), caps("b"), caps("c")).best()
     assert choice.plan.stages == (StagePlan("head", 0, N_LAYERS),)
@@ -53,7 +66,8 @@ def test_equal_nodes_keep_the_model_on_the_head_and_say_splitting_is_not_worth_i
 
 def test_memory_limit_forces_a_split_and_respects_every_node_budget() -> None:
     need = whole_model_mib()
-    half = need // 2 + 40  # two stages fit, with their own compute buffers
+    half = split_mib(2)
+    assert half < need
     p = planner(caps("head", half), caps("b", half), caps("c", half))
     choice = p.best()
     assert len(choice.plan.stages) >= 2
@@ -74,8 +88,7 @@ def test_a_much_faster_node_takes_the_layers() -> None:
 
 
 def test_heterogeneous_memory_and_speed_split_by_capacity() -> None:
-    need = whole_model_mib()
-    p = planner(caps("head", need // 3 + 40), caps("fast", need * 2 // 3 + 40, speed=SPEED / 2))
+    p = planner(caps("head", stage_mib(0, 10)), caps("fast", stage_mib(10, 30), speed=SPEED / 2))
     choice = p.best()
     assert choice.plan.nodes == ["head", "fast"]
     head_stage, fast_stage = choice.plan.stages
@@ -87,7 +100,7 @@ def test_heterogeneous_memory_and_speed_split_by_capacity() -> None:
 def test_allowed_split_points_are_respected() -> None:
     needs = ModelNeeds(**{**NEEDS.__dict__, "allowed": frozenset({10, 20})})
     need = whole_model_mib()
-    p = Planner(needs, [caps("head", need // 2), caps("b", need)], head="head", n_ctx=1024)
+    p = Planner(needs, [caps("head", stage_mib(0, 20)), caps("b", need)], head="head", n_ctx=1024)
     choice = p.best(min_stages=2)
     assert choice.plan.boundaries[0] in (10, 20)
     bad = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30)))
@@ -111,7 +124,7 @@ def test_partly_matching_file_may_serve_only_the_layers_it_shares() -> None:
     layers = list(FP.layers)
     layers[3] = "changed"  # e.g. a fine-tune that touched layer 3 only
     partial = Fingerprint("y" * 64, FP.config, FP.globals, tuple(layers))
-    p = planner(caps("head", whole_model_mib() // 2), caps("p", 4096, speed=SPEED, fp=partial))
+    p = planner(caps("head", stage_mib(0, 10)), caps("p", 4096, speed=SPEED, fp=partial))
     assert p.matches("p", 10, 30) and not p.matches("p", 0, 10)
     choice = p.best()
     assert choice.plan.stage_of("p") is not None
@@ -131,8 +144,21 @@ def test_hand_plan_gets_one_message_per_violation() -> None:
 
 
 def test_nothing_fits_gives_a_clear_message() -> None:
-    with pytest.raises(PlanError, match="no plan fits"):
+    with pytest.raises(PlanError, match="no plan fits") as small:
         planner(caps("head", 50), caps("b", 50)).best()
+    short = whole_model_mib() - 50 + 1
+    message = str(small.value)
+    assert f"{short} MiB more than the largest offer (50 MiB of 2 usable node(s))" in message
+    assert "no split needs less than" in message
+
+
+def test_nothing_fits_says_how_many_nodes_of_what_size_would_run_it() -> None:
+    two = split_mib(2)
+    with pytest.raises(PlanError, match="no plan fits") as lone:
+        planner(caps("head", two)).best()
+    assert f"it would run on 2 nodes offering {two} MiB each" in str(lone.value)
+    # ... and with a second node of that size it does.
+    assert len(planner(caps("head", two), caps("b", two)).best().plan.stages) == 2
 
 
 def test_assign_maps_a_hand_split_head_first_and_checks_it() -> None:
@@ -141,7 +167,7 @@ def test_assign_maps_a_hand_split_head_first_and_checks_it() -> None:
     assert plan.nodes[0] == "head" and set(plan.nodes) == {"head", "b", "c"}
     with pytest.raises(PlanError, match="3 stages but only 2"):
         p.assign([(0, 10), (10, 20), (20, 30)], connected=["b"])
-    tight = planner(caps("head", 60), caps("b"))
+    tight = planner(caps("head", stage_mib(0, 5)), caps("b"))
     # The head cannot hold 20 layers: the big range goes to b, the head takes the small one.
     plan = tight.assign([(0, 5), (5, 30)], connected=["b"])
     assert plan.stages[0].node == "head"
@@ -172,6 +198,9 @@ def test_parse_size() -> None:
     assert parse_size("2g") == 2 << 30
     assert parse_size("1000") == 1000
     assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    for bad in ("", "lots", "-1G", "0", "nanM", "infG", "1e30T", "0.1"):
+        with pytest.raises(UsageError, match="wants a size like 300M"):
+            parse_size(bad, "--max-memory")
 
 
 def test_the_head_keeps_its_flash_setting_unless_the_other_is_clearly_faster() -> None:

@@ -114,9 +114,13 @@ async def test_peers_table_updates_cells_by_key(tmp_path: Path, smollm2: Path) -
         assert table.get_cell(mesh.rows[1].key, "via").plain == "mdns, not a member"
         row_keys = list(table.rows)
         table.move_cursor(row=1)
-        mesh.rows[0] = replace(mesh.rows[0], rtt_ms=2.5, layers=(15, 30), state="serving")
+        assert table.get_cell(PEER_A, "memory").plain == "—"
+        mesh.rows[0] = replace(
+            mesh.rows[0], rtt_ms=2.5, layers=(15, 30), state="serving", memory="162/180 MiB"
+        )
         await pilot.pause(1.2)
         assert table.get_cell(PEER_A, "rtt").plain == "2.5 ms"
+        assert table.get_cell(PEER_A, "memory").plain == "162/180 MiB"
         assert table.get_cell(PEER_A, "layers").plain == "[15,30)"
         assert table.get_cell(PEER_A, "state").plain == "serving"
         assert list(table.rows) == row_keys and table.cursor_row == 1  # not rebuilt

@@ -7,11 +7,13 @@ import asyncio
 import sys
 
 from meshchat.commands.common import ModelChoice, choose_model, thread_count
+from meshchat.config import load_config
 from meshchat.engine.chat_template import ChatMessage
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import StageOptions
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError, UsageError
+from meshchat.inference import memory_budget
 from meshchat.inference.capabilities import tuned_options
 from meshchat.inference.head import ChatPrompter, HeadSession
 from meshchat.inference.local import LocalPipeline, build_stages
@@ -43,6 +45,7 @@ def prompt_tokens(choice: ModelChoice, tokenizer: Tokenizer, args: argparse.Name
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    memory_budget.apply(getattr(args, "max_memory", None), load_config().max_memory)
     if args.join:
         from meshchat.commands.generate_mesh import run_generate_on_mesh
 
@@ -60,8 +63,10 @@ def run_generate(args: argparse.Namespace) -> int:
     n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
     if len(tokens) >= n_ctx:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
+    model = LocalModel.from_header(choice.header, data)
+    memory_budget.check_fits(model, n_ctx)
     options = tuned_options(
-        LocalModel.from_header(choice.header, data),
+        model,
         data,
         StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
         notify=lambda message: print(f"meshchat: {message}", file=sys.stderr, flush=True),

@@ -25,6 +25,7 @@ from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
+from meshchat.inference import memory_budget
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
@@ -49,6 +50,7 @@ def run_generate_on_mesh(args: argparse.Namespace) -> int:
     if len(tokens) >= n_ctx:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
     model = LocalModel.from_header(choice.header, data)
+    memory_budget.check_fits(model, n_ctx)
     return asyncio.run(_run(args, data, model, tokenizer, tokens, params, split, n_ctx))
 
 

@@ -8,9 +8,11 @@ tensor names and struct layouts move between releases.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
@@ -19,13 +21,34 @@ log = logging.getLogger("meshchat.llama")
 
 _init_lock = threading.Lock()
 _initialised = False
+_captures = threading.local()  # .lines: list[str] while this thread runs `captured_log`
 
 
 @llama_cpp.llama_log_callback
 def _route_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp talks a lot on stderr; users see it only with --debug.
     if text:
-        log.debug(text.decode(errors="replace").rstrip())
+        line = text.decode(errors="replace").rstrip()
+        lines = getattr(_captures, "lines", None)
+        if lines is not None and len(lines) < _MAX_CAPTURED:
+            lines.append(line)
+        log.debug(line)
+
+
+_MAX_CAPTURED = 20_000  # a model load logs a few hundred lines; more is not worth keeping
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """The lines llama.cpp logs on this thread inside the block (it reports the sizes of the
+    buffers it allocates there and nowhere else in its C API)."""
+    previous = getattr(_captures, "lines", None)
+    lines: list[str] = []
+    _captures.lines = lines
+    try:
+        yield lines
+    finally:
+        _captures.lines = previous
 
 
 def _load_ggml_base() -> ctypes.CDLL:

@@ -24,9 +24,10 @@ import numpy as np
 import numpy.typing as npt
 
 from meshchat.engine import compute
-from meshchat.engine.llama_lib import ggml_base, init_backend
+from meshchat.engine.llama_lib import captured_log, ggml_base, init_backend
 from meshchat.engine.profile import EngineProfile, flash_attn_type, model_params
 from meshchat.engine.sampling import SamplerChain, SamplingParams
+from meshchat.engine.stage_memory import StageMemory, from_log
 from meshchat.errors import MeshchatError
 from meshchat.model.slices import LayerRange
 
@@ -119,7 +120,8 @@ class Stage:
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self._free_slots = list(range(self.options.max_sessions))[::-1]
-        self._model = self._load_model(model_path)
+        with captured_log() as allocations:
+            self._model = self._load_model(model_path)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(
             llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
@@ -132,8 +134,14 @@ class Stage:
         self._captured_rows = 0
         # Keep the callback object alive as long as the context: C holds only its address.
         self._eval_callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
-        self._ctx = self._new_context()
+        with captured_log() as context_allocations:
+            self._ctx = self._new_context()
         self._batch = self._new_batch()
+        # What llama.cpp allocated (meshchat.engine.stage_memory); a stage that passes hidden
+        # states on flags every row as output, so its output buffer grows to n_batch rows.
+        measured = from_log(allocations + context_allocations)
+        peak_rows = self.options.n_batch if not self.is_last else 0
+        self.memory: StageMemory = measured.with_output_peak(peak_rows * self.n_vocab * 4)
 
     # -- setup -------------------------------------------------------------------------------
 

@@ -128,20 +128,42 @@ def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
     return speeds
 
 
-def parse_size(text: str) -> int:
-    """'300M', '2G', '1500000' → bytes."""
+_limit: int | None = None  # --max-memory or config.toml, set once by the command (set_limit)
+
+
+def parse_size(text: str, source: str = MEMORY_LIMIT_ENV) -> int:
+    """'300M', '2G', '1.5GiB', '1500000' → bytes; UsageError naming `source` otherwise."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     clean = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if clean and clean[-1] in units:
+        clean, scale = clean[:-1], units[clean[-1]]
     try:
-        if clean and clean[-1] in units:
-            return int(float(clean[:-1]) * units[clean[-1]])
-        return int(clean)
+        value = float(clean)
     except ValueError:
-        raise UsageError(f"{MEMORY_LIMIT_ENV} wants a size like 300M or 2G, got {text!r}") from None
+        value = math.nan
+    if not (0 < value < 1 << 60 and value * scale >= 1):
+        raise UsageError(f"{source} wants a size like 300M or 2G, got {text!r}")
+    return int(value * scale)
 
 
-def free_memory() -> int:
-    """Memory a stage may use here: available RAM less a margin, capped by MESHCHAT_MEMORY_LIMIT."""
+def set_limit(limit: int | None) -> None:
+    """Cap what this process offers the mesh (None: the environment variable, if set)."""
+    global _limit
+    _limit = limit
+
+
+def memory_limit() -> int | None:
+    """The budget set by the command, else MESHCHAT_MEMORY_LIMIT, else none."""
+    if _limit is not None:
+        return _limit
+    text = os.environ.get(MEMORY_LIMIT_ENV)
+    return parse_size(text) if text else None
+
+
+def free_memory(releasing: int = 0) -> int:
+    """Memory a stage may use here: available RAM less a margin, capped by the budget.
+    `releasing`: bytes the stage this node holds now uses (it goes before a new one loads)."""
     available = 0
     try:
         with open("/proc/meminfo") as handle:
@@ -156,9 +178,9 @@ def free_memory() -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             available = 1 << 30
-    usable = int(available * 0.9)  # leave the rest to the OS and the other programs
-    limit = os.environ.get(MEMORY_LIMIT_ENV)
-    return min(usable, parse_size(limit)) if limit else usable
+    usable = int(available * 0.9) + releasing  # leave the rest to the OS and other programs
+    limit = memory_limit()
+    return min(usable, limit) if limit is not None else usable
 
 
 def calibration(
@@ -196,11 +218,13 @@ def local_caps(
     calib: Calibration | None,
     rtt_ms: dict[str, float] | None = None,
     peers: list[str] | None = None,
+    holding: int = 0,
 ) -> NodeCaps:
-    """This node's capabilities (a node without a model offers no layers)."""
+    """This node's capabilities (a node without a model offers no layers); `holding`: bytes
+    its current stage uses, which a new plan frees first."""
     return NodeCaps(
         node_id=node_id,
-        free_memory=free_memory(),
+        free_memory=free_memory(holding),
         fingerprint=model.fingerprint if model else None,
         decode_s_per_byte=calib.decode_s_per_byte if calib else 0.0,
         prefill_s_per_byte=calib.prefill_s_per_byte if calib else 0.0,

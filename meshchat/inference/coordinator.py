@@ -18,7 +18,7 @@ from meshchat.engine import compute
 from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import Calibration, NodeCaps, calibration, local_caps
 from meshchat.inference.local_model import LocalModel
-from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost
 from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
 from meshchat.inference.profiling import DECODE_TIE
 from meshchat.mesh import wire
@@ -29,6 +29,7 @@ from meshchat.paths import DataDir
 
 log = logging.getLogger(__name__)
 
+MAX_MEMORY_REFUSALS = 8  # nodes left out for their memory before a start gives up
 CAPS_TIMEOUT_S = 150.0  # a peer may be calibrating on first start
 
 
@@ -211,12 +212,30 @@ class MeshCoordinator:
             **options,
         )
         try:
-            await pipeline.apply(plan)
+            await self._apply_within_memory(pipeline, plan)
         except BaseException:
             with contextlib.suppress(Exception):
                 await pipeline.close()
             raise
         return pipeline
+
+    async def _apply_within_memory(self, pipeline: MeshPipeline, plan: Plan) -> None:
+        """Install `plan`; a node whose stage measured over its budget after loading refuses
+        it (wire.FaultCode.MEMORY), and the plan is made again without that node."""
+        left_out: set[str] = set()
+        while True:
+            try:
+                await pipeline.apply(plan)
+                return
+            except StageLost as lost:
+                if lost.code is not wire.FaultCode.MEMORY or lost.node is None:
+                    raise
+                if lost.node in left_out or len(left_out) >= MAX_MEMORY_REFUSALS:
+                    raise
+                left_out.add(lost.node)
+                self.notify(f"{lost}; planning again without node {lost.node[:8]}")
+                plan = await self.replan(left_out)
+                self.notify(f"new plan: {plan.describe(str(self.node.node_id))}")
 
 
 def choose_flash(decode_s: dict[bool, float], own: bool) -> bool:

@@ -31,6 +31,12 @@ STAGE_OVERHEAD_S = 0.0002
 DEFAULT_RTT_MS = 1.0  # two nodes with no measurement between them yet
 LINK_BYTES_PER_S = 100e6  # a gigabit LAN, less framing
 _MIB = 1 << 20
+MAX_STAGES = 8  # the most stages a plan has (more hops cost more than they save)
+# Rows a stage takes in one llama_decode call: the head's prompt chunk (MeshPipeline), since
+# more rows only reserve memory (a stage that is not last holds two n_batch x n_vocab float
+# buffers: 2 x 96 MiB for SmolLM2 at 512 rows).
+STAGE_BATCH = 256
+_COMPUTE_SLACK = 4 * _MIB  # graph bookkeeping beyond the widest tensors (measured 1-3.4 MiB)
 
 
 class PlanError(MeshchatError):
@@ -82,6 +88,8 @@ class ModelNeeds:
     allowed: frozenset[int]
     fingerprint: Fingerprint
     n_vocab: int = 0
+    global_bytes: int = 0  # embeddings, output matrix, norms: every slice file keeps them
+    n_head: int = 0
 
     @classmethod
     def of(cls, model: LocalModel) -> ModelNeeds:
@@ -94,16 +102,43 @@ class ModelNeeds:
             allowed=frozenset(allowed_split_points(model.spec)),
             fingerprint=model.fingerprint,
             n_vocab=model.spec.vocab_size,
+            global_bytes=model.spec.global_bytes,
+            n_head=model.spec.n_head,
         )
 
     def weights(self, first: int, end: int, last: bool) -> int:
+        """Bytes of weights a decode step of these layers reads (what its time scales with)."""
         return sum(self.layer_bytes[first:end]) + (self.output_bytes if last else 0)
 
-    def memory(self, first: int, end: int, last: bool, n_ctx: int, sessions: int) -> int:
-        """Bytes a stage needs: its weights, its KV caches and llama.cpp's compute buffers."""
+    def memory(
+        self, first: int, end: int, last: bool, n_ctx: int, sessions: int, n_batch: int = 0
+    ) -> int:
+        """Bytes a stage of these layers allocates, an upper bound of what llama.cpp reports
+        (meshchat.engine.stage_memory; tests/test_memory_budget.py checks it on real loads).
+
+        - weights: its layers and every global tensor (a slice file keeps them all);
+        - KV cache: f16 keys and values, n_ctx cells per session;
+        - compute buffer: llama.cpp reserves the whole graph for n_batch rows, lm head
+          included even where the stage stops before it (n_batch x n_vocab floats) or the
+          attention scores if wider (n_ctx x n_head), plus 16 activations a row (measured up
+          to 12) and some slack: 49.1 MiB measured for SmolLM2 at 256 rows, 61 predicted;
+        - output buffer: a stage that passes hidden states on flags every row as output, so it
+          holds n_batch rows of logits; the last stage holds one row per session.
+        """
+        rows = n_batch or STAGE_BATCH
         kv = self.kv_bytes_per_token_layer * (end - first) * n_ctx * sessions
-        compute = 32 * _MIB + (self.n_vocab * 4 * 64 if last else 0)
-        return self.weights(first, end, last) + kv + compute
+        widest = max(self.n_vocab, n_ctx * self.n_head) + 16 * (self.hidden_bytes // 4)
+        compute = rows * 4 * widest + _COMPUTE_SLACK
+        output = self.n_vocab * 4 * (sessions if last else rows)
+        return sum(self.layer_bytes[first:end]) + self.global_bytes + kv + compute + output
+
+    def smallest_stage(self, n_ctx: int, sessions: int = 1) -> int:
+        """Bytes of the cheapest stage any plan can have (one span between split points)."""
+        points = [0, *sorted(p for p in self.allowed if 0 < p < self.n_layers), self.n_layers]
+        return min(
+            self.memory(a, b, b == self.n_layers, n_ctx, sessions)
+            for a, b in itertools.pairwise(points)
+        )
 
 
 @dataclass(frozen=True)
@@ -379,12 +414,59 @@ class Planner:
         usable = [n for n in self.nodes if self._match[n][-1] > 0]
         if not usable:
             return "no node has this model (fingerprints differ): nothing can run it"
-        total = sum(self.nodes[n].free_memory for n in usable)
-        need = self.needs.memory(0, self.needs.n_layers, True, self.n_ctx, self.sessions)
-        return (
-            f"no plan fits: the model needs about {need // _MIB} MiB and the "
-            f"{len(usable)} usable node(s) offer {total // _MIB} MiB in all"
+        offers = sorted((self.nodes[n].free_memory for n in usable), reverse=True)
+        solo = self.needs.memory(0, self.needs.n_layers, True, self.n_ctx, self.sessions)
+        largest = offers[0]
+        short = (solo - largest) // _MIB + 1
+        head = (
+            f"no plan fits: the model needs about {solo // _MIB} MiB on one node, {short} MiB "
+            f"more than the largest offer ({largest // _MIB} MiB of {len(usable)} usable node(s))"
         )
+        return f"{head}; {self._what_would_fit(largest)}"
+
+    def _what_would_fit(self, largest: int) -> str:
+        """The fewest nodes of the largest offer's size that could hold the model, else the
+        least memory per node any split needs."""
+        least: tuple[int, int] | None = None
+        for k, size in enumerate(self.split_memories(MAX_STAGES)[1:], start=2):
+            if size <= largest:
+                return f"it would run on {k} nodes offering {size // _MIB + 1} MiB each"
+            if least is None or size < least[0]:
+                least = (size, k)
+        if least is None:
+            return "add a node with more memory or give it a larger --max-memory"
+        size, k = least
+        return (
+            f"no split needs less than {size // _MIB + 1} MiB per node ({k} nodes): "
+            "add nodes with more memory or give them a larger --max-memory"
+        )
+
+    def split_memory(self, k: int) -> int | None:
+        """The least memory every node must offer for the model to run on `k` nodes (the
+        largest stage of the most even split); None if the model has fewer than k spans."""
+        sizes = self.split_memories(k)
+        return sizes[k - 1] if k <= len(sizes) else None
+
+    def split_memories(self, max_k: int) -> list[int]:
+        """`split_memory(k)` for k = 1.. up to max_k (fewer if the model has fewer spans)."""
+        n = self.needs.n_layers
+        points = [0, *sorted(p for p in self.needs.allowed if 0 < p < n), n]
+        spans = range(len(points))
+        need = {
+            (h, i): self.needs.memory(points[h], points[i], i == len(points) - 1, self.n_ctx,
+                                      self.sessions)
+            for i in spans for h in range(i)
+        }  # fmt: skip
+        # worst[i]: the least largest stage covering [0, points[i]) with the stages so far.
+        inf = float("inf")
+        worst: list[float] = [0.0] + [inf] * (len(points) - 1)
+        sizes: list[int] = []
+        for _ in range(min(max_k, len(points) - 1)):
+            worst = [inf] + [
+                min(max(worst[h], need[h, i]) for h in range(i)) for i in spans if i > 0
+            ]
+            sizes.append(int(worst[-1]))
+        return sizes
 
     def assign(self, ranges: list[tuple[int, int]], connected: Iterable[str] | None = None) -> Plan:
         """Put hand-chosen layer ranges on nodes: the head first, the rest where they fit best."""

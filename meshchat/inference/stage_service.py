@@ -40,6 +40,7 @@ from meshchat.inference.capabilities import (
     plan_profile,
 )
 from meshchat.inference.local_model import LocalModel
+from meshchat.inference.planner import STAGE_BATCH
 from meshchat.inference.protocol import PlanRefused, StageRole, check_plan, sampling_from_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
@@ -140,7 +141,7 @@ class StageService:
         model: LocalModel | None,
         data: DataDir,
         threads: int,
-        n_batch: int = 512,
+        n_batch: int = STAGE_BATCH,
     ) -> None:
         self.node = node
         self.model = model
@@ -169,6 +170,7 @@ class StageService:
         node.on_arrival(wire.Cancel, self._on_cancel)
         node.add_listener(self._on_event)
         self._worker = asyncio.ensure_future(self._work())
+        self._publish_memory()
         if self.model is not None:
             node.set_status(None, self.model.status())
             self._calibration = asyncio.ensure_future(self._calibrate())
@@ -216,7 +218,7 @@ class StageService:
                 calib = await asyncio.wait_for(asyncio.shield(self._calibration), 120)
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
-        caps = local_caps(str(self.node.node_id), self.model, calib, rtts, peers)
+        caps = local_caps(str(self.node.node_id), self.model, calib, rtts, peers, self._holding)
         return wire.Ack(body=caps.to_json())
 
     # -- plans ---------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ class StageService:
             return wire.Error(exc.code, str(exc))
         assert role is not None
         current = self._assignment
-        budget = free_memory() + (current.role.memory if current else 0)  # ours is freed first
+        budget = free_memory(self._holding)  # ours is freed first
         if role.memory > budget:
             return wire.Error(
                 Code.MEMORY,
@@ -288,7 +290,10 @@ class StageService:
                 )
             except MeshchatError as exc:
                 return wire.Error(Code.LOAD, f"cannot load layers [{role.first},{role.end}): {exc}")
+            if (refusal := await self._over_budget(stage, budget)) is not None:
+                return refusal
         self._assignment = _Assignment(msg.plan_id, head, role, msg.dtype, stage, options)
+        self._publish_memory()
         self.node.set_status((role.first, role.end), model.status())
         self.node.engine = {**(self.node.engine or {}), "running": options.profile.to_json()}
         load_s = time.perf_counter() - started
@@ -296,6 +301,38 @@ class StageService:
         return wire.Ack(
             body={"layers": [role.first, role.end], "n_ctx": stage.n_ctx, "load_s": load_s}
         )
+
+    async def _over_budget(self, stage: Stage, budget: int) -> wire.Error | None:
+        """Refuse a loaded stage whose measured buffers exceed the budget (the estimate was
+        wrong): free it now, before its buffers are touched and the machine swaps."""
+        used = stage.memory
+        if used.total <= budget:
+            return None
+        await self._run(stage.close)
+        self.node.set_status(None, self.model.status() if self.model else None)
+        self._publish_memory()
+        layers = stage.layers
+        log.info("layers %s measured %d MiB, over the budget", layers, used.total >> 20)
+        return wire.Error(
+            Code.MEMORY,
+            f"layers {layers} measured {used.total >> 20} MiB after load (weights "
+            f"{used.weights >> 20}, KV {used.kv >> 20}, buffers "
+            f"{(used.compute + used.output) >> 20}); node {self.node.node_id.short} has "
+            f"{budget >> 20} MiB",
+        )
+
+    @property
+    def _holding(self) -> int:
+        """Bytes the stage this node holds uses (measured after its load)."""
+        return self._assignment.stage.memory.total if self._assignment else 0
+
+    def _publish_memory(self) -> None:
+        """What this node offers, what its stage uses (as llama.cpp reported its buffers) and
+        so what is left: in the status file and the peers' tables."""
+        used = self._assignment.stage.memory if self._assignment else None
+        total = used.total if used else 0
+        offer = free_memory(total)
+        self.node.set_memory(wire.MemoryReport(offer, total), used.to_json() if used else None)
 
     def _load(self, model: LocalModel, first: int, end: int, options: StageOptions) -> Stage:
         path = model.stage_file(self.data, first, end)
@@ -306,6 +343,7 @@ class StageService:
         if assignment is not None:
             await self._run(assignment.stage.close)
         self.node.set_status(None, self.model.status() if self.model else None)
+        self._publish_memory()
 
     async def _drop_sessions(self, which: Callable[[_Session], bool]) -> None:
         a = self._assignment

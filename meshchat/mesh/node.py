@@ -74,6 +74,7 @@ class Peer:
     addresses: list[str] = field(default_factory=list)  # where it says it listens (hints)
     layers: tuple[int, int] | None = None
     model: dict[str, Any] | None = None
+    memory: wire.MemoryReport | None = None  # what it offers and uses, as it says
     rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))
     conn: Connection | None = field(default=None, repr=False)
     next_dial: float = 0.0
@@ -101,7 +102,14 @@ class Peer:
             "state": self.state.value,
             "via": self.via,
             "layers": list(self.layers) if self.layers else None,
+            "memory": _memory_json(self.memory),
         }
+
+
+def _memory_json(report: wire.MemoryReport | None) -> dict[str, int] | None:
+    if report is None:
+        return None
+    return {"offer": report.offer, "used": report.used, "left": report.offer - report.used}
 
 
 class Refused(MeshchatError):
@@ -156,6 +164,9 @@ class Node:
         self._model: dict[str, Any] | None = None
         # The engine profile this node chose and the one its stage runs with (status file only).
         self.engine: dict[str, Any] | None = None
+        self._memory: wire.MemoryReport | None = None
+        # Where its stage's memory goes: weights, kv, compute, output (status file only).
+        self.memory_detail: dict[str, int] | None = None
         self._discovery_factory = discovery
         self.discovery: Any = None
         self._started = False
@@ -308,6 +319,15 @@ class Node:
         for node in self.connected():
             self._spawn(self._send_quiet(node, self._status_msg()))
 
+    def set_memory(self, report: wire.MemoryReport, detail: dict[str, int] | None = None) -> None:
+        """What this node offers and uses; shared with every connected peer (when it changes)."""
+        self.memory_detail = detail
+        if report == self._memory:
+            return
+        self._memory = report
+        for node in self.connected():
+            self._spawn(self._send_quiet(node, self._status_msg()))
+
     @property
     def layers(self) -> tuple[int, int] | None:
         return self._layers
@@ -317,7 +337,7 @@ class Node:
         return self._model
 
     def _status_msg(self) -> wire.Status:
-        return wire.Status(list(self._layers) if self._layers else None, self._model)
+        return wire.Status(list(self._layers) if self._layers else None, self._model, self._memory)
 
     async def _send_quiet(self, node: NodeId, msg: wire.Message) -> None:
         with contextlib.suppress(ConnectionLost):
@@ -630,6 +650,7 @@ class Node:
         layers = msg.layers
         peer.layers = (layers[0], layers[1]) if layers and len(layers) == 2 else None
         peer.model = msg.model
+        peer.memory = msg.memory
         self._emit("status", node)
 
     def _on_peers(self, msg: wire.Peers) -> None:
@@ -796,8 +817,13 @@ class Node:
             "model": self._model,
             "layers": list(self._layers) if self._layers else None,
             "engine": self.engine,
+            "memory": self._memory_status(),
             "peers": [p.to_json() for p in self.peers()],
         }
+
+    def _memory_status(self) -> dict[str, Any] | None:
+        shared = _memory_json(self._memory)
+        return None if shared is None else {**shared, "stage": self.memory_detail}
 
 
 _MAX_PEER_ADDRESSES = 8  # addresses taken from a peer, and kept per peer

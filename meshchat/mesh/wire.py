@@ -148,13 +148,30 @@ class Pong(Message):
     seq: int
 
 
+MAX_MEMORY_BYTES = 1 << 56  # 64 PiB, beyond any machine: a larger figure is refused
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What a node offers the mesh and what its stage uses (llama.cpp's buffers, measured
+    after load), in bytes: for the peers table (the planner asks CapsQuery for offers)."""
+
+    offer: int
+    used: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.offer <= MAX_MEMORY_BYTES, "memory offer out of range")
+        _require(0 <= self.used <= MAX_MEMORY_BYTES, "memory use out of range")
+
+
 @dataclass(frozen=True)
 class Status(Message):
-    """What a node runs: its layer range and model, set by the layer above."""
+    """What a node runs: its layer range and model, set by the layer above, and its memory."""
 
     TYPE: ClassVar[MsgType] = MsgType.STATUS
     layers: list[int] | None = None
     model: dict[str, Any] | None = None
+    memory: MemoryReport | None = None
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,7 @@ class MeshMixin(AppBase):
     def on_planning_ready(self, event: msg.PlanningReady) -> None:
         self.planning = event.planning
         self.split.predictor = event.planning.predict
+        self.split.memory = event.planning.memory
         self._publish_status()
         self._refresh_peers()
         for note in event.planning.notes:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from meshchat.config import load_config, user_themes_dir
 from meshchat.errors import MeshchatError, UsageError
+from meshchat.inference import memory_budget
+from meshchat.inference.local_model import LocalModel
 from meshchat.model.store import ModelStore, StoreError
 from meshchat.paths import DataDir
 from meshchat.tui.theming import BUILTIN_DIR
@@ -25,6 +27,7 @@ def run_tui(args: argparse.Namespace) -> int:
         raise UsageError("--api is served by `meshchat --headless`; the app does not serve it")
     data = DataDir.resolve(args.data_dir)
     config = load_config()
+    budget = memory_budget.apply(args.max_memory, config.max_memory)
     model_path: Path | None = None
     model_error = ""
     wanted = args.model or config.model or None
@@ -32,6 +35,8 @@ def run_tui(args: argparse.Namespace) -> int:
         model_path = ModelStore(data.models).resolve(wanted)
     except StoreError as exc:
         model_error = str(exc)
+    if budget is not None and model_path is not None:
+        memory_budget.check_fits(LocalModel.open(model_path, data), config.context_size)
     options = AppOptions(
         data=data,
         config=config,

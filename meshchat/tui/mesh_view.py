@@ -34,6 +34,7 @@ class PeerRow:
     state: str  # idle | loading | serving | connecting | lost | nearby
     member: bool
     model: str = ""  # the model file the node runs (name), if it said
+    memory: str = ""  # "used/offer MiB": its stage's measured use and what it offers the mesh
 
 
 class MeshView(Protocol):
@@ -64,6 +65,11 @@ class MeshView(Protocol):
     def planning_node(self) -> Node | None:
         """The real mesh node, for the planner (None: this mesh cannot run stages)."""
         ...
+
+
+def memory_cell(offer: int, used: int) -> str:
+    """The peers table's memory cell: what the stage uses of what the node offers."""
+    return f"{used >> 20}/{offer >> 20} MiB"
 
 
 def _state(state: PeerState, layers: tuple[int, int] | None) -> str:
@@ -117,6 +123,7 @@ class NodeMesh:
                     state=_state(peer.state, peer.layers),
                     member=peer.state is not PeerState.NEARBY,
                     model=str(model.get("name") or model.get("path") or ""),
+                    memory=memory_cell(peer.memory.offer, peer.memory.used) if peer.memory else "",
                 )
             )
         return rows

@@ -104,6 +104,20 @@ class MeshPlanning:
     def predict(self, split: SplitPlan) -> float | None:
         return self.predict_plan(self.to_plan(split))
 
+    def memory(self, split: SplitPlan) -> list[str]:
+        """Per stage: the memory it needs (the planner's estimate) of what its node offers,
+        e.g. "174/180 MiB"; empty until the planner knows every node of the plan."""
+        planner = self.planner
+        plan = self.to_plan(split)
+        if planner is None or any(s.node not in planner.nodes for s in plan.stages):
+            return []
+        labels = []
+        for s in plan.stages:
+            last = s.end == planner.needs.n_layers
+            need = planner.needs.memory(s.first, s.end, last, planner.n_ctx, planner.sessions)
+            labels.append(f"{need >> 20}/{planner.nodes[s.node].free_memory >> 20} MiB")
+        return labels
+
     def violations(self, split: SplitPlan) -> list[str]:
         """Why the plan cannot run on the mesh now (empty: it can)."""
         if self.planner is None:

@@ -25,6 +25,7 @@ COLUMNS = (
     ("share", "Time share"),
     ("address", "Address"),
     ("via", "Found via"),
+    ("memory", "Memory used/offered"),
 )
 _STATE = 3  # index of the state column (coloured by state)
 
@@ -70,7 +71,8 @@ class PeersTable(DataTable[Text]):
     def _cells_for(self, row: PeerRow, share: str) -> tuple[str, ...]:
         layers = f"[{row.layers[0]},{row.layers[1]})" if row.layers else "—"
         via = row.via if row.member else f"{row.via}, not a member"
-        return (row.name, _rtt(row.rtt_ms), layers, row.state, share, row.address or "—", via)
+        cells = (row.name, _rtt(row.rtt_ms), layers, row.state, share, row.address or "—", via)
+        return (*cells, row.memory or "—")
 
     def sync(self, rows: Sequence[PeerRow], shares: Mapping[str, str] | None = None) -> None:
         """Make the table show `rows`: update changed cells, add new rows, drop gone ones."""

@@ -71,6 +71,8 @@ class SplitEditor(Widget, can_focus=True):
         self.is_error = False
         # Predicted tok/s of a plan, from the mesh planner (None until it knows the nodes).
         self.predictor: Callable[[SplitPlan], float | None] | None = None
+        # Per stage, "needed/offered MiB" on its node, from the planner (None until then).
+        self.memory: Callable[[SplitPlan], list[str]] | None = None
 
     # --- state from the app -----------------------------------------------------------------
 
@@ -242,12 +244,15 @@ class SplitEditor(Widget, can_focus=True):
         colours = [self._colour(s.node, order) for s in plan.segments]
         head = Text(no_wrap=True, overflow="ellipsis")
         head.append("Layers ", style="bold")
+        memory = self.memory(plan) if self.memory is not None else []
         for i, seg in enumerate(plan.segments):
             if i:
                 head.append("  ")
             name = self.names.get(seg.node, seg.node[:10])
             style = Style(color=colours[i], bold=i == self.selected, underline=i == self.selected)
             head.append(f"{seg.label()} {name}", style=style)
+            if i < len(memory):
+                head.append(f" {memory[i]}", style="dim")
         predicted = plan.predicted_tok_s
         if predicted is None and self.predictor is not None:
             predicted = self.predictor(plan)
