@@ -416,7 +416,7 @@ class LayerFetcher:
             raise _BadSource(f"a {reply.TYPE.name} reply to a layer request")
         if reply.offset != offset or (total is not None and reply.total != total):
             raise _BadSource("a chunk from the wrong place")
-        if total is not None and len(reply.data) != length or not reply.data:
+        if (total is not None and len(reply.data) != length) or not reply.data:
             raise _BadSource("a chunk of the wrong length")
         return reply
 
