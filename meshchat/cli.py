@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api", metavar="HOST:PORT", help="serve the OpenAI-compatible API")
     parser.add_argument("--api-key", metavar="KEY", help="bearer key the API requires")
     parser.add_argument(
+        "--accept-layers",
+        metavar="SIZE",
+        help="take layers from peers when planned without the model, up to SIZE on disk (4G)",
+    )
+    parser.add_argument(
         "--api-allow-no-key",
         action="store_true",
         help="let --api serve a non-loopback address without a key (anyone there may use it)",

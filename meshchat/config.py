@@ -13,6 +13,7 @@ listen = ""                     # where the in-app node listens; "" = port 47470
 mdns = true                     # find peers on the LAN by multicast DNS
 system_prompt = ""              # for new chats
 api_key = ""                    # bearer key the HTTP API requires (--api-key wins); "" = none
+accept_layers = ""              # disk budget for layers fetched from peers, e.g. "4G"; "" = none
 
 [sampling]                      # defaults for new chats; each chat keeps its own copy
 temperature = 0.7
@@ -122,6 +123,7 @@ class Config:
     mdns: bool = True
     system_prompt: str = ""
     api_key: str = ""
+    accept_layers: str = ""  # headless: like --accept-layers (a size); "" = takes no layers
     sampling: ChatSettings = field(default_factory=ChatSettings)
     keys: dict[str, str] = field(default_factory=dict)
     # Not saved: where the file lives and what was wrong with it.
@@ -143,6 +145,7 @@ class Config:
             "mdns": self.mdns,
             "system_prompt": self.system_prompt,
             "api_key": self.api_key,
+            "accept_layers": self.accept_layers,
             "sampling": self.sampling.to_dict(),
             "keys": dict(self.keys),
         }
@@ -158,6 +161,7 @@ _SCALARS: dict[str, type] = {
     "mdns": bool,
     "system_prompt": str,
     "api_key": str,
+    "accept_layers": str,
 }
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,3 +478,33 @@ class LayerFetcher:
         self._last_save, self._unsaved = now, 0
         os.fdatasync(self._fd)  # the record never claims bytes the disk does not hold
         atomic_write_text(self._state_path, json.dumps(self._state))
+
+
+# -- one node's seeding state ----------------------------------------------------------------
+
+
+class Seeding:
+    """A node's side of seeding: the files it serves, who may fetch, the transfer running."""
+
+    def __init__(self, node: Node) -> None:
+        self.permits = SeedPermits()
+        self.server = LayerServer(node, self.permits)
+        self.server.start()
+        self.progress: Progress | None = None  # the transfer running (or last run) here
+
+
+_SEEDING: weakref.WeakKeyDictionary[Node, Seeding] = weakref.WeakKeyDictionary()
+
+
+def seeding_for(node: Node) -> Seeding:
+    """The node's seeding state, made (and its LayerFetch handler installed) on first use."""
+    seeding = _SEEDING.get(node)
+    if seeding is None:
+        seeding = _SEEDING[node] = Seeding(node)
+    return seeding
+
+
+def seeding_progress(node: Node) -> dict[str, Any] | None:
+    """The node's transfer in progress or last done, for the status file (None: none yet)."""
+    seeding = _SEEDING.get(node)
+    return None if seeding is None or seeding.progress is None else seeding.progress.to_json()
