@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -103,6 +104,30 @@ async def test_slice_arrives_verified_and_identical(
     # Once: asking again reads the store, no byte travels.
     again = LayerFetcher(fetcher, model[1], RANGE, store, [servers[0][0].node_id])
     assert await again.run() == path and again.progress.fetched == 0
+
+
+def _model_cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshchat.cli", "model", *args, "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+async def test_model_list_shows_seeded_slices_and_rm_frees_them(
+    mesh: MeshNodes, model: tuple[GGUFHeader, Fingerprint], tmp_path: Path
+) -> None:
+    fetcher, [(seed, _)] = await _seeders(mesh, model, 1)
+    data = tmp_path / "data"
+    store = SeedStore.in_store(data / "models")
+    path = await LayerFetcher(fetcher, model[1], RANGE, store, [seed.node_id]).run()
+    listed = _model_cli(data, "list")
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if path.name in line)
+    assert f"seeded layers {RANGE}" in line and str(seed.node_id)[:12] in line and "MB" in line
+    assert _model_cli(data, "rm", "nothing-like-this").returncode == 2
+    removed = _model_cli(data, "rm", model[1].model[:12])
+    assert removed.returncode == 0, removed.stderr
+    assert not path.exists() and store.slices() == [] and store.used() == 0
 
 
 async def test_unplanned_range_and_unoffered_model_refused(

@@ -65,7 +65,7 @@ def open_seeded(entry: SeededSlice) -> SeededModel:
 
 
 def seed_store(data: DataDir, budget: int) -> SeedStore:
-    return SeedStore(data.models / "seeded", budget or None)
+    return SeedStore.in_store(data.models, budget or None)
 
 
 def seeded_profile(model: SeededModel, threads: int, flash_attn: bool) -> EngineProfile:

@@ -66,6 +66,11 @@ class SeedStore:
         self.directory = directory
         self.budget = budget  # bytes seeded slices (and transfers) may take; None: no limit
 
+    @classmethod
+    def in_store(cls, models: Path, budget: int | None = None) -> SeedStore:
+        """The seeded slices kept in the model store at `models`."""
+        return cls(models / "seeded", budget)
+
     @property
     def partial_dir(self) -> Path:
         return self.directory / "partial"
