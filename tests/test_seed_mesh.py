@@ -4,15 +4,17 @@ text equals the solo text."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshchat.mesh.layer_transfer import CORRUPT_ENV
 from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 TOKENS = "48"
@@ -95,3 +97,29 @@ def test_worker_without_accept_layers_gets_no_layers(
     assert not (bare.dir / "models" / "seeded").exists()
     wait_for(lambda: read_json(bare.status), what="status")
     assert "seeding" not in read_json(bare.status)
+
+
+def test_corrupt_sender_is_caught_and_another_member_sends(
+    cluster: Cluster, smollm2: Path, tmp_path: Path
+) -> None:
+    """The head's server spoils every chunk of the token embeddings (test hook): the bare worker
+    names it in one line, fetches the layers from the other member, and the text is solo's."""
+    cluster.add(smollm2)
+    bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+    cluster.workers.append(bare)
+    wait_for(bare.ready, what="bare worker ready")
+    cluster.wait_connected()
+    # Four stages on four nodes: the bare worker is sure to take one. Three processes
+    # calibrate first on this shared machine: a longer wait than Cluster.generate's.
+    result = subprocess.run(
+        cluster.head_args(PROMPT, smollm2, "head", "--max-tokens", TOKENS, "--split", "8,16,23"),
+        env={**ENV, CORRUPT_ENV: "token_embd"}, capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + bare.log.read_text()
+    assert result.stdout == _solo(smollm2, tmp_path)
+    blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
+    assert len(blamed) == 1 and "globals does not match the fingerprint" in blamed[0]
+    (entry,) = (bare.dir / "models" / "seeded").glob("*.json")
+    origin = json.loads(entry.read_text())["origin"]
+    # An honest holder sent the embeddings (the head sent the header, which was fine).
+    assert {w.node_id for w in cluster.workers[:2]} & set(origin)

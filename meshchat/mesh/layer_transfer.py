@@ -379,20 +379,40 @@ class LayerFetcher:
                     skipped += length
                     continue
                 chunks.append((tensor, offset, length))
-        for i in range(0, len(chunks), WINDOW):
-            batch = chunks[i : i + WINDOW]
-            replies = await asyncio.gather(
-                *(self._request(source, t.name, off, t.n_bytes, length) for t, off, length in batch)
-            )
-            for (tensor, offset, _length), reply in zip(batch, replies, strict=True):
+        # A sliding window: WINDOW requests in flight; bytes count for the resume record only
+        # once every chunk before them has arrived (a restart continues from that prefix).
+        arrived = [False] * len(chunks)
+        prefix, start = 0, done
+        todo = iter(range(len(chunks)))
+
+        async def lane() -> None:
+            nonlocal prefix, done
+            for i in todo:
+                tensor, offset, length = chunks[i]
+                reply = await self._request(source, tensor.name, offset, tensor.n_bytes, length)
                 os.pwrite(self._fd, reply.data, tensor.offset + offset)
-                done += len(reply.data)
-                self.progress.done += len(reply.data)
-                self.progress.fetched += len(reply.data)
-                self._unsaved += len(reply.data)
-            self._state["bytes"][unit.key] = done
-            self._save()
-            self._on_progress(self.progress)
+                arrived[i] = True
+                self.progress.done += length
+                self.progress.fetched += length
+                self._unsaved += length
+                while prefix < len(chunks) and arrived[prefix]:
+                    done += chunks[prefix][2]
+                    prefix += 1
+                self._state["bytes"][unit.key] = done
+                self._save()
+                self._on_progress(self.progress)
+
+        lanes = [asyncio.ensure_future(lane()) for _ in range(min(WINDOW, len(chunks)))]
+        try:
+            for finished in asyncio.as_completed(lanes):
+                await finished  # the first failure stops the others (finally)
+        finally:
+            for task in lanes:
+                task.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+            # Bytes past the prefix are on disk but not in the record: count what it says.
+            got = sum(c[2] for c, ok in zip(chunks, arrived, strict=True) if ok)
+            self.progress.done -= got - (done - start)
 
     async def _verify(self, header: GGUFHeader, unit: Unit) -> None:
         want = self.fp.globals if unit.layer is None else self.fp.layers[unit.layer]
