@@ -239,6 +239,7 @@ class LayerFetcher:
         self._fd = -1
         self._last_save = 0.0
         self._unsaved = 0
+        self._saving = False
         self._unit_source: dict[str, str] = {}
 
     # -- entry point
@@ -399,7 +400,7 @@ class LayerFetcher:
                     done += chunks[prefix][2]
                     prefix += 1
                 self._state["bytes"][unit.key] = done
-                self._save()
+                await self._save_soon()
                 self._on_progress(self.progress)
 
         lanes = [asyncio.ensure_future(lane()) for _ in range(min(WINDOW, len(chunks)))]
@@ -496,8 +497,30 @@ class LayerFetcher:
         if not force and now - self._last_save < SAVE_EVERY and self._unsaved < SAVE_BYTES:
             return
         self._last_save, self._unsaved = now, 0
-        os.fdatasync(self._fd)  # the record never claims bytes the disk does not hold
-        atomic_write_text(self._state_path, json.dumps(self._state))
+        self._write_record(self._fd, json.dumps(self._state))
+
+    async def _save_soon(self) -> None:
+        """`_save` off the event loop: an fdatasync of 8 MiB can take tens of ms on a busy
+        disk, and activations for a running plan may be passing through this loop."""
+        now = time.monotonic()
+        if self._saving or (now - self._last_save < SAVE_EVERY and self._unsaved < SAVE_BYTES):
+            return
+        self._saving = True
+        self._last_save, self._unsaved = now, 0
+        # Its own fd: a cancelled fetch closes ours while the thread may still sync.
+        fd = os.dup(self._fd)
+        try:
+            await asyncio.to_thread(self._write_record, fd, json.dumps(self._state), True)
+        finally:
+            self._saving = False
+
+    def _write_record(self, fd: int, record: str, close: bool = False) -> None:
+        try:
+            os.fdatasync(fd)  # the record never claims bytes the disk does not hold
+            atomic_write_text(self._state_path, record)
+        finally:
+            if close:
+                os.close(fd)
 
 
 # -- one node's seeding state ----------------------------------------------------------------
