@@ -119,7 +119,7 @@ class LayerServer:
             for model, f in self._files.items()
         ]
 
-    def _on_fetch(self, peer: NodeId, msg: wire.LayerFetch) -> wire.Message:
+    async def _on_fetch(self, peer: NodeId, msg: wire.LayerFetch) -> wire.Message:
         offered = self._files.get(msg.model)
         if offered is None:
             return wire.Error(
@@ -140,8 +140,8 @@ class LayerServer:
             return wire.Error("refused", "chunk beyond the end of its part")
         length = min(msg.length, size - msg.offset)  # the asker learns the size from the reply
         try:
-            with header.path.open("rb") as handle:
-                data = os.pread(handle.fileno(), length, start + msg.offset)
+            # Off the event loop: a cold read may wait on the disk while activations pass.
+            data = await asyncio.to_thread(_read_at, header.path, start + msg.offset, length)
         except OSError as exc:
             return wire.Error("failed", f"cannot read the model file: {exc.strerror}")
         if len(data) != length:
@@ -149,6 +149,11 @@ class LayerServer:
         if self.corrupt and msg.part.startswith(self.corrupt):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return wire.LayerData(msg.offset, size, header.file_size, data)
+
+
+def _read_at(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as handle:
+        return os.pread(handle.fileno(), length, offset)
 
 
 # -- fetcher ---------------------------------------------------------------------------------
@@ -164,6 +169,10 @@ class Unit:
     @property
     def key(self) -> str:
         return "globals" if self.layer is None else f"layer:{self.layer}"
+
+    @property
+    def label(self) -> str:
+        return "the global tensors" if self.layer is None else f"layer {self.layer}"
 
     @property
     def size(self) -> int:
@@ -325,7 +334,7 @@ class LayerFetcher:
     async def _fetch_header(self, source: NodeId) -> None:
         first = await self._request(source, HEADER_PART, 0, None)
         if not 0 < first.total <= first.file_size <= MAX_SOURCE_FILE:
-            raise _BadSource("absurd header or file size")
+            raise _BadSource("an absurd header or file size")
         self._open()
         os.ftruncate(self._fd, first.file_size)  # sparse: only written bytes take disk
         os.pwrite(self._fd, first.data, 0)
@@ -421,7 +430,7 @@ class LayerFetcher:
         if await asyncio.to_thread(part_digest, header, unit.layer) != want:
             self.progress.done -= self._state["bytes"].pop(unit.key, 0)
             self._save(force=True)
-            raise _BadSource(f"{unit.key.replace(':', ' ')} does not match the fingerprint")
+            raise _BadSource(f"bytes for {unit.label} that do not match the fingerprint")
         self._state["verified"].append(unit.key)
         self._save(force=True)
 
