@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshchat.mesh import wire
 from meshchat.mesh.layer_transfer import (
@@ -265,3 +268,39 @@ async def test_full_disk_one_line_partial_removed(
         with pytest.raises(SeedError, match="disk budget"):
             await LayerFetcher(fetcher, model[1], RANGE, small, [seed.node_id]).run()
         assert small.slices() == [] and _partials(small) == []
+
+
+def test_layer_frames_out_of_bounds_are_protocol_errors() -> None:
+    head = wire.LAYER_DATA_HEAD
+    for body in (
+        b"\0" * 5,  # truncated header
+        head.pack(10, 5, 100) + b"x",  # chunk past the end of its part
+        head.pack(0, 100, 50) + b"x",  # part larger than the file
+    ):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_body(wire.MsgType.LAYER_DATA, body)
+    too_long = wire.encode_header(wire.MsgType.LAYER_DATA, 1) + b""
+    oversized = bytearray(too_long)
+    oversized[4:8] = (head.size + wire.MAX_LAYER_CHUNK + 1).to_bytes(4, "big")
+    with pytest.raises(wire.ProtocolError, match="exceeds limit"):
+        wire.check_header(bytes(oversized))
+    good = {"model": "m" * 64, "first": 0, "end": 4, "part": "", "offset": 0, "length": 16}
+    for bad in ({"length": 0}, {"length": wire.MAX_LAYER_CHUNK + 1}, {"first": 4}, {"end": 5000},
+                {"offset": -1}, {"part": "p" * 300}, {"model": ""}):  # fmt: skip
+        body = json.dumps({**good, **bad}).encode()
+        with pytest.raises(wire.ProtocolError):
+            wire.decode_body(wire.MsgType.LAYER_FETCH, body)
+    msg = wire.decode_body(wire.MsgType.LAYER_FETCH, json.dumps(good).encode())
+    assert msg == wire.LayerFetch("m" * 64, 0, 4, "", 0, 16)
+    data = wire.LayerData(3, 10, 20, b"abc")
+    assert wire.decode_body(wire.MsgType.LAYER_DATA, wire.encode_body(data)) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_layer_data_body_decodes_or_is_a_protocol_error(body: bytes) -> None:
+    try:
+        msg = wire.decode_body(wire.MsgType.LAYER_DATA, body)
+    except wire.ProtocolError:
+        return
+    assert isinstance(msg, wire.LayerData) and msg.offset + len(msg.data) <= msg.total

@@ -805,6 +805,7 @@ _CONTROL: dict[MsgType, type[Message]] = {
 }  # fmt: skip
 _BULK = (MsgType.TENSOR, MsgType.ACTIVATIONS, MsgType.LAYER_DATA)
 _MAX_BODY = {t: (MAX_TENSOR_BODY if t in _BULK else MAX_CONTROL_BODY) for t in MsgType}
+_MAX_BODY[MsgType.LAYER_DATA] = LAYER_DATA_HEAD.size + MAX_LAYER_CHUNK  # refused unread beyond
 
 
 def _to_json(value: Any) -> Any:
