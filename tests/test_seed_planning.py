@@ -33,6 +33,15 @@ def test_a_member_that_accepts_layers_counts_when_someone_offers_the_file() -> N
     assert plan.stages[1].node == "b"
 
 
+def test_a_small_disk_budget_keeps_big_ranges_away() -> None:
+    head = replace(caps("head", memory_mib=60), layer_files=OFFER)
+    found = with_seedable([head, bare("b", budget=30 * MIB)], head)
+    assert found[1].free_memory == 15 * MIB
+    p = planner(*found)
+    # 25 layers of 2 MiB plus KV and buffers cannot fit b's budget: refused with the reason.
+    assert p.violations(Plan((StagePlan("head", 0, 5), StagePlan("b", 5, 30))))
+
+
 def test_nobody_offers_the_file_nobody_is_counted_in() -> None:
     head = caps("head")  # runs the model but serves no file
     found = with_seedable([head, bare("b")], head)

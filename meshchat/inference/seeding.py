@@ -129,9 +129,12 @@ def with_seedable(caps: list[NodeCaps], head: NodeCaps) -> list[NodeCaps]:
             speeds = c.flash_speeds or head.flash_speeds
             decode = c.decode_s_per_byte or head.decode_s_per_byte
             prefill = c.prefill_s_per_byte or head.prefill_s_per_byte
+            # A transfer needs twice its bytes on disk for a while (the mirror, then the
+            # slice): a range the budget cannot take is not offered to the planner.
+            memory = min(c.free_memory, c.accept_layers // 2)
             c = replace(
                 c, fingerprint=fp, flash_speeds=speeds, decode_s_per_byte=decode,
-                prefill_s_per_byte=prefill,
+                prefill_s_per_byte=prefill, free_memory=memory,
             )  # fmt: skip
         out.append(c)
     return out
