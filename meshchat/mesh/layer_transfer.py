@@ -368,7 +368,11 @@ class LayerFetcher:
             try:
                 await self._fetch_unit(source, unit)
                 await self._verify(header, unit)
-            except (ConnectionLost, Refused, TimeoutError) as exc:
+            except Refused as exc:  # it does not offer the file (or not to us): ask others
+                log.info("seeding: %s", exc)
+                self.banned.add(source)
+                return
+            except (ConnectionLost, TimeoutError) as exc:
                 self._warn(f"seeding: member {source.short} stopped sending ({exc}); trying others")
                 self.banned.add(source)  # gone for this run; a restart may ask it again
                 return
