@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshchat.errors import MeshchatError
+from meshchat.config import parse_config
+from meshchat.errors import MeshchatError, UsageError
+from meshchat.headless import accept_layers_budget
 from meshchat.inference.capabilities import LayerFile, NodeCaps
 from meshchat.inference.planner import Plan, StagePlan
 from meshchat.inference.seeding import transfers, with_seedable
@@ -94,3 +97,12 @@ def test_any_layer_files_value_parses_or_is_refused(value: object) -> None:
     except MeshchatError:
         return
     assert all(0 <= f.first < f.end for f in parsed.layer_files)
+
+
+def test_accept_layers_from_flag_or_config() -> None:
+    assert accept_layers_budget(argparse.Namespace(accept_layers="1G")) == 1 << 30
+    with pytest.raises(UsageError, match="--accept-layers wants a size"):
+        accept_layers_budget(argparse.Namespace(accept_layers="lots"))
+    config = parse_config('accept_layers = "4G"\n')
+    assert config.accept_layers == "4G" and not config.problems
+    assert "accept_layers" in parse_config("accept_layers = 4\n").problems[0]
