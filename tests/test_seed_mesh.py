@@ -48,6 +48,17 @@ def cluster(smollm2: Path, tmp_path: Path) -> Iterator[Cluster]:
         cluster.close()
 
 
+def _generate(
+    cluster: Cluster, model: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A head run; the first one of a test run waits for the machine's calibration, which takes
+    minutes on this shared machine: a longer wait than Cluster.generate's."""
+    return subprocess.run(
+        cluster.head_args(PROMPT, model, "head", *extra),
+        env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+
+
 def _solo(model: Path, root: Path) -> str:
     result = subprocess.run(
         [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", TOKENS,
@@ -65,7 +76,7 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     cluster.workers.append(bare)
     wait_for(bare.ready, what="bare worker ready")
     cluster.wait_connected()
-    result = cluster.generate(PROMPT, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
+    result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
     assert result.returncode == 0, result.stderr + bare.log.read_text()
     assert result.stdout == _solo(smollm2, tmp_path)
     # The head said what the bare worker must fetch before the plan applied.
@@ -79,7 +90,7 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     assert "seeding layers" in bare.log.read_text()
     # Once: a second run loads the stored slice; nothing is fetched again.
     mtime = seeded[0].stat().st_mtime_ns
-    again = cluster.generate(PROMPT, smollm2, "--max-tokens", "8", "--split", "10,20")
+    again = _generate(cluster, smollm2, "--max-tokens", "8", "--split", "10,20")
     assert again.returncode == 0, again.stderr
     assert seeded[0].stat().st_mtime_ns == mtime
 
@@ -91,7 +102,7 @@ def test_worker_without_accept_layers_gets_no_layers(
     cluster.workers.append(bare)
     wait_for(bare.ready, what="bare worker ready")
     cluster.wait_connected()
-    result = cluster.generate(PROMPT, smollm2, "--max-tokens", "4", "--split", "10,20")
+    result = _generate(cluster, smollm2, "--max-tokens", "4", "--split", "10,20")
     # Three stages need three nodes holding the model: the bare worker does not count.
     assert result.returncode != 0
     assert not (bare.dir / "models" / "seeded").exists()
@@ -109,12 +120,9 @@ def test_corrupt_sender_is_caught_and_another_member_sends(
     cluster.workers.append(bare)
     wait_for(bare.ready, what="bare worker ready")
     cluster.wait_connected()
-    # Four stages on four nodes: the bare worker is sure to take one. Three processes
-    # calibrate first on this shared machine: a longer wait than Cluster.generate's.
-    result = subprocess.run(
-        cluster.head_args(PROMPT, smollm2, "head", "--max-tokens", TOKENS, "--split", "8,16,23"),
-        env={**ENV, CORRUPT_ENV: "token_embd"}, capture_output=True, text=True, timeout=500,
-    )  # fmt: skip
+    # Four stages on four nodes: the bare worker is sure to take one.
+    split = ("--max-tokens", TOKENS, "--split", "8,16,23")
+    result = _generate(cluster, smollm2, *split, env={CORRUPT_ENV: "token_embd"})
     assert result.returncode == 0, result.stderr + bare.log.read_text()
     assert result.stdout == _solo(smollm2, tmp_path)
     blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
