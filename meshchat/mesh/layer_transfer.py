@@ -43,7 +43,7 @@ from meshchat.mesh.node import Node, Refused
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.fingerprint import Fingerprint, config_digest, part_digest
 from meshchat.model.gguf_file import GGUFHeader, ModelFileError, TensorEntry, read_header
-from meshchat.model.seeded import SeedStore, SeedStoreError, remove_quietly
+from meshchat.model.seeded import SeedStore, remove_quietly
 from meshchat.model.slices import LayerRange, write_slice
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,9 @@ class LayerFetcher:
             if not self._state.get("header"):
                 self._discard()  # nothing worth resuming
             raise
-        except (SeedStoreError, ModelFileError) as exc:
+        except MeshchatError as exc:  # over budget, a bad mirror, or writing the slice failed
             self._discard()
-            raise SeedError(str(exc)) from None
+            raise SeedError(f"{exc}; partial file removed") from None
         finally:
             self._close()
 
