@@ -55,10 +55,11 @@ def test_transfers_list_only_nodes_without_the_file_with_their_bytes() -> None:
     raw = [replace(caps("head"), layer_files=OFFER), bare("b"), caps("c")]
     plan = Plan((StagePlan("head", 0, 10), StagePlan("b", 10, 20), StagePlan("c", 20, 30)))
     (t,) = transfers(plan, raw, NEEDS)
-    assert (t.node, t.first, t.end, t.bytes) == ("b", 10, 20, 20 * MIB)
-    assert "layers [10,20) from the LAN first: 21 MB" in t.note()
+    # Ten layers and the global tensors (counted as the output matrix).
+    assert (t.node, t.first, t.end, t.bytes) == ("b", 10, 20, 20 * MIB + 30 * MIB)
+    assert "layers [10,20) from the LAN first: 52 MB" in t.note()
     last = Plan((StagePlan("head", 0, 10), StagePlan("b", 10, 30)))
-    assert transfers(last, raw, NEEDS)[0].bytes == 40 * MIB + 30 * MIB  # with the output
+    assert transfers(last, raw, NEEDS)[0].bytes == 40 * MIB + 30 * MIB
 
 
 def test_caps_round_trip_layer_files_and_budget() -> None:

@@ -173,6 +173,7 @@ def transfers(plan: Plan, caps: list[NodeCaps], needs: ModelNeeds) -> list[Trans
             c.fingerprint is not None and c.fingerprint.layers_match(fp, s.first, s.end)
         ):
             continue
-        last = s.end == needs.n_layers
-        found.append(Transfer(s.node, s.first, s.end, needs.weights(s.first, s.end, last)))
+        # Every slice carries the global tensors (the fetch checks them all against the
+        # fingerprint): counted as the output matrix, which is the embeddings when tied.
+        found.append(Transfer(s.node, s.first, s.end, needs.weights(s.first, s.end, True)))
     return found
