@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api", metavar="HOST:PORT", help="serve the OpenAI-compatible API")
     parser.add_argument("--api-key", metavar="KEY", help="bearer key the API requires")
     parser.add_argument(
+        "--accept-layers",
+        metavar="SIZE",
+        help="take layers from peers when planned without the model, up to SIZE on disk (4G)",
+    )
+    parser.add_argument(
         "--api-allow-no-key",
         action="store_true",
         help="let --api serve a non-loopback address without a key (anyone there may use it)",
@@ -124,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pull)
     lst = model_commands.add_parser("list", help="models in the store")
     _add_common(lst)
+    rm = model_commands.add_parser("rm", help="delete seeded slices (layers from peers)")
+    _add_common(rm)
+    rm.add_argument("name", metavar="NAME", help="a seeded file name, a fingerprint prefix, or all")
     info = model_commands.add_parser("info", help="what is in a GGUF file")
     _add_common(info)
     info.add_argument("path", metavar="PATH", nargs="?")

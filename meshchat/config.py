@@ -82,6 +82,9 @@ CONFIG_SCHEMA: tuple[Setting, ...] = (
     Setting("system_prompt", str, "", "for new chats"),
     Setting("api_key", str, "", 'bearer key the HTTP API requires (--api-key wins); "" = none'),
     Setting("max_memory", str, "", 'what this node offers the mesh, e.g. "2G" (--max-memory wins)'),
+    Setting(
+        "accept_layers", str, "", 'disk budget for layers fetched from peers, e.g. "4G"; "" = none'
+    ),
 )
 
 # [sampling]: defaults for new chats; each chat keeps its own copy. The one place the
@@ -159,6 +162,7 @@ class Config:
     system_prompt: str = _CONFIG["system_prompt"].default
     api_key: str = _CONFIG["api_key"].default
     max_memory: str = _CONFIG["max_memory"].default  # a size like "2G"; "" = 90% of available RAM
+    accept_layers: str = _CONFIG["accept_layers"].default  # headless: like --accept-layers
     sampling: ChatSettings = field(default_factory=ChatSettings)
     keys: dict[str, str] = field(default_factory=dict)
     # Not saved: where the file lives and what was wrong with it.

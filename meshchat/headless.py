@@ -120,11 +120,13 @@ async def serve(
             api = await _start_api(args, node, data_dir, service, inviter)
         if on_ready is not None:
             await on_ready(node)
+        shown: dict[str, Any] | None = None
         while not stop.is_set():
             if layers is not None or model is not None:
                 node.set_status(
                     layers() if layers else node.layers, model() if model else node.model
                 )
+            shown = _show_seeding(node, shown)
             if args.status_file:
                 write_status(node, args.status_file)
             with contextlib.suppress(TimeoutError):
@@ -167,9 +169,26 @@ async def _start_stage_service(
         memory_budget.check_fits(model)  # a worker takes any context: the smallest a head plans
     threads_env = os.environ.get("MESHCHAT_THREADS", "")
     threads = thread_count(int(threads_env) if threads_env.isdigit() else None)
-    service = StageService(node, model, data, threads)
+    budget = accept_layers_budget(args)
+    if budget and model is None:
+        note = f"no model file: this node takes layers from peers (up to {budget >> 20} MiB)"
+    service = StageService(node, model, data, threads, accept_layers=budget)
     await service.start()
     return service, note
+
+
+def accept_layers_budget(args: argparse.Namespace) -> int:
+    """`--accept-layers SIZE`, else `accept_layers` in config.toml, in bytes; 0: none."""
+    from meshchat.config import load_config
+    from meshchat.inference.capabilities import parse_size
+
+    text = getattr(args, "accept_layers", None) or load_config().accept_layers
+    if not text:
+        return 0
+    try:
+        return max(parse_size(text), 0)
+    except UsageError:
+        raise UsageError(f"--accept-layers wants a size like 500M or 4G, got {text!r}") from None
 
 
 async def _start_api(
@@ -199,4 +218,26 @@ def _path(text: str) -> Path:
 
 
 def write_status(node: Node, path: str) -> None:
-    atomic_write_text(_path(path), json.dumps(node.status(), indent=1) + "\n")
+    from meshchat.mesh.layer_transfer import seeding_progress
+
+    status = node.status()
+    seeding = seeding_progress(node)
+    if seeding is not None:
+        status["seeding"] = seeding  # a layer transfer: bytes, total, rate, time left
+    atomic_write_text(_path(path), json.dumps(status, indent=1) + "\n")
+
+
+def _show_seeding(node: Node, shown: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One stderr line per status tick while layers arrive from peers (rate, time left)."""
+    from meshchat.mesh.layer_transfer import seeding_progress
+
+    now = seeding_progress(node)
+    if now is None or now == shown or (shown is not None and shown["bytes"] == now["bytes"]):
+        return shown
+    eta = "" if now["eta_s"] is None else f", {now['eta_s']:.0f} s left"
+    first, end = now["layers"]
+    _say(
+        f"seeding layers [{first},{end}): {now['bytes'] >> 20}/{now['total'] >> 20} MiB "
+        f"at {now['rate_mb_s']:.1f} MB/s from {now['sources']} member(s){eta}"
+    )
+    return now

@@ -1,11 +1,14 @@
-"""`meshchat model pull|list|info [PATH]`: the model store."""
+"""`meshchat model pull|list|rm|info [PATH]`: the model store, and the slices seeded from
+peers (issue 14), which `list` shows with their origin and size and `rm` frees."""
 
 from __future__ import annotations
 
 import argparse
 
+from meshchat.errors import UsageError
 from meshchat.model.fingerprint import FingerprintCache
 from meshchat.model.gguf_file import read_header
+from meshchat.model.seeded import SeedStore
 from meshchat.model.spec import spec_from_header
 from meshchat.model.store import DEFAULT_MODEL, ModelStore
 from meshchat.paths import DataDir
@@ -20,7 +23,8 @@ def run_model(args: argparse.Namespace) -> int:
         return 0
     if args.model_command == "list":
         models = store.models()
-        if not models:
+        seeded = SeedStore.in_store(data.models).slices()
+        if not models and not seeded:
             print(f"no models in {store.directory} (run `meshchat model pull`)")
         for path in models:
             header = read_header(path)
@@ -29,6 +33,19 @@ def run_model(args: argparse.Namespace) -> int:
                 f"{path.name}  {spec.arch}  {spec.n_layers} layers  {spec.main_quant}  "
                 f"{_size(spec.file_size)}  {path}"
             )
+        for entry in seeded:
+            origin = ", ".join(o[:12] for o in entry.origin) or "?"
+            print(
+                f"{entry.name}  seeded layers {entry.layers} of {entry.fingerprint.short}  "
+                f"{_size(entry.size)}  from {origin}  {entry.path}"
+            )
+        return 0
+    if args.model_command == "rm":
+        removed = SeedStore.in_store(data.models).remove(args.name)
+        if not removed:
+            raise UsageError(f"no seeded slice matches {args.name!r} (see `meshchat model list`)")
+        for path in removed:
+            print(f"removed {path}")
         return 0
     path = store.resolve(args.path)
     header = read_header(path)

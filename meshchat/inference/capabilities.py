@@ -45,6 +45,14 @@ class NodeCaps:
     # Its speeds with flash attention on and off (only the values it runs safely): a plan
     # fixes that setting for every stage, and the planner predicts each value from these.
     flash_speeds: dict[bool, Speed] = field(default_factory=dict)
+    # Model files it serves to planned members (issue 14), and the disk budget (bytes) it
+    # gives to layers fetched from peers; 0: it takes no layers over the network.
+    layer_files: tuple[LayerFile, ...] = ()
+    accept_layers: int = 0
+
+    def offers(self, model: str, first: int, end: int) -> bool:
+        """Whether this node can send layers [first, end) of `model` as a file."""
+        return any(f.model == model and f.first <= first and end <= f.end for f in self.layer_files)
 
     def for_flash(self, flash_attn: bool) -> NodeCaps | None:
         """This node's offer to a plan with this flash attention setting (None: unsafe here)."""
@@ -72,6 +80,8 @@ class NodeCaps:
                 _FLASH_KEYS[flash]: [speed.decode_s_per_byte, speed.prefill_s_per_byte]
                 for flash, speed in self.flash_speeds.items()
             },
+            "layer_files": [[f.model, f.first, f.end] for f in self.layer_files],
+            "accept_layers": self.accept_layers,
         }
 
     @classmethod
@@ -105,7 +115,48 @@ class NodeCaps:
             model_path=str(data.get("model_path", ""))[:4096],
             peers=tuple(str(p) for p in list(data.get("peers") or [])[:1024]),
             flash_speeds=flash_speeds,
+            layer_files=_parse_layer_files(node_id, data.get("layer_files")),
+            accept_layers=_parse_budget(node_id, data.get("accept_layers", 0)),
         )
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """Layers [first, end) of the model with fingerprint digest `model`, servable as a file."""
+
+    model: str
+    first: int
+    end: int
+
+
+MAX_LAYER_FILES = 64  # files one node advertises
+_MAX_DIGEST = 128
+_MAX_LAYERS = 4096
+
+
+def _parse_layer_files(node_id: str, raw: Any) -> tuple[LayerFile, ...]:
+    """[[digest, first, end], ...] → LayerFiles; anything malformed is refused whole."""
+    if raw is None:
+        return ()
+    try:
+        if not isinstance(raw, list) or len(raw) > MAX_LAYER_FILES:
+            raise ValueError(f"layer_files must be a list of at most {MAX_LAYER_FILES}")
+        files = []
+        for model, first, end in raw:
+            if not (isinstance(model, str) and 0 < len(model) <= _MAX_DIGEST):
+                raise ValueError("bad model digest")
+            if not (type(first) is int and type(end) is int and 0 <= first < end <= _MAX_LAYERS):
+                raise ValueError("bad layer range")
+            files.append(LayerFile(model, first, end))
+        return tuple(files)
+    except (TypeError, ValueError) as exc:
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+
+
+def _parse_budget(node_id: str, raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw < 1 << 60:
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad accept_layers")
+    return raw
 
 
 _FLASH_KEYS = {True: "on", False: "off"}
@@ -219,6 +270,8 @@ def local_caps(
     rtt_ms: dict[str, float] | None = None,
     peers: list[str] | None = None,
     holding: int = 0,
+    layer_files: tuple[LayerFile, ...] = (),
+    accept_layers: int = 0,
 ) -> NodeCaps:
     """This node's capabilities (a node without a model offers no layers); `holding`: bytes
     its current stage uses, which a new plan frees first."""
@@ -233,6 +286,8 @@ def local_caps(
         model_path=str(model.path) if model else "",
         peers=tuple(peers or ()),
         flash_speeds=_flash_speeds(calib) if calib else {},
+        layer_files=layer_files,
+        accept_layers=accept_layers,
     )
 
 

@@ -16,13 +16,21 @@ from typing import Any
 
 from meshchat.engine import compute
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import Calibration, NodeCaps, calibration, local_caps
+from meshchat.inference.capabilities import (
+    Calibration,
+    LayerFile,
+    NodeCaps,
+    calibration,
+    local_caps,
+)
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost
 from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
 from meshchat.inference.profiling import DECODE_TIE
+from meshchat.inference.seeding import transfers, with_seedable
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
+from meshchat.mesh.layer_transfer import seeding_for
 from meshchat.mesh.node import Node
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.paths import DataDir
@@ -59,6 +67,9 @@ class MeshCoordinator:
         # stages agree): chosen at the first gather, then kept, so a re-plan after a failure
         # gives the same text. None until then.
         self.flash_attn: bool | None = None
+        # Members planned without the file may fetch their layers of this model from us.
+        self.seeding = seeding_for(node)
+        self.seeding.server.offer(model.fingerprint, model.header)
 
     @property
     def head(self) -> str:
@@ -71,7 +82,8 @@ class MeshCoordinator:
             )
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
-        return local_caps(self.head, self.model, self._calibration, rtts, peers)
+        files = tuple(LayerFile(**f) for f in self.seeding.server.offers())
+        return local_caps(self.head, self.model, self._calibration, rtts, peers, layer_files=files)
 
     async def query(self, node: NodeId, timeout: float = CAPS_TIMEOUT_S) -> NodeCaps:
         msg = wire.CapsQuery(self.model.fingerprint.model)
@@ -140,6 +152,8 @@ class MeshCoordinator:
                 if node == self.node.node_id:
                     raise result
                 self.notify(f"node {node.short} gave no capabilities: {result}")
+        if found and found[0].node_id == self.head:
+            found = with_seedable(found, found[0])  # members that can fetch the layers count
         if self.flash_attn is None:
             self.flash_attn = self._best_flash(found)
             log.info("plans run with flash attention %s", "on" if self.flash_attn else "off")
@@ -211,6 +225,8 @@ class MeshCoordinator:
             notify=self.notify,
             **options,
         )
+        for transfer in transfers(plan, list(self.caps.values()), self.needs):
+            self.notify(transfer.note())  # before the plan applies: the user sees the cost
         try:
             await self._apply_within_memory(pipeline, plan)
         except BaseException:

@@ -40,6 +40,7 @@ from meshchat.inference.planner import Plan, PlanError
 from meshchat.inference.protocol import plan_message, refusal_code, sampling_to_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
+from meshchat.mesh.layer_transfer import seeding_for
 from meshchat.mesh.node import Node, NodeEvent, PeerState, Refused
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
@@ -226,6 +227,7 @@ class MeshPipeline:
             plan, self.model, n_ctx=self._n_ctx, max_sessions=self.max_sessions,
             dtype=self.dtype, flash_attn=self.flash_attn,
         )  # fmt: skip
+        seeding_for(self.node).permits.allow_plan(msg)  # its stages may fetch layers from us
         # Nodes of the old plan that have no part now free their memory (best effort).
         dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
         for text in dropped:

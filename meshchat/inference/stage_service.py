@@ -34,6 +34,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import (
     Calibration,
+    LayerFile,
     calibration,
     free_memory,
     local_caps,
@@ -42,8 +43,10 @@ from meshchat.inference.capabilities import (
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import STAGE_BATCH
 from meshchat.inference.protocol import PlanRefused, StageRole, check_plan, sampling_from_wire
+from meshchat.inference.seeding import SeededModel, seed_for_plan, seeded_profile
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
+from meshchat.mesh.layer_transfer import seeding_for
 from meshchat.mesh.node import Node, NodeEvent
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
@@ -142,9 +145,14 @@ class StageService:
         data: DataDir,
         threads: int,
         n_batch: int = STAGE_BATCH,
+        accept_layers: int = 0,
     ) -> None:
         self.node = node
         self.model = model
+        self.accept_layers = accept_layers  # disk budget for layers fetched from peers; 0: none
+        self.seeding = seeding_for(node)
+        if model is not None:
+            self.seeding.server.offer(model.fingerprint, model.header)
         self.data = data
         self.threads = threads
         self.n_batch = n_batch
@@ -218,7 +226,17 @@ class StageService:
                 calib = await asyncio.wait_for(asyncio.shield(self._calibration), 120)
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
-        caps = local_caps(str(self.node.node_id), self.model, calib, rtts, peers, self._holding)
+        files = tuple(LayerFile(**f) for f in self.seeding.server.offers())
+        caps = local_caps(
+            str(self.node.node_id),
+            self.model,
+            calib,
+            rtts,
+            peers,
+            holding=self._holding,
+            layer_files=files,
+            accept_layers=self.accept_layers,
+        )
         return wire.Ack(body=caps.to_json())
 
     # -- plans ---------------------------------------------------------------------------------
@@ -228,6 +246,7 @@ class StageService:
         if pending >= MAX_PEER_PLANS:
             return wire.Error(Code.BUSY, f"node {self.node.node_id.short} has your plans queued")
         self._peer_plans[peer] = pending + 1
+        self.seeding.permits.allow_plan(msg)  # the plan's stages may fetch their layers here
         done: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait(_PlanJob(peer, msg, done))
         return await done
@@ -248,6 +267,15 @@ class StageService:
             await self._release()
             return wire.Ack(body={"layers": None})
         model = self.model
+        stage_msg = msg.stages[msg.stage_of(me) or 0]
+        if self.accept_layers and (
+            model is None
+            or not model.fingerprint.layers_match(msg.model, stage_msg.first, stage_msg.end)
+        ):
+            try:
+                model = await seed_for_plan(self.node, self.data, self.accept_layers, head, msg)
+            except MeshchatError as exc:
+                return wire.Error(Code.LOAD, f"node {me.short}: {exc}")
         if model is None:
             return wire.Error(Code.NO_MODEL, f"node {me.short} has no model file")
         try:
@@ -265,9 +293,12 @@ class StageService:
                 f"{budget >> 20} MiB",
             )
         try:
-            profile = await self._run(
-                plan_profile, model, self.data, self.threads, msg.flash_attn, short=False
-            )
+            if isinstance(model, SeededModel):
+                profile = seeded_profile(model, self.threads, msg.flash_attn)
+            else:
+                profile = await self._run(
+                    plan_profile, model, self.data, self.threads, msg.flash_attn, short=False
+                )
         except MeshchatError as exc:
             return wire.Error(Code.LOAD, str(exc))
         options = StageOptions(

@@ -73,6 +73,8 @@ class MsgType(enum.IntEnum):
     SESSION_DONE = 23
     STAGE_FAULT = 24
     CAPS_QUERY = 25
+    LAYER_FETCH = 26
+    LAYER_DATA = 27
 
 
 class Message:
@@ -615,6 +617,61 @@ class CapsQuery(Message):
     model: str = ""  # fingerprint the asker runs ("" = any)
 
 
+# --- layer seeding (meshchat.mesh.layer_transfer) ---------------------------------------------
+
+MAX_LAYER_CHUNK = 1 << 20  # bytes of one LayerData reply
+MAX_PART_NAME = 256  # a tensor name; GGUF names are at most 64 bytes
+
+
+@dataclass(frozen=True)
+class LayerFetch(Message):
+    """Request: `length` bytes at `offset` of one part of model `model`'s file, for the planned
+    layer range [first, end). `part` is "" for the GGUF header, else a tensor name of that range
+    or a global tensor. Reply: LayerData, or Error (refused)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.LAYER_FETCH
+    model: str
+    first: int
+    end: int
+    part: str
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.model) <= MAX_DIGEST_TEXT, "model digest length out of range")
+        _require(0 <= self.first < self.end <= MAX_MODEL_LAYERS, "bad layer range")
+        _require(len(self.part) <= MAX_PART_NAME, "part name too long")
+        _require(0 <= self.offset <= U64, "offset out of range")
+        _require(1 <= self.length <= MAX_LAYER_CHUNK, "chunk length out of range")
+
+
+LAYER_DATA_HEAD = struct.Struct("!QQQ")  # offset, size of the part, size of the source file
+
+
+@dataclass(frozen=True)
+class LayerData(Message):
+    """Reply to LayerFetch: bytes at `offset` of a part that is `total` bytes long."""
+
+    TYPE: ClassVar[MsgType] = MsgType.LAYER_DATA
+    offset: int
+    total: int
+    file_size: int
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        _require(len(self.data) <= MAX_LAYER_CHUNK, "layer chunk too long")
+        _require(self.offset + len(self.data) <= self.total <= self.file_size <= U64,
+                 "layer chunk outside its part")  # fmt: skip
+
+
+def decode_layer_data(body: bytes | memoryview) -> LayerData:
+    view = memoryview(body)
+    if len(view) < LAYER_DATA_HEAD.size:
+        raise ProtocolError("layer data header truncated")
+    offset, total, file_size = LAYER_DATA_HEAD.unpack_from(view)
+    return LayerData(offset, total, file_size, view[LAYER_DATA_HEAD.size :])
+
+
 # --- tensors ----------------------------------------------------------------------------------
 
 
@@ -761,11 +818,12 @@ _CONTROL: dict[MsgType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Challenge, Auth, Welcome, Error, Ping, Pong, Status, Peers, Roster, Ack,
-        Plan, Load, Token, Cancel, SessionOp, SessionDone, StageFault, CapsQuery,
+        Plan, Load, Token, Cancel, SessionOp, SessionDone, StageFault, CapsQuery, LayerFetch,
     )
 }  # fmt: skip
-_BULK = (MsgType.TENSOR, MsgType.ACTIVATIONS)
+_BULK = (MsgType.TENSOR, MsgType.ACTIVATIONS, MsgType.LAYER_DATA)
 _MAX_BODY = {t: (MAX_TENSOR_BODY if t in _BULK else MAX_CONTROL_BODY) for t in MsgType}
+_MAX_BODY[MsgType.LAYER_DATA] = LAYER_DATA_HEAD.size + MAX_LAYER_CHUNK  # refused unread beyond
 
 
 def _to_json(value: Any) -> Any:
@@ -865,6 +923,8 @@ def encode_body(msg: Message) -> bytes:
         return encode_activations_head(msg) + bytes(msg.data)
     if type(msg) is Token and (fast := _encode_token(msg)) is not None:
         return fast
+    if isinstance(msg, LayerData):
+        return LAYER_DATA_HEAD.pack(msg.offset, msg.total, msg.file_size) + bytes(msg.data)
     obj = {f.name: _to_json(getattr(msg, f.name)) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -898,6 +958,8 @@ def _decode_body(mtype: int, body: bytes | memoryview) -> Message:
         return decode_activations(body)
     if kind is MsgType.TOKEN and (token := _decode_token(body)) is not None:
         return token
+    if kind is MsgType.LAYER_DATA:
+        return decode_layer_data(body)
     return _record(_CONTROL[kind], parse_json(bytes(body), kind.name), kind.name)
 
 

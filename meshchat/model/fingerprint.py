@@ -121,3 +121,26 @@ def fingerprint_of(path: Path, cache_dir: Path | None = None) -> Fingerprint:
     if cache_dir is None:
         return compute_fingerprint(header)
     return FingerprintCache(cache_dir).get(header)
+
+
+def config_digest(header: GGUFHeader) -> str:
+    """The `config` part of a fingerprint, from the header alone (no tensor data is read)."""
+    config = hashlib.sha256()
+    for key in sorted(header.metadata):
+        if not key.startswith("general.") or key in ("general.architecture", "general.alignment"):
+            config.update(key.encode() + b"=" + header.metadata[key].raw)
+    return config.hexdigest()
+
+
+def part_digest(header: GGUFHeader, layer: int | None) -> str:
+    """The digest of one layer's tensors (`layer`), or of the global tensors (None), from the
+    file `header` describes: what `compute_fingerprint` puts in `layers[layer]` or `globals`.
+    A seeded file is checked part by part with it before anything uses it."""
+    digest = hashlib.sha256()
+    with header.path.open("rb") as handle:
+        for tensor in sorted(header.tensors, key=lambda t: t.name):
+            if tensor.layer != layer:
+                continue
+            name = tensor.name if layer is None else tensor.name.split(".", 2)[2]
+            _hash_tensor(digest, handle, tensor, name)
+    return digest.hexdigest()

@@ -1,0 +1,133 @@
+"""Layers from the LAN with real processes (issue 14): a worker without the model file takes a
+stage, fetches exactly its range from the members over QUIC, serves it, and the mesh's greedy
+text equals the solo text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshchat.mesh.layer_transfer import CORRUPT_ENV
+from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+TOKENS = "48"
+
+
+class BareWorker(Worker):
+    """A headless worker with no model file that takes layers from peers."""
+
+    def __init__(self, root: Path, name: str, join: str, *extra: str) -> None:
+        self.name = name
+        self.dir = root / name
+        self.status = root / f"{name}.status.json"
+        self.invite_file = root / f"{name}.invite"
+        self.log = root / f"{name}.log"
+        args = [
+            *CMD, "--headless", "--listen", "127.0.0.1:0", "--data-dir", str(self.dir),
+            "--status-file", str(self.status), "--invite-file", str(self.invite_file),
+            "--join", join, *extra,
+        ]  # fmt: skip
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(args, env=ENV, stdout=log, stderr=log)
+
+
+@pytest.fixture
+def cluster(smollm2: Path, tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.add(smollm2)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _generate(
+    cluster: Cluster, model: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A head run; the first one of a test run waits for the machine's calibration, which takes
+    minutes on this shared machine: a longer wait than Cluster.generate's."""
+    return subprocess.run(
+        cluster.head_args(PROMPT, model, "head", *extra),
+        env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+
+
+def _solo(model: Path, root: Path) -> str:
+    result = subprocess.run(
+        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", TOKENS,
+         "--model", str(model), "--data-dir", str(root / "solo")],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_worker_without_model_gets_its_slice_and_text_equals_solo(
+    cluster: Cluster, smollm2: Path, tmp_path: Path
+) -> None:
+    bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+    cluster.workers.append(bare)
+    wait_for(bare.ready, what="bare worker ready")
+    cluster.wait_connected()
+    result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
+    assert result.returncode == 0, result.stderr + bare.log.read_text()
+    assert result.stdout == _solo(smollm2, tmp_path)
+    # The head said what the bare worker must fetch before the plan applied.
+    assert "from the LAN first" in result.stderr
+    layers = bare.layers
+    assert layers is not None
+    seeded = list((bare.dir / "models" / "seeded").glob("*.gguf"))
+    assert [p.name.rsplit("-", 2)[1:] for p in seeded] == [[str(layers[0]), f"{layers[1]}.gguf"]]
+    status = read_json(bare.status)
+    assert status["seeding"]["bytes"] == status["seeding"]["total"] > 0
+    assert "seeding layers" in bare.log.read_text()
+    # Once: a second run loads the stored slice; nothing is fetched again.
+    mtime = seeded[0].stat().st_mtime_ns
+    again = _generate(cluster, smollm2, "--max-tokens", "8", "--split", "10,20")
+    assert again.returncode == 0, again.stderr
+    assert seeded[0].stat().st_mtime_ns == mtime
+
+
+def test_worker_without_accept_layers_gets_no_layers(
+    cluster: Cluster, smollm2: Path, tmp_path: Path
+) -> None:
+    bare = BareWorker(tmp_path, "bare", cluster.invite)
+    cluster.workers.append(bare)
+    wait_for(bare.ready, what="bare worker ready")
+    cluster.wait_connected()
+    result = _generate(cluster, smollm2, "--max-tokens", "4", "--split", "10,20")
+    # Three stages need three nodes holding the model: the bare worker does not count.
+    assert result.returncode != 0
+    assert not (bare.dir / "models" / "seeded").exists()
+    wait_for(lambda: read_json(bare.status), what="status")
+    assert "seeding" not in read_json(bare.status)
+
+
+def test_corrupt_sender_is_caught_and_another_member_sends(
+    cluster: Cluster, smollm2: Path, tmp_path: Path
+) -> None:
+    """The head's server spoils every chunk of the token embeddings (test hook): the bare worker
+    names it in one line, fetches the layers from the other member, and the text is solo's."""
+    cluster.add(smollm2)
+    bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+    cluster.workers.append(bare)
+    wait_for(bare.ready, what="bare worker ready")
+    cluster.wait_connected()
+    # Four stages on four nodes: the bare worker is sure to take one.
+    split = ("--max-tokens", TOKENS, "--split", "8,16,23")
+    result = _generate(cluster, smollm2, *split, env={CORRUPT_ENV: "token_embd"})
+    assert result.returncode == 0, result.stderr + bare.log.read_text()
+    assert result.stdout == _solo(smollm2, tmp_path)
+    blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
+    assert len(blamed) == 1 and "the global tensors that do not match" in blamed[0]
+    (entry,) = (bare.dir / "models" / "seeded").glob("*.json")
+    origin = json.loads(entry.read_text())["origin"]
+    # An honest holder sent the embeddings (the head sent the header, which was fine).
+    assert {w.node_id for w in cluster.workers[:2]} & set(origin)
