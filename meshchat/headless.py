@@ -120,7 +120,7 @@ async def serve(
                     layers() if layers else node.layers, model() if model else node.model
                 )
             if args.status_file:
-                write_status(node, args.status_file)
+                write_status(node, args.status_file, _serving_status(service, api))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
     finally:
@@ -190,5 +190,14 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def write_status(node: Node, path: str) -> None:
-    atomic_write_text(_path(path), json.dumps(node.status(), indent=1) + "\n")
+def _serving_status(service: Any, api: Any) -> dict[str, Any]:
+    """What this node holds for requests (counts back to zero when idle) and, for an API head,
+    its plan and recent re-plans."""
+    extra: dict[str, Any] = api.status() if api is not None else {"sessions": {}}
+    extra["sessions"]["stage_sessions"] = service.session_count if service is not None else 0
+    return extra
+
+
+def write_status(node: Node, path: str, extra: dict[str, Any] | None = None) -> None:
+    status = {**node.status(), **(extra or {})}
+    atomic_write_text(_path(path), json.dumps(status, indent=1) + "\n")

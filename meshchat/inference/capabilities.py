@@ -140,8 +140,11 @@ def parse_size(text: str) -> int:
         raise UsageError(f"{MEMORY_LIMIT_ENV} wants a size like 300M or 2G, got {text!r}") from None
 
 
-def free_memory() -> int:
-    """Memory a stage may use here: available RAM less a margin, capped by MESHCHAT_MEMORY_LIMIT."""
+def free_memory(held: int = 0) -> int:
+    """Memory a stage may use here: available RAM less a margin, capped by MESHCHAT_MEMORY_LIMIT.
+
+    `held`: bytes a stage already loaded here would give back before the new one loads (a
+    re-plan replaces a node's old stage, so that memory is free for its next one)."""
     available = 0
     try:
         with open("/proc/meminfo") as handle:
@@ -156,7 +159,7 @@ def free_memory() -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             available = 1 << 30
-    usable = int(available * 0.9)  # leave the rest to the OS and the other programs
+    usable = int(available * 0.9) + held  # leave the rest to the OS and the other programs
     limit = os.environ.get(MEMORY_LIMIT_ENV)
     return min(usable, parse_size(limit)) if limit else usable
 
@@ -196,11 +199,13 @@ def local_caps(
     calib: Calibration | None,
     rtt_ms: dict[str, float] | None = None,
     peers: list[str] | None = None,
+    held: int = 0,
 ) -> NodeCaps:
-    """This node's capabilities (a node without a model offers no layers)."""
+    """This node's capabilities (a node without a model offers no layers); `held` as in
+    `free_memory`."""
     return NodeCaps(
         node_id=node_id,
-        free_memory=free_memory(),
+        free_memory=free_memory(held),
         fingerprint=model.fingerprint if model else None,
         decode_s_per_byte=calib.decode_s_per_byte if calib else 0.0,
         prefill_s_per_byte=calib.prefill_s_per_byte if calib else 0.0,

@@ -207,15 +207,25 @@ class StageService:
 
     # -- capabilities ----------------------------------------------------------------------------
 
-    async def _on_caps(self, _peer: NodeId, _msg: wire.CapsQuery) -> wire.Message:
+    async def _on_caps(self, peer: NodeId, _msg: wire.CapsQuery) -> wire.Message:
         calib = None
         if self._calibration is not None:
             with contextlib.suppress(TimeoutError):
                 calib = await asyncio.wait_for(asyncio.shield(self._calibration), 120)
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
-        caps = local_caps(str(self.node.node_id), self.model, calib, rtts, peers)
+        caps = local_caps(
+            str(self.node.node_id), self.model, calib, rtts, peers, held=self._held_for(peer)
+        )
         return wire.Ack(body=caps.to_json())
+
+    def _held_for(self, head: NodeId) -> int:
+        """Memory our loaded stage would free for a plan by `head` (see `_apply_plan`): all of
+        it when that head may replace it, none while another head holds it."""
+        a = self._assignment
+        if a is None or self._held_by_other(head) is not None:
+            return 0
+        return a.role.memory
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -252,7 +262,7 @@ class StageService:
             return wire.Error(exc.code, str(exc))
         assert role is not None
         current = self._assignment
-        budget = free_memory() + (current.role.memory if current else 0)  # ours is freed first
+        budget = free_memory(held=current.role.memory if current else 0)  # ours is freed first
         if role.memory > budget:
             return wire.Error(
                 Code.MEMORY,
