@@ -553,6 +553,10 @@ class MeshPipeline:
         if event.kind == "joined":
             # A node left out after a failure that comes back (a restart) may plan again.
             self._excluded.discard(str(event.node_id))
+        if event.kind == "reconnected" and event.node_id in self._remote:
+            # A restart (or a redial) took the connection our work was on: replay, keeping it.
+            gone = StageLost(None, f"node {event.node_id.short} reconnected; work in flight lost")
+            self._fail_waiting(None, gone)
         if event.kind == "left" and event.node_id in self._remote:
             lost = StageLost(str(event.node_id), f"node {event.node_id.short} left the mesh")
             self._fail_waiting(None, lost)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshchat.errors import MeshchatError
@@ -254,7 +254,10 @@ class MeshServing:
         if current is None:
             return
         try:
-            caps = await self.coordinator.gather()
+            # Every hop priced alike: RTTs to the nodes of the running plan are measured while
+            # they compute our requests (pings wait behind the work), which made a busy node
+            # look 10x slower than an idle one here and moved the plan at every join.
+            caps = [replace(c, rtt_ms={}) for c in await self.coordinator.gather()]
             planner = self.coordinator.planner(caps)
             choice = planner.best()
             if any(n not in planner.nodes for n in current.nodes):
