@@ -46,6 +46,29 @@ def worth_moving(current_decode_s: float, candidate_decode_s: float) -> bool:
     return 1 / candidate_decode_s >= (1 + FASTER_BY) / current_decode_s
 
 
+async def clearly_better(coordinator: MeshCoordinator, current: Plan) -> tuple[Plan, str] | None:
+    """The best plan over every connected member and why, if `worth_moving` to it from
+    `current`; None otherwise (or if a node of `current` cannot be assessed: failover's job).
+    For any head between requests or turns (the API's `MeshServing`, the app)."""
+    try:
+        # Every hop priced alike: RTTs to the nodes of the running plan are measured while
+        # they compute our requests (pings wait behind the work), which made a busy node
+        # look 10x slower than an idle one here and moved the plan at every join.
+        caps = [replace(c, rtt_ms={}) for c in await coordinator.gather()]
+        planner = coordinator.planner(caps)
+        choice = planner.best()
+        if any(n not in planner.nodes for n in current.nodes):
+            return None
+        now_s = planner.predict(current).decode_s
+    except MeshchatError as exc:
+        log.info("no better plan: %s", exc)
+        return None
+    if choice.plan.stages == current.stages or not worth_moving(now_s, choice.prediction.decode_s):
+        return None
+    why = f"predicted {choice.prediction.decode_tok_s:.1f} tok/s against {1 / now_s:.1f} now"
+    return choice.plan, why
+
+
 class ReplanReason(enum.Enum):
     START = "start"
     STAGE_LOST = "stage lost"
@@ -253,30 +276,13 @@ class MeshServing:
         current = self.pipeline.plan
         if current is None:
             return
-        try:
-            # Every hop priced alike: RTTs to the nodes of the running plan are measured while
-            # they compute our requests (pings wait behind the work), which made a busy node
-            # look 10x slower than an idle one here and moved the plan at every join.
-            caps = [replace(c, rtt_ms={}) for c in await self.coordinator.gather()]
-            planner = self.coordinator.planner(caps)
-            choice = planner.best()
-            if any(n not in planner.nodes for n in current.nodes):
-                return  # a stage we cannot assess: failover deals with lost ones
-            now_s = planner.predict(current).decode_s
-        except MeshchatError as exc:
-            log.info("no better plan: %s", exc)
+        better = await clearly_better(self.coordinator, current)
+        if better is None:
             return
-        if choice.plan.stages == current.stages or not worth_moving(
-            now_s, choice.prediction.decode_s
-        ):
-            return
-        why = (
-            f"predicted {choice.prediction.decode_tok_s:.1f} tok/s against "
-            f"{1 / now_s:.1f} tok/s now"
-        )
+        plan, why = better
         async with self.gate.change():
             if self.pipeline.plan is current and not self.pipeline.broken:
-                await self._install(choice.plan, ReplanReason.FASTER, why)
+                await self._install(plan, ReplanReason.FASTER, why)
 
     def _note_failovers(self) -> None:
         """Record failovers the pipeline did inside requests (it re-plans by itself)."""
