@@ -194,7 +194,9 @@ def _serving_status(service: Any, api: Any) -> dict[str, Any]:
     """What this node holds for requests (counts back to zero when idle) and, for an API head,
     its plan and recent re-plans."""
     extra: dict[str, Any] = api.status() if api is not None else {"sessions": {}}
-    extra["sessions"]["stage_sessions"] = service.session_count if service is not None else 0
+    if service is not None:
+        extra["sessions"]["stage_sessions"] = service.session_count
+        extra["sessions"]["stage_queued"] = service.queued_jobs
     return extra
 
 

@@ -163,6 +163,8 @@ def idle_counts(head: ApiHead, workers: list[Worker]) -> dict[str, Any] | None:
             return None
         in_plan = worker.node_id[:8] in plan
         staged[worker.name] = worker_status["sessions"]["stage_sessions"]
+        if worker_status["sessions"]["stage_queued"]:
+            return None
         # A worker of the plan holds exactly the head's open sessions; any other holds none.
         if staged[worker.name] != (open_ if in_plan else 0):
             return None

@@ -58,7 +58,7 @@ class MeshCoordinator:
         # stages agree): chosen at the first gather, then kept, so a re-plan after a failure
         # gives the same text. None until then.
         self.flash_attn: bool | None = None
-        self.pipeline: MeshPipeline | None = None  # the last one `pipeline()` made
+        self.pipeline: MeshPipeline | None = None  # the last one `make_pipeline()` made
 
     def _own_stage_memory(self) -> int:
         """Bytes the head's own stage of the running plan holds (freed by the next plan)."""

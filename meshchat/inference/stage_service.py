@@ -192,6 +192,11 @@ class StageService:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    @property
+    def queued_jobs(self) -> int:
+        """Work waiting for the stage thread (0 when idle)."""
+        return self._jobs.qsize()
+
     async def _run(self, fn: Callable[..., object], *args: object, short: bool = True) -> Any:
         return await compute.run(fn, *args, short=short)
 
