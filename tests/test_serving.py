@@ -4,20 +4,25 @@ the plan gate, the bounded re-plan log, and no pipeline slot kept by a request t
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from meshchat.errors import MeshchatError
+from meshchat.inference.capabilities import NodeCaps
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
-from meshchat.inference.planner import Plan, PlanError, StagePlan
+from meshchat.inference.planner import ModelNeeds, Plan, PlanError, Planner, StagePlan
 from meshchat.inference.serving import (
     MAX_REPLANS_KEPT,
     PlanGate,
     ReplanLog,
     ReplanReason,
     Unavailable,
+    clearly_better,
     worth_moving,
 )
+from meshchat.paths import DataDir
 from tests.test_stage_service import Mesh, mesh  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,3 +110,40 @@ async def test_a_failed_open_keeps_no_pipeline_slot(mesh: Mesh) -> None:  # noqa
         assert pipeline.waiting_replies == 0
     finally:
         await pipeline.close()
+
+
+class _Coordinator:
+    """Just what `clearly_better` asks of a coordinator: every node's offer, and a planner."""
+
+    def __init__(self, needs: ModelNeeds, caps: list[NodeCaps]) -> None:
+        self.needs, self.caps = needs, caps
+
+    async def gather(self) -> list[NodeCaps]:
+        return self.caps
+
+    def planner(self, caps: list[NodeCaps]) -> Planner:
+        return Planner(self.needs, caps, "head", n_ctx=256, sessions=1)
+
+
+async def test_a_join_moves_the_plan_only_when_clearly_faster(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    model = LocalModel.open(smollm2, DataDir(tmp_path))
+    needs = ModelNeeds.of(model)
+    slow = 1e-9
+
+    def offer(node: str, per_byte: float) -> NodeCaps:
+        # The head has no room for layers; any worker holds the whole model. The running
+        # stage's pings wait behind our own work: its RTT reads 90 ms, and must not count.
+        memory = 0 if node == "head" else 1 << 33
+        rtt = {"head": 90.0} if node == "slow" else {}
+        return NodeCaps(node, memory, model.fingerprint, per_byte, per_byte, rtt_ms=rtt)
+
+    current = Plan((StagePlan("slow", 0, needs.n_layers),))
+    for joiner, moves in ((slow / 1.1, False), (slow / 2, True)):
+        caps = [offer("head", slow), offer("slow", slow), offer("new", joiner)]
+        better = await clearly_better(_Coordinator(needs, caps), current)  # type: ignore[arg-type]
+        if moves:
+            assert better is not None and better[0].nodes == ["new"], better
+        else:
+            assert better is None
