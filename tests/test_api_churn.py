@@ -227,7 +227,7 @@ def test_requests_survive_workers_killed_and_restarted(
     assert counts["head"]["api_slots_busy"] == 0
     assert counts["head"]["pipeline_sessions"] <= 4
     reasons = [r["reason"] for r in counts["replans"]]
-    assert reasons[0] == "start" and "stage lost" in reasons, reasons
+    assert reasons[0] == "start" and reasons.count("stage lost") >= 2, reasons
 
 
 def test_head_alone_serves_once_a_member_joins(

@@ -204,7 +204,7 @@ class MeshServing:
         self._wake = asyncio.Event()
         self._joined = False
         self._task: asyncio.Task[None] | None = None
-        self._failovers_seen = pipeline.failovers
+        pipeline.replanner = self._failover_plan
         coordinator.node.add_listener(self._on_event)
 
     @property
@@ -235,19 +235,21 @@ class MeshServing:
     # -- planning --------------------------------------------------------------------------------
 
     async def plan_now(self, reason: ReplanReason) -> bool:
-        """Plan over every connected member and run the plan (requests held meanwhile).
-        False, with the gate closed and the reason kept, if nothing fits now."""
-        async with self.gate.change():
-            return await self._install_best(reason)
-
-    async def _install_best(self, reason: ReplanReason) -> bool:
+        """Plan over every connected member and run the plan (requests held only while it
+        installs, not while the nodes are asked). False, with requests refused and the reason
+        kept, if nothing fits now."""
+        before = self.pipeline.plan
         try:
             plan, choice, planner = await self.coordinator.choose()
         except MeshchatError as exc:
             return self._no_plan(reason, str(exc))
         for note in self.coordinator.mismatch_notes(planner):
             self.notify(note)
-        return await self._install(plan, reason, choice.advice if choice else "")
+        async with self.gate.change():
+            if self.pipeline.plan is not before and not self.pipeline.broken:
+                self.gate.unavailable = None  # a request's failover installed one meanwhile
+                return True
+            return await self._install(plan, reason, choice.advice if choice else "")
 
     async def _install(self, plan: Plan, reason: ReplanReason, why: str) -> bool:
         await self.drop_idle()
@@ -284,17 +286,16 @@ class MeshServing:
             if self.pipeline.plan is current and not self.pipeline.broken:
                 await self._install(plan, ReplanReason.FASTER, why)
 
-    def _note_failovers(self) -> None:
-        """Record failovers the pipeline did inside requests (it re-plans by itself)."""
-        if self.pipeline.failovers == self._failovers_seen:
-            return
-        self._failovers_seen = self.pipeline.failovers
-        plan = self.pipeline.plan
-        broken = self.pipeline.broken
-        if broken is not None:
-            self._no_plan(ReplanReason.STAGE_LOST, broken)
-        elif plan is not None:
-            self.log.add(ReplanReason.STAGE_LOST, plan.describe(self.me), "failover")
+    async def _failover_plan(self, exclude: set[str]) -> Plan:
+        """The pipeline's replanner inside a request (a stage was lost): recorded here."""
+        try:
+            plan = await self.coordinator.replan(exclude)
+        except MeshchatError as exc:
+            self._no_plan(ReplanReason.STAGE_LOST, str(exc))
+            raise
+        left_out = ", ".join(sorted(node[:8] for node in exclude)) or "none"
+        self.log.add(ReplanReason.STAGE_LOST, plan.describe(self.me), f"left out: {left_out}")
+        return plan
 
     async def _run(self) -> None:
         while True:
@@ -304,7 +305,6 @@ class MeshServing:
                 await asyncio.sleep(SETTLE_S)  # let a burst of joins settle into one re-plan
             self._wake.clear()
             joined, self._joined = self._joined, False
-            self._note_failovers()
             try:
                 await self._step(joined)
             except MeshchatError as exc:
