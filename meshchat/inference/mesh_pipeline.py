@@ -7,10 +7,11 @@ chain, so each stage applies them in order with the work; the last stage confirm
 
 Prompts go in chunks (micro-batches): while stage 1 runs chunk n, stage 0 runs chunk n+1.
 
-Failover: when a stage's node leaves (no answer for the mesh's dead-peer timeout), faults, or
-the step times out, the head asks its replanner for a plan over the survivors, installs it
-(each node loads its new range from its own file), and replays every open session's tokens so
-the new stages hold the same KV caches, then retries the step. The head keeps every session's
+Failover: when a stage's node leaves (no answer for the mesh's dead-peer timeout), reconnects
+(a restart: what was in flight is lost), faults, or the step times out, the head asks its
+replanner for a plan over the survivors, installs it (each node loads its new range from its
+own file), and replays every open session's tokens so the new stages hold the same KV caches,
+then retries the step. The head keeps every session's
 token history, so nothing is lost; a greedy run gives the same text as one without the fault.
 """
 
