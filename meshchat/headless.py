@@ -128,7 +128,7 @@ async def serve(
                 )
             shown = _show_seeding(node, shown)
             if args.status_file:
-                write_status(node, args.status_file)
+                write_status(node, args.status_file, _serving_status(service, api))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_INTERVAL)
     finally:
@@ -217,10 +217,20 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def write_status(node: Node, path: str) -> None:
+def _serving_status(service: Any, api: Any) -> dict[str, Any]:
+    """What this node holds for requests (counts back to zero when idle) and, for an API head,
+    its plan and recent re-plans."""
+    extra: dict[str, Any] = api.status() if api is not None else {"sessions": {}}
+    if service is not None:
+        extra["sessions"]["stage_sessions"] = service.session_count
+        extra["sessions"]["stage_queued"] = service.queued_jobs
+    return extra
+
+
+def write_status(node: Node, path: str, extra: dict[str, Any] | None = None) -> None:
     from meshchat.mesh.layer_transfer import seeding_progress
 
-    status = node.status()
+    status = {**node.status(), **(extra or {})}
     seeding = seeding_progress(node)
     if seeding is not None:
         status["seeding"] = seeding  # a layer transfer: bytes, total, rate, time left

@@ -52,6 +52,8 @@ class Worker:
         extra: tuple[str, ...] = (),
     ):
         self.name = name
+        self.model = model
+        self.env = env
         self.dir = root / name
         self.status = root / f"{name}.status.json"
         self.invite_file = root / f"{name}.invite"
@@ -102,6 +104,18 @@ class Cluster:
         if not self.invite:
             self.invite = worker.invite_file.read_text().strip()
         return worker
+
+    def restart(self, worker: Worker, env: dict[str, str] | None = None) -> Worker:
+        """Start `worker` again (same name, data dir and model) after it died; it finds the
+        mesh again by itself (its roster remembers the members). Replaces it in `workers`."""
+        worker.stop()
+        worker.status.unlink(missing_ok=True)
+        worker.invite_file.unlink(missing_ok=True)
+        model = Path(worker.model)
+        again = Worker(self.root, worker.name, model, None, env or worker.env)
+        self.workers[self.workers.index(worker)] = again
+        wait_for(again.ready, what=f"{worker.name} ready again")
+        return again
 
     def wait_connected(self) -> None:
         """Every worker sees every other one."""
@@ -178,10 +192,11 @@ class ApiHead:
     ) -> None:
         self.dir = cluster.root / name
         self.log = cluster.root / f"{name}.log"
+        self.status = cluster.root / f"{name}.status.json"
         self.base_url = f"http://127.0.0.1:{port}/v1"
         args = [
             *CMD, "--headless", "--listen", "127.0.0.1:0", "--data-dir", str(self.dir),
-            "--model", str(model), "--join", cluster.invite,
+            "--model", str(model), "--join", cluster.invite, "--status-file", str(self.status),
             "--api", f"127.0.0.1:{port}", "--api-key", key,
         ]  # fmt: skip
         with self.log.open("w") as log:

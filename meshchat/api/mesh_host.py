@@ -2,7 +2,10 @@
 
 At start the node asks every connected peer what it can run, plans, and starts one mesh
 pipeline with a session slot per concurrent request on every stage. That pipeline lives as
-long as the API: a stage lost on the way is replaced by the pipeline's own failover.
+long as the API: a stage lost in a request is replaced by the pipeline's own failover, and
+`MeshServing` plans again when nothing fits, when members join or return, and when a joining
+node makes a clearly faster plan (meshchat.inference.serving). A head that cannot run the
+model yet serves anyway: completions get 503 with Retry-After until a plan fits.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -20,6 +24,7 @@ from meshchat.errors import UsageError
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
+from meshchat.inference.serving import MeshServing, PlanGate, ReplanReason
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
 from meshchat.paths import DataDir
@@ -63,9 +68,20 @@ class MeshApi:
     runner: web.AppRunner
     pipeline: MeshPipeline
     model: ApiModel
+    serving: MeshServing
+
+    def status(self) -> dict[str, Any]:
+        """The status file's view of the API: what requests hold, and the re-plans."""
+        sessions: dict[str, int] = {
+            **self.model.counts(),
+            "pipeline_sessions": self.pipeline.open_sessions,
+            "waiting_replies": self.pipeline.waiting_replies,
+        }
+        return {"sessions": sessions, **self.serving.status()}
 
     async def close(self) -> None:
         await self.runner.cleanup()
+        await self.serving.close()
         with contextlib.suppress(Exception):
             await self.model.pool.close()
         await self.pipeline.close()
@@ -81,6 +97,7 @@ async def start_mesh_api(
     notify: Callable[[str], None],
     settle_via: NodeId | None = None,
 ) -> MeshApi:
+    """Serve the API now; completions run once a plan fits (503 with Retry-After until then)."""
     host, port = parse_host_port(address)
     n_ctx = min(model.spec.context_length, API_CONTEXT)
     coordinator = MeshCoordinator(
@@ -88,14 +105,9 @@ async def start_mesh_api(
     )
     if settle_via is not None:
         await coordinator.settle(settle_via)  # plan over every node the mesh has
-    plan, advice, planner = await coordinator.choose()
-    for note in coordinator.mismatch_notes(planner):
-        notify(note)
-    if advice is not None:
-        notify(advice.advice)
-    flash = "on" if coordinator.flash_attn else "off"
-    notify(f"API plan {plan.describe(str(node.node_id))} (flash attention {flash})")
-    pipeline = await coordinator.start(plan)
+    await coordinator.gather()  # fixes flash attention for every plan of this head
+    pipeline = coordinator.make_pipeline()
+    gate = PlanGate(max_waiting=API_QUEUE)
     tokenizer = Tokenizer(model.path)
     served = api_model(
         model.path.name.removesuffix(".gguf"),
@@ -105,11 +117,16 @@ async def start_mesh_api(
         pipeline,
         max_sessions=API_SESSIONS,
         max_waiting=API_QUEUE,
+        gate=gate,
     )
+    serving = MeshServing(coordinator, pipeline, gate, served.pool.drop_idle, notify)
     try:
+        await serving.plan_now(ReplanReason.START)
         runner = await start_api(served, host, port, api_key)
     except BaseException:
+        await serving.close()
         await pipeline.close()
         raise
+    serving.start()
     notify(f"API on http://{host}:{port}/v1")
-    return MeshApi(runner, pipeline, served)
+    return MeshApi(runner, pipeline, served, serving)

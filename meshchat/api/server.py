@@ -8,6 +8,7 @@ shape and status codes. A client that disconnects mid-stream frees its session o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
 from meshchat.inference.head import ChatPrompter, GenerationStats, HeadSession
 from meshchat.inference.pipeline import Pipeline
+from meshchat.inference.serving import RETRY_AFTER_S, GateFull, PlanGate, Unavailable
 from meshchat.model.gguf_file import GGUFHeader
 
 log = logging.getLogger("meshchat.api")
@@ -51,10 +53,20 @@ class ApiModel:
     prompter: ChatPrompter
     pool: SessionPool
     n_ctx: int
+    gate: PlanGate | None = None  # a mesh head's: requests wait out plan changes, or get 503
+
+    def counts(self) -> dict[str, int]:
+        """What requests hold right now (all zero when the API is idle)."""
+        return {
+            "api_slots_busy": self.pool.busy,
+            "api_slots_idle": self.pool.idle,
+            "queued": self.pool.waiting + (self.gate.waiting if self.gate else 0),
+        }
 
 
 def _error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return web.json_response(error.body(), status=error.status, headers=headers)
 
 
 def make_app(model: ApiModel, api_key: str | None = None) -> web.Application:
@@ -155,18 +167,28 @@ class _Routes:
                 code="context_length_exceeded",
             )
         max_tokens = parsed.max_tokens or n_ctx - len(tokens)
+        gate = self.model.gate
         try:
-            async with self.model.pool.session(tokens) as session:
+            async with (
+                gate.request() if gate else contextlib.nullcontext(),
+                self.model.pool.session(tokens) as session,
+            ):
                 run = _Run(session, tokens, parsed, max_tokens, chat, self.model.model_id)
                 if parsed.stream:
                     return await run.stream(request)
                 return await run.whole()
-        except PoolBusyError as exc:
+        except (PoolBusyError, GateFull) as exc:
             raise ApiError(429, str(exc), "rate_limit_error", code="busy") from exc
+        except Unavailable as exc:
+            raise ApiError(
+                503, str(exc), "server_error", code="unavailable", retry_after=exc.retry_after
+            ) from exc
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded") from exc
         except MeshchatError as exc:
-            raise ApiError(503, f"generation failed: {exc}", "server_error") from exc
+            raise ApiError(
+                503, f"generation failed: {exc}", "server_error", retry_after=RETRY_AFTER_S
+            ) from exc
 
 
 async def _json(request: web.Request) -> Any:
@@ -305,6 +327,7 @@ def api_model(
     pipeline: Pipeline,
     max_sessions: int,
     max_waiting: int = 16,
+    gate: PlanGate | None = None,
 ) -> ApiModel:
     """Everything the API needs to serve `pipeline`'s model."""
     return ApiModel(
@@ -314,4 +337,5 @@ def api_model(
         prompter=ChatPrompter.for_model(header, tokenizer),
         pool=SessionPool(pipeline, tokenizer, max_sessions, max_waiting),
         n_ctx=pipeline.n_ctx,
+        gate=gate,
     )

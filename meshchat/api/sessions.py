@@ -86,6 +86,17 @@ class SessionPool:
             self._busy -= 1
             self._freed.notify()
 
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def drop_idle(self) -> None:
+        """Close the sessions kept only for prefix reuse (before a plan change)."""
+        idle, self._idle = self._idle, []
+        for session in idle:
+            with contextlib.suppress(Exception):
+                await session.close()
+
     async def close(self) -> None:
         for session in self._idle:
             with contextlib.suppress(Exception):

@@ -212,9 +212,11 @@ def memory_limit() -> int | None:
     return parse_size(text) if text else None
 
 
-def free_memory(releasing: int = 0) -> int:
+def free_memory(held: int = 0) -> int:
     """Memory a stage may use here: available RAM less a margin, capped by the budget.
-    `releasing`: bytes the stage this node holds now uses (it goes before a new one loads)."""
+
+    `held`: bytes a stage already loaded here would give back before the new one loads (a
+    re-plan replaces a node's old stage, so that memory is free for its next one)."""
     available = 0
     try:
         with open("/proc/meminfo") as handle:
@@ -229,7 +231,7 @@ def free_memory(releasing: int = 0) -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             available = 1 << 30
-    usable = int(available * 0.9) + releasing  # leave the rest to the OS and other programs
+    usable = int(available * 0.9) + held  # leave the rest to the OS and other programs
     limit = memory_limit()
     return min(usable, limit) if limit is not None else usable
 
@@ -269,15 +271,15 @@ def local_caps(
     calib: Calibration | None,
     rtt_ms: dict[str, float] | None = None,
     peers: list[str] | None = None,
-    holding: int = 0,
+    held: int = 0,
     layer_files: tuple[LayerFile, ...] = (),
     accept_layers: int = 0,
 ) -> NodeCaps:
-    """This node's capabilities (a node without a model offers no layers); `holding`: bytes
-    its current stage uses, which a new plan frees first."""
+    """This node's capabilities (a node without a model offers no layers); `held` as in
+    `free_memory`."""
     return NodeCaps(
         node_id=node_id,
-        free_memory=free_memory(holding),
+        free_memory=free_memory(held),
         fingerprint=model.fingerprint if model else None,
         decode_s_per_byte=calib.decode_s_per_byte if calib else 0.0,
         prefill_s_per_byte=calib.prefill_s_per_byte if calib else 0.0,

@@ -70,6 +70,16 @@ class MeshCoordinator:
         # Members planned without the file may fetch their layers of this model from us.
         self.seeding = seeding_for(node)
         self.seeding.server.offer(model.fingerprint, model.header)
+        self.pipeline: MeshPipeline | None = None  # the last one `make_pipeline()` made
+
+    def _own_stage_memory(self) -> int:
+        """Bytes the head's own stage of the running plan holds (freed by the next plan)."""
+        plan = self.pipeline.plan if self.pipeline is not None else None
+        stage = plan.stage_of(self.head) if plan is not None else None
+        if stage is None:
+            return 0
+        last = stage.end == self.needs.n_layers
+        return self.needs.memory(stage.first, stage.end, last, self.n_ctx, self.sessions)
 
     @property
     def head(self) -> str:
@@ -83,7 +93,15 @@ class MeshCoordinator:
         rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
         peers = [str(n) for n in self.node.connected()]
         files = tuple(LayerFile(**f) for f in self.seeding.server.offers())
-        return local_caps(self.head, self.model, self._calibration, rtts, peers, layer_files=files)
+        return local_caps(
+            self.head,
+            self.model,
+            self._calibration,
+            rtts,
+            peers,
+            held=self._own_stage_memory(),
+            layer_files=files,
+        )
 
     async def query(self, node: NodeId, timeout: float = CAPS_TIMEOUT_S) -> NodeCaps:
         msg = wire.CapsQuery(self.model.fingerprint.model)
@@ -211,9 +229,9 @@ class MeshCoordinator:
             self.notify(choice.advice)
         return plan
 
-    async def start(self, plan: Plan, **options: Any) -> MeshPipeline:
-        """A pipeline running `plan` (nodes load their ranges now)."""
-        pipeline = MeshPipeline(
+    def make_pipeline(self, **options: Any) -> MeshPipeline:
+        """A pipeline with no plan yet (`apply` one), re-planning through this coordinator."""
+        self.pipeline = MeshPipeline(
             self.node,
             self.model,
             self.data,
@@ -225,6 +243,11 @@ class MeshCoordinator:
             notify=self.notify,
             **options,
         )
+        return self.pipeline
+
+    async def start(self, plan: Plan, **options: Any) -> MeshPipeline:
+        """A pipeline running `plan` (nodes load their ranges now)."""
+        pipeline = self.make_pipeline(**options)
         for transfer in transfers(plan, list(self.caps.values()), self.needs):
             self.notify(transfer.note())  # before the plan applies: the user sees the cost
         try:

@@ -7,10 +7,11 @@ chain, so each stage applies them in order with the work; the last stage confirm
 
 Prompts go in chunks (micro-batches): while stage 1 runs chunk n, stage 0 runs chunk n+1.
 
-Failover: when a stage's node leaves (no answer for the mesh's dead-peer timeout), faults, or
-the step times out, the head asks its replanner for a plan over the survivors, installs it
-(each node loads its new range from its own file), and replays every open session's tokens so
-the new stages hold the same KV caches, then retries the step. The head keeps every session's
+Failover: when a stage's node leaves (no answer for the mesh's dead-peer timeout), reconnects
+(a restart: what was in flight is lost), faults, or the step times out, the head asks its
+replanner for a plan over the survivors, installs it (each node loads its new range from its
+own file), and replays every open session's tokens so the new stages hold the same KV caches,
+then retries the step. The head keeps every session's
 token history, so nothing is lost; a greedy run gives the same text as one without the fault.
 """
 
@@ -177,6 +178,7 @@ class MeshPipeline:
         self._dones: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._excluded: set[str] = set()
         self._broken: str | None = None  # why the last failover failed (retried on next use)
+        self._failing_over = asyncio.Lock()
         self.last_step = StepTiming()
         self.totals = Totals()  # reset when a plan is applied
         self.hop_samples: deque[float] = deque(maxlen=4096)  # network seconds per hop, decode
@@ -198,6 +200,20 @@ class MeshPipeline:
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def broken(self) -> str | None:
+        """Why the last failover failed (the next use re-plans), else None."""
+        return self._broken
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def waiting_replies(self) -> int:
+        """Futures waiting for a token or a confirmation from the stages (0 when idle)."""
+        return len(self._tokens) + len(self._dones)
 
     async def apply(self, plan: Plan) -> None:
         """Install `plan` (at start, or a re-plan while idle): load ranges, replay sessions."""
@@ -291,7 +307,13 @@ class MeshPipeline:
             raise StageError(f"all {self.max_sessions} session slots are busy")
         wire_id = random.getrandbits(62)
         session = self._sessions[session_id] = _Session(wire_id, f"s{wire_id:x}")
-        await self._guarded(lambda: self._open(session))
+        try:
+            await self._guarded(lambda: self._open(session))
+        except BaseException:
+            # The caller never saw it open, so it will not close it: free the slot here.
+            with contextlib.suppress(MeshchatError):
+                await self.close_session(session_id)
+            raise
 
     async def _open(self, s: _Session) -> None:
         assert self._plan is not None
@@ -305,6 +327,8 @@ class MeshPipeline:
             return
         if self._local is not None:
             await self._run(self._local.close_session, s.local_id)
+        if self._broken:
+            return  # the chain is gone; the next plan drops every old session on its stages
         with contextlib.suppress(MeshchatError):
             await self._op(s, wire.SessionOpKind.CLOSE, timeout=5.0)
 
@@ -553,6 +577,13 @@ class MeshPipeline:
         self._fail_waiting(msg.session, exc)
 
     def _on_event(self, event: NodeEvent) -> None:
+        if event.kind == "joined":
+            # A node left out after a failure that comes back (a restart) may plan again.
+            self._excluded.discard(str(event.node_id))
+        if event.kind == "reconnected" and event.node_id in self._remote:
+            # A restart (or a redial) took the connection our work was on: replay, keeping it.
+            gone = StageLost(None, f"node {event.node_id.short} reconnected; work in flight lost")
+            self._fail_waiting(None, gone)
         if event.kind == "left" and event.node_id in self._remote:
             lost = StageLost(str(event.node_id), f"node {event.node_id.short} left the mesh")
             self._fail_waiting(None, lost)
@@ -567,7 +598,15 @@ class MeshPipeline:
     # -- failover ------------------------------------------------------------------------------
 
     async def _failover(self, lost: StageLost) -> None:
-        """Re-plan over the survivors and rebuild every session's KV caches there."""
+        """Re-plan over the survivors and rebuild every session's KV caches there. Requests
+        that lose the same stage at once fail over once: the later ones find a new plan."""
+        failed_plan = self._plan
+        async with self._failing_over:
+            if self._plan is not failed_plan and self._broken is None:
+                return  # another request re-planned and replayed every session meanwhile
+            await self._failover_now(lost)
+
+    async def _failover_now(self, lost: StageLost) -> None:
         if self.replanner is None:
             raise MeshchatError(f"a stage failed and this pipeline cannot re-plan: {lost}")
         self.failovers += 1

@@ -204,6 +204,11 @@ class StageService:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    @property
+    def queued_jobs(self) -> int:
+        """Work waiting for the stage thread (0 when idle)."""
+        return self._jobs.qsize()
+
     async def _run(self, fn: Callable[..., object], *args: object, short: bool = True) -> Any:
         return await compute.run(fn, *args, short=short)
 
@@ -219,7 +224,7 @@ class StageService:
 
     # -- capabilities ----------------------------------------------------------------------------
 
-    async def _on_caps(self, _peer: NodeId, _msg: wire.CapsQuery) -> wire.Message:
+    async def _on_caps(self, peer: NodeId, _msg: wire.CapsQuery) -> wire.Message:
         calib = None
         if self._calibration is not None:
             with contextlib.suppress(TimeoutError):
@@ -233,11 +238,18 @@ class StageService:
             calib,
             rtts,
             peers,
-            holding=self._holding,
+            held=self._held_for(peer),
             layer_files=files,
             accept_layers=self.accept_layers,
         )
         return wire.Ack(body=caps.to_json())
+
+    def _held_for(self, head: NodeId) -> int:
+        """Memory our loaded stage would free for a plan by `head` (see `_apply_plan`): all of
+        it when that head may replace it, none while another head holds it."""
+        if self._held_by_other(head) is not None:
+            return 0
+        return self._holding
 
     # -- plans ---------------------------------------------------------------------------------
 
@@ -284,7 +296,7 @@ class StageService:
             return wire.Error(exc.code, str(exc))
         assert role is not None
         current = self._assignment
-        budget = free_memory(self._holding)  # ours is freed first
+        budget = free_memory(held=self._holding)  # ours is freed first
         if role.memory > budget:
             return wire.Error(
                 Code.MEMORY,

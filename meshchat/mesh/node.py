@@ -47,7 +47,9 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 Via = Literal["mdns", "invite", "peer"]
-EventKind = Literal["joined", "left", "rtt", "status", "nearby"]
+# "reconnected": a connected peer's connection was replaced by a new one (it restarted, or
+# both ends dialed at once); whatever was in flight on the old one is lost.
+EventKind = Literal["joined", "left", "reconnected", "rtt", "status", "nearby"]
 Handler = Callable[[NodeId, Any], Awaitable[wire.Message | None] | wire.Message | None]
 DiscoveryFactory = Callable[["Node"], Any]
 
@@ -564,6 +566,8 @@ class Node:
         conn.closed.add_done_callback(lambda _f: self._on_closed(node, conn))
         if not was_connected:
             self._emit("joined", node)
+        elif old is not None:
+            self._emit("reconnected", node)
         self._spawn(self._greet(node))
 
     async def _greet(self, node: NodeId) -> None:
