@@ -2,7 +2,7 @@
 """Soak an API head through churn: back-to-back greedy chat requests while workers die.
 
 Starts workers (the first invites, the rest join) and a `meshchat --headless --api` head that
-joins them, every node under MESHCHAT_MEMORY_LIMIT (300M by default: the default model with the
+joins them, every node under MESHCHAT_MEMORY_LIMIT (400M by default: the default model with the
 API's four sessions needs two nodes, and any two hold it). Every `--kill-every` seconds one
 worker, chosen at random among all of them, is SIGKILLed (then restarted with the same data
 dir) or SIGSTOPped (then SIGCONTed), `--down` seconds later. One worker is down at a time, so
@@ -202,7 +202,7 @@ def main() -> int:
     parser.add_argument("--down", type=float, default=10.0, help="seconds a worker stays down")
     parser.add_argument("--stop-share", type=float, default=0.3, help="share of SIGSTOPs")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--limit", default="300M", help="MESHCHAT_MEMORY_LIMIT of every node")
+    parser.add_argument("--limit", default="400M", help="MESHCHAT_MEMORY_LIMIT of every node")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dir", help="keep logs here (default: a temporary directory)")
