@@ -3,11 +3,14 @@ and the refusals the app shows (issue 15, point 2 and 3)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from meshchat.headless import _stage_service, _start_node
+from meshchat.mesh import wire
 from meshchat.mesh.discovery import local_ipv4_addresses
 from meshchat.mesh.invites import InviteError
 from meshchat.mesh.node import Node, PeerState, same_host_first
@@ -77,3 +80,32 @@ async def test_a_refused_join_is_recorded_for_the_ui(mesh: MeshNodes) -> None:
     refusal = a.refusals[-1]
     assert refusal.address.startswith("127.0.0.1:")
     assert "invite" in refusal.reason
+
+
+async def test_a_returning_worker_answers_caps_queries_from_its_first_connection(
+    mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app redials a remembered worker the moment it listens again; before, the worker's
+    stage service registered its handlers after that (after opening its model), so the app's
+    CAPS_QUERY came back "no handler for CAPS_QUERY" and showed as a toast."""
+    monkeypatch.setenv("MESHCHAT_MDNS", "0")
+    app = await mesh.new("app")
+    data = DataDir(mesh.root / "worker")
+    first = Node(data, "127.0.0.1:0")
+    await first.start()
+    await first.join(app.create_invite())
+    port = first.port
+    await first.stop()
+    registered_before_listening: list[bool] = []
+
+    def attach(node: Node) -> None:
+        registered_before_listening.append(not node.endpoint.address[1])
+        _stage_service(node, None, data)
+
+    args = argparse.Namespace(listen=f"127.0.0.1:{port}")
+    worker = await _start_node(args, data, attach)
+    mesh.nodes.append(worker)
+    await app.wait_for_peer(worker.node_id)
+    reply = await app.request(worker.node_id, wire.CapsQuery(""), timeout=5.0)
+    assert isinstance(reply, wire.Ack)
+    assert registered_before_listening == [True]
