@@ -41,9 +41,8 @@ from meshchat.tui.split import SplitPlan
 from meshchat.tui.theming import load_themes, node_colours
 from meshchat.tui.widgets.chat import ChatLog
 from meshchat.tui.widgets.chats import ChatList
-from meshchat.tui.widgets.peers import PeersTable
+from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.prompt import PromptInput
-from meshchat.tui.widgets.split_editor import SplitEditor
 from meshchat.tui.widgets.status import StatusLine
 
 __all__ = ["AppOptions", "MeshchatApp"]
@@ -71,9 +70,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                     newline_keys=keys.get("newline", "ctrl+j,shift+enter"),
                 )
                 yield StatusLine(id="status")
-        with Vertical(id="mesh"):
-            yield SplitEditor(id="split")
-            yield PeersTable(id="peers")
+        yield MeshPanel(id="mesh")
         yield Footer()
 
     # --- start-up ---------------------------------------------------------------------------

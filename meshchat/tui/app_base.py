@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from textual.app import App
-from textual.containers import Vertical
 from textual.worker import Worker
 
 from meshchat.config import ChatSettings, Config
@@ -32,6 +31,7 @@ from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.split import SplitPlan
 from meshchat.tui.widgets.chat import ChatLog, MessageView
 from meshchat.tui.widgets.chats import ChatList
+from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.prompt import PromptInput
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -66,6 +66,9 @@ class Generation:
     view: MessageView
     dropped: int
     started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    chunks: int = 0  # streamed pieces (about one per token): tok/s while it streams
+    replans: int = 0  # failovers during this answer (its footer counts them)
 
 
 class AppBase(App[int]):
@@ -100,6 +103,9 @@ class AppBase(App[int]):
         self._peer_states: dict[str, str] = {}
         self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
         self._told: set[str] = set()  # planner notes already shown
+        # Nodes a failover already reported (inline note): no second "peer lost" toast.
+        self._failed_over: set[str] = set()
+        self._failover_active = False  # between a failover's start and its new plan
         self._advised_for: frozenset[str] = frozenset()  # usable nodes the advice was for
 
     def _keep_widgets(self) -> None:
@@ -111,7 +117,7 @@ class AppBase(App[int]):
         self.split = self.query_one("#split", SplitEditor)
         self.peers_table = self.query_one("#peers", PeersTable)
         self.chat_list = self.query_one("#chats", ChatList)
-        self.mesh_panel = self.query_one("#mesh", Vertical)
+        self.mesh_panel = self.query_one("#mesh", MeshPanel)
 
     def _history_call(self, fn: Callable[[History], Any], default: Any = None) -> Any:
         """Run a history operation; a failure is shown, never raised."""

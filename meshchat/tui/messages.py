@@ -6,6 +6,7 @@ from typing import Any
 
 from textual.message import Message
 
+from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.mesh_view import MeshView
 from meshchat.tui.planning import MeshPlanning
@@ -62,6 +63,14 @@ class SplitFailed(Message):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
+
+
+class FailoverNoted(Message):
+    """The mesh pipeline lost a stage's node and re-plans (or has re-planned)."""
+
+    def __init__(self, note: FailoverNote) -> None:
+        super().__init__()
+        self.note = note
 
 
 class MeshActionDone(Message):

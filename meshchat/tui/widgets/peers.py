@@ -35,6 +35,7 @@ _STATE_STYLE = {
     "generating": "yellow",
     "connecting": "yellow",
     "lost": "red",
+    "left": "dim",
     "nearby": "dim",
 }
 
