@@ -12,6 +12,7 @@ import pytest
 from meshchat.config import Config
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
+from meshchat.tui.app_base import worker_error
 from meshchat.tui.widgets.chat import MessageView, describe_meta
 from meshchat.tui.widgets.mesh_panel import ALONE_HINT
 from tests.tui_helpers import GREEDY, PEER_A, FakeMesh, make_app, ready, two_peers, wait_for
@@ -136,3 +137,27 @@ async def test_mesh_panel_is_one_line_alone_and_opens_for_the_split_editor(
     async with other.run_test(size=(110, 34)) as pilot:
         await ready(pilot)
         await wait_for(pilot, lambda: not other.mesh_panel.compact, 5, "peers open it")
+
+
+def test_worker_error_says_what_is_wrong_and_logs_a_bug(caplog: pytest.LogCaptureFixture) -> None:
+    assert worker_error(MeshchatError("invite expired"), "join") == "invite expired"
+    assert not caplog.records
+    try:
+        raise KeyError("slot")
+    except KeyError as exc:
+        assert worker_error(exc, "remove") == "internal error: KeyError('slot')"
+    assert caplog.records[-1].exc_info is not None  # the traceback is in the log
+
+
+class BrokenRemoveMesh(FakeMesh):
+    async def remove(self, key: str) -> None:
+        raise RuntimeError("bug in remove")
+
+
+async def test_a_bug_in_remove_is_shown_not_silent(tmp_path: Path) -> None:
+    mesh = BrokenRemoveMesh(rows=two_peers().rows)
+    app = make_app(tmp_path, None, mesh=mesh, model_error=NO_MODEL)
+    async with app.run_test(size=(110, 34)) as pilot:
+        await ready(pilot)
+        app._remove(PEER_A)
+        await wait_for(pilot, lambda: _toasts(app, "remove failed: internal error"), 5, "toast")

@@ -29,7 +29,7 @@ from textual.widgets import Footer, Header
 from meshchat.config import save_config, with_theme
 from meshchat.errors import MeshchatError
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import PEERS_REFRESH_S, AppOptions
+from meshchat.tui.app_base import PEERS_REFRESH_S, AppOptions, worker_error
 from meshchat.tui.app_chat import ChatMixin
 from meshchat.tui.app_chats import ConversationsMixin
 from meshchat.tui.app_mesh import MeshMixin
@@ -171,11 +171,8 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                 engine = await asyncio.to_thread(
                     ChatEngine.load, path, self.data, config.context_size, config.threads
                 )
-        except MeshchatError as exc:
-            self.post_message(msg.EngineFailed(str(exc)))
-        except Exception as exc:  # a bug, but the app must stay up and say so
-            log.exception("model load failed")
-            self.post_message(msg.EngineFailed(f"cannot load the model: {exc!r}"))
+        except Exception as exc:  # a bug too: the app must stay up and say so
+            self.post_message(msg.EngineFailed(worker_error(exc, "model load")))
         else:
             self.post_message(msg.EngineLoaded(engine))
 

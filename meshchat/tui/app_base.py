@@ -18,6 +18,7 @@ from textual.worker import Worker
 
 from meshchat.config import ChatSettings, Config
 from meshchat.engine.chat_template import ChatMessage
+from meshchat.errors import MeshchatError
 from meshchat.paths import DataDir
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import (
@@ -42,6 +43,17 @@ log = logging.getLogger(__name__)
 PEERS_REFRESH_S = 1.0
 MeshFactory = Callable[[], Awaitable[MeshView]]
 EngineLoader = Callable[[], ChatEngine]
+
+
+def worker_error(exc: Exception, what: str) -> str:
+    """One line for a worker that failed, for the screen.
+
+    A MeshchatError says what is wrong in words for the user; anything else is a bug: its
+    traceback goes to the log and the line says "internal error", so it never fails silently."""
+    if isinstance(exc, MeshchatError):
+        return str(exc)
+    log.error("%s failed", what, exc_info=exc)
+    return f"internal error: {exc!r}"
 
 
 @dataclass

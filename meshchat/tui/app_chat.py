@@ -11,7 +11,7 @@ from textual import on, work
 from meshchat.config import ChatSettings
 from meshchat.errors import MeshchatError
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import AppBase, Generation
+from meshchat.tui.app_base import AppBase, Generation, worker_error
 from meshchat.tui.history import (
     StoredMessage,
 )
@@ -97,11 +97,8 @@ class ChatMixin(AppBase):
             meta = {"cancelled": True, "finish_reason": "cancelled"}
             self.post_message(msg.GenDone(generation, meta))
             raise
-        except MeshchatError as exc:
-            meta = {"error": str(exc)}
         except Exception as exc:
-            log.exception("generation failed")
-            meta = {"error": f"internal error: {exc!r}"}
+            meta = {"error": worker_error(exc, "generation")}
         else:
             stats = engine.last_stats
             meta = {

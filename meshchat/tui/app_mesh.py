@@ -11,7 +11,7 @@ from textual import on, work
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import AppBase
+from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
@@ -31,12 +31,8 @@ class MeshMixin(AppBase):
                 mesh = await self._mesh_factory()
             else:
                 mesh = await NodeMesh.start(self.data, self.config.listen, self.config.mdns)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshFailed(str(exc)))
-            return
         except Exception as exc:
-            log.exception("mesh start failed")
-            self.post_message(msg.MeshFailed(f"cannot start the mesh node: {exc!r}"))
+            self.post_message(msg.MeshFailed(worker_error(exc, "mesh start")))
             return
         self.post_message(msg.MeshReady(mesh))
 
@@ -149,11 +145,8 @@ class MeshMixin(AppBase):
                 pipeline.on_failover = self._on_failover
                 await engine.switch(pipeline, plan.ranges)
                 plan = self.planning.running(pipeline, plan.n_layers) or plan
-        except MeshchatError as exc:
-            self.post_message(msg.SplitFailed(str(exc)))
         except Exception as exc:
-            log.exception("re-split failed")
-            self.post_message(msg.SplitFailed(f"internal error: {exc!r}"))
+            self.post_message(msg.SplitFailed(worker_error(exc, "re-split")))
         else:
             self.post_message(msg.SplitApplied(plan))
 
@@ -253,12 +246,10 @@ class MeshMixin(AppBase):
                 notify=notify,
             )
             await planning.refresh()
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc}"))
-            return
         except Exception as exc:
-            log.exception("planner start failed")
-            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc!r}"))
+            error = worker_error(exc, "planner start")
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {error}"))
+            self.mesh_panel.post_message(MeshPanel.Activity(""))
             return
         self.post_message(msg.PlanningReady(planning))
 
@@ -481,14 +472,10 @@ class MeshMixin(AppBase):
         panel.post_message(MeshPanel.Activity("joining a mesh with the invite code…"))
         try:
             inviter = await mesh.join(code)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"join failed: {exc}"))
-            problem = f"join failed: {exc} (F6 to try another code)"
-            panel.post_message(MeshPanel.Activity(problem, error=True))
         except Exception as exc:
-            log.exception("join failed")
-            self.post_message(msg.MeshActionDone("", f"join failed: {exc!r}"))
-            panel.post_message(MeshPanel.Activity(f"join failed: {exc!r}", error=True))
+            error = f"join failed: {worker_error(exc, 'join')}"
+            self.post_message(msg.MeshActionDone("", error))
+            panel.post_message(MeshPanel.Activity(f"{error} (F6 to try another code)", error=True))
         else:
             self.post_message(msg.MeshActionDone(f"joined the mesh of {inviter}"))
             panel.post_message(MeshPanel.Activity(""))
@@ -547,7 +534,8 @@ class MeshMixin(AppBase):
             return
         try:
             await mesh.remove(key)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"remove failed: {exc}"))
+        except Exception as exc:  # the branch it lacked: a bug here failed silently
+            error = worker_error(exc, "remove")
+            self.post_message(msg.MeshActionDone("", f"remove failed: {error}"))
         else:
             self.post_message(msg.MeshActionDone(f"removed {key[:10]} from the mesh"))
