@@ -8,14 +8,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from textual.widgets import Input, Static
 
 from meshchat.config import Config
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
+from meshchat.paths import DataDir
 from meshchat.tui.app_base import worker_error
+from meshchat.tui.screens.dialogs import AskText, Pick
 from meshchat.tui.widgets.chat import MessageView, describe_meta
 from meshchat.tui.widgets.mesh_panel import ALONE_HINT
-from tests.tui_helpers import GREEDY, PEER_A, FakeMesh, make_app, ready, two_peers, wait_for
+from tests.tui_helpers import (
+    GREEDY,
+    PEER_A,
+    FakeMesh,
+    ask,
+    make_app,
+    ready,
+    two_peers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -161,3 +173,40 @@ async def test_a_bug_in_remove_is_shown_not_silent(tmp_path: Path) -> None:
         await ready(pilot)
         app._remove(PEER_A)
         await wait_for(pilot, lambda: _toasts(app, "remove failed: internal error"), 5, "toast")
+
+
+async def test_model_choice_in_the_app_from_the_store_and_a_path(
+    tmp_path: Path, smollm2: Path, tiny_models: dict[str, Path]
+) -> None:
+    app = make_app(tmp_path, None, model_error=NO_MODEL)
+    models = DataDir(tmp_path / "data").ensure(DataDir(tmp_path / "data").models)
+    (models / smollm2.name).symlink_to(smollm2)
+    async with app.run_test(size=(110, 34)) as pilot:
+        await ready(pilot)
+        welcome = app.chat_log.query_one("#welcome", Static)
+        assert "Ctrl+O" in str(welcome.render()) and "Ask anything" not in str(welcome.render())
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, Pick), 5, "model list")
+        await pilot.press("enter")  # the store's model, first in the list
+        await wait_for(pilot, lambda: app.engine is not None, 180, "model load")
+        assert app.engine.info.path == models / smollm2.name
+        assert "Ask anything" in str(app.chat_log.query_one("#welcome", Static).render())
+        # Another file, by path: a wrong one is refused in the dialog, a right one loads.
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, Pick), 5, "model list")
+        await pilot.press("down", "enter")  # "Another file…"
+        await wait_for(pilot, lambda: isinstance(app.screen, AskText), 5, "path dialog")
+        app.screen.query_one(Input).value = str(tmp_path / "nope.gguf")
+        await pilot.press("enter")
+        await wait_for(
+            pilot, lambda: "no such file" in str(app.screen.query_one("#error", Static).render())
+        )
+        tiny = tiny_models["llama"]
+        app.screen.query_one(Input).value = str(tiny)
+        await pilot.press("enter")
+        await wait_for(
+            pilot, lambda: app.engine is not None and app.engine.info.path == tiny, 120, "tiny"
+        )
+        # The split editor shows the new model's layers (8), on this node.
+        assert app.split.applied is not None and app.split.applied.n_layers == 8
+        assert await ask(pilot, "Hi") is not None

@@ -33,6 +33,7 @@ from meshchat.tui.app_base import PEERS_REFRESH_S, AppOptions, worker_error
 from meshchat.tui.app_chat import ChatMixin
 from meshchat.tui.app_chats import ConversationsMixin
 from meshchat.tui.app_mesh import MeshMixin
+from meshchat.tui.app_model import ModelMixin, no_model_welcome
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import DB_NAME, Conversation, History, HistoryError
 from meshchat.tui.keys import APP_BINDINGS, check_keymap
@@ -50,7 +51,7 @@ __all__ = ["AppOptions", "MeshchatApp"]
 log = logging.getLogger(__name__)
 
 
-class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
+class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
     """The whole app: its parts (the mixins) plus layout, start-up, help and the palette."""
 
     CSS_PATH = "app.tcss"
@@ -177,6 +178,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
             self.post_message(msg.EngineLoaded(engine))
 
     async def on_engine_loaded(self, event: msg.EngineLoaded) -> None:
+        self.chat_log.set_welcome(None)
         self.engine = event.engine
         info = event.engine.info
         self.model_error = ""
@@ -195,7 +197,11 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         self._refresh_peers()
         self._maybe_start_planning()
 
+    def on_model_chosen(self, event: msg.ModelChosen) -> None:
+        self._load_engine()
+
     def on_engine_failed(self, event: msg.EngineFailed) -> None:
+        self.chat_log.set_welcome(no_model_welcome(event.error))
         self.model_error = event.error
         self.split.busy = ""
         self.split.say(f"no model: {event.error}", error=True)
@@ -286,6 +292,11 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                 "Toggle mesh panel",
                 "Show or hide the split bar and peers (F9)",
                 self.action_toggle_mesh,
+            ),
+            (
+                "Choose model",
+                "Run another model: from the store or a path (Ctrl+O)",
+                self.action_choose_model,
             ),
             ("Help: keys", "Every key binding (F1)", self.action_help),
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual.message import Message
@@ -17,6 +18,14 @@ class EngineLoaded(Message):
     def __init__(self, engine: ChatEngine) -> None:
         super().__init__()
         self.engine = engine
+
+
+class ModelChosen(Message):
+    """The user picked another model; the old one is closed: load this one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
 
 
 class EngineFailed(Message):

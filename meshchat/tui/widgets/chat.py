@@ -193,6 +193,20 @@ class ChatLog(VerticalScroll, can_focus=True):
     """
 
     selected: int | None = None
+    welcome_text = (
+        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
+        "picks a message to copy or edit, [b]F1[/] lists every key."
+    )
+    _welcome_override: str | None = None
+
+    def set_welcome(self, text: str | None) -> None:
+        """What an empty chat says (None: the usual "Ask anything"), e.g. when no model runs."""
+        self._welcome_override = text
+        for welcome in self.query("#welcome").results(Static):
+            welcome.update(self._welcome())
+
+    def _welcome(self) -> str:
+        return self._welcome_override or self.welcome_text
 
     def views(self) -> list[MessageView]:
         return list(self.query(MessageView))
@@ -202,13 +216,7 @@ class ChatLog(VerticalScroll, can_focus=True):
         self.selected = None
         await self.remove_children()
         if not messages:
-            await self.mount(
-                Static(
-                    "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
-                    "picks a message to copy or edit, [b]F1[/] lists every key.",
-                    id="welcome",
-                )
-            )
+            await self.mount(Static(self._welcome(), id="welcome"))
             return
         await self.mount_all(MessageView(role, text, meta) for role, text, meta in messages)
         self.scroll_end(animate=False)
