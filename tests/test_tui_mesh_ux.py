@@ -59,7 +59,8 @@ async def test_failover_note_sits_in_the_answer_and_the_footer_counts_it(
         mesh.rows[0] = replace(mesh.rows[0], state="lost", layers=None)
         app._on_failover(FailoverNote(PEER_A, f"node {PEER_A[:10]} left the mesh"))
         app._on_failover(FailoverNote(PEER_A, "left", f"[0,30) on {app.mesh.node_id[:8]}"))
-        await wait_for(pilot, lambda: app.generation is None, 90, "answer")
+        # The answer is kept (appended) after `generation` is cleared: wait for the message.
+        await wait_for(pilot, lambda: len(app.messages) == 2, 90, "answer")
         view = app.chat_log.views()[-1]
         assert len(view.notes) == 1
         offset, note = view.notes[0]

@@ -161,11 +161,14 @@ class MeshMixin(AppBase):
         if note.lost:
             self._failed_over.add(note.lost)
         gen = self.generation
-        if gen is not None and not note.plan:
-            await gen.view.add_note(text)
-        elif gen is not None and gen.view.notes:
+        if gen is not None and note.plan:
             gen.replans += 1
-            gen.view.update_note(text)
+            if gen.view.notes:
+                gen.view.update_note(text)  # "re-planning…" becomes "continuing on …"
+            else:
+                await gen.view.add_note(text)
+        elif gen is not None:
+            await gen.view.add_note(text)
         elif note.plan:  # not inside an answer: the one toast says it
             self.notify(text, title="Failover", severity="warning", timeout=10)
         self._refresh_peers()

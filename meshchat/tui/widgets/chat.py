@@ -82,6 +82,10 @@ class MessageView(Vertical):
         self._stream: MarkdownStream | None = None
         # Notes shown inside the answer where they happened (a failover): (offset, text).
         self.notes: list[tuple[int, str]] = note_marks(self.meta, len(text))
+        self._labels: list[Static] = []  # the notes added while streaming
+        # Held, not queried: a note mounted mid-stream must not make them hard to find.
+        self._waiting = Static("", classes="waiting")
+        self._meta = Static(describe_meta(self.meta), classes="meta")
 
     def compose(self) -> ComposeResult:
         yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
@@ -91,17 +95,17 @@ class MessageView(Vertical):
             yield Static(note, classes="note")
             start = offset
         yield Markdown(self.text[start:])
-        yield Static("", classes="waiting")
-        yield Static(describe_meta(self.meta), classes="meta")
+        yield self._waiting
+        yield self._meta
 
     def on_mount(self) -> None:
-        self.query_one(".waiting", Static).display = False
+        self._waiting.display = False
         self._show_meta()
 
     @property
     def body(self) -> Markdown:
         """The Markdown the answer streams into now (the last segment, after any note)."""
-        return self.query(Markdown).last()
+        return self.query_children(Markdown).last()
 
     def _tail(self) -> str:
         """The text after the last note (the body's text)."""
@@ -109,20 +113,24 @@ class MessageView(Vertical):
 
     def show_waiting(self, text: str) -> None:
         """What the answer waits for before its first token (planning, prefill…)."""
-        waiting = self.query_one(".waiting", Static)
+        waiting = self._waiting
         waiting.update(text)
         waiting.display = bool(text)
 
     async def add_note(self, note: str) -> None:
         """Show `note` inside the answer at this point; the text goes on below it."""
-        if self._stream is not None:
-            await self._stream.stop()
-        await self.body.update(self._tail())
-        self.notes.append((len(self.text), note))
+        # Recorded before any await: an update that comes meanwhile finds it.
+        offset, tail = len(self.text), self._tail()
+        self.notes.append((offset, note))
         label = Static(note, classes="note")
-        body = Markdown("")
-        await self.mount_all([label, body], before=self.query_one(".waiting"))
-        if self._stream is not None:
+        self._labels.append(label)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.stop()
+        await self.body.update(tail)
+        body = Markdown(self.text[offset:])
+        await self.mount_all([label, body], before=self._waiting)
+        if stream is not None:
             self._stream = Markdown.get_stream(body)
 
     def update_note(self, note: str) -> None:
@@ -130,10 +138,11 @@ class MessageView(Vertical):
         if not self.notes:
             return
         self.notes[-1] = (self.notes[-1][0], note)
-        self.query(".note").last(Static).update(note)
+        if self._labels:
+            self._labels[-1].update(note)
 
     def _show_meta(self) -> None:
-        note = self.query_one(".meta", Static)
+        note = self._meta
         text = describe_meta(self.meta)
         note.update(text)
         note.display = bool(text)
