@@ -132,6 +132,7 @@ class ChatMixin(AppBase):
         """Keep the answer (saved with how it ended) and make the app ready for the next."""
         self.generation = None
         self._gen_worker = None
+        self._failover_active = False  # a failover that gave up ends with the answer
         meta = {k: v for k, v in meta.items() if v is not None}
         if gen.dropped:
             meta["dropped"] = gen.dropped

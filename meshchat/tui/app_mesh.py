@@ -174,7 +174,6 @@ class MeshMixin(AppBase):
         self._refresh_peers()
 
     def _failover_text(self, note: FailoverNote) -> str:
-        who = "a stage"
         if note.lost:
             rows = {r.key: r for r in (self.mesh.peers() if self.mesh else [])}
             row = rows.get(note.lost)
