@@ -266,8 +266,11 @@ def test_loopback_worker_joins_by_invite_and_a_kill_mid_answer_is_noted(
 
         tmux.wait(lambda s: row(s, "invite", "idle"), 60, "the worker's row, joined")
         # Give the worker the second half of the layers: Ctrl+L, split, next stage, node, apply.
-        tmux.wait(lambda s: "predict" in s or "Planner" in s, 120, "the planner's advice")
-        tmux.keys("C-l", "+", "]", "n", "Enter")
+        # The planner's advice says the worker may take layers ("…a shows that plan…").
+        tmux.wait(lambda s: "shows that plan" in s, 180, "the planner's advice")
+        tmux.keys("C-l")  # focus moves after the keys already queued: wait for it
+        tmux.wait(lambda s: "Split stage" in s, 20, "the split editor focused")
+        tmux.keys("+", "]", "n", "Enter")
         tmux.wait(lambda s: row(s, "[15,30)"), 240, "the worker serving [15,30)")
         tmux.keys("Escape")
         tmux.text("Count from 1 to 200, separated by commas.")
