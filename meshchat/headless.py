@@ -68,19 +68,24 @@ def run_headless(
     return asyncio.run(serve(args, layers=layers, model=model, on_ready=on_ready))
 
 
-async def _start_node(args: argparse.Namespace, data_dir: DataDir) -> Node:
+async def _start_node(
+    args: argparse.Namespace, data_dir: DataDir, attach: Callable[[Node], None]
+) -> Node:
+    """Start the node; `attach` registers its handlers first, so that no peer that connects
+    at once (the app redialling a returning worker) is refused "no handler for CAPS_QUERY"."""
     mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
-    if args.listen:
-        node = Node(data_dir, args.listen, discovery=mdns)
-        await node.start()
+    listens = [args.listen] if args.listen else [f"0.0.0.0:{DEFAULT_PORT}", "0.0.0.0:0"]
+    for i, listen in enumerate(listens):
+        node = Node(data_dir, listen, discovery=mdns)
+        attach(node)
+        try:
+            await node.start()
+        except MeshchatError:
+            if i == len(listens) - 1:
+                raise
+            continue  # the usual port is taken (say, by the app on this machine)
         return node
-    node = Node(data_dir, f"0.0.0.0:{DEFAULT_PORT}", discovery=mdns)
-    try:
-        await node.start()
-    except MeshchatError:
-        node = Node(data_dir, "0.0.0.0:0", discovery=mdns)
-        await node.start()
-    return node
+    raise AssertionError("unreachable")
 
 
 async def serve(
@@ -96,11 +101,17 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     data_dir = DataDir.resolve(args.data_dir)
-    node = await _start_node(args, data_dir)
-    service = None
+    model_file, note = await _open_model(args, data_dir)
+    services: dict[Node, Any] = {}
+    node = await _start_node(
+        args,
+        data_dir,
+        lambda n: services.setdefault(n, _stage_service(args, n, model_file, data_dir)),
+    )
+    service = services[node]
     api = None
     try:
-        service, note = await _start_stage_service(args, node, data_dir)
+        await service.start()
         if args.api and service.model is None:
             raise MeshchatError(f"--api needs a model: {note}")
         inviter = None
@@ -143,38 +154,41 @@ async def serve(
     return 0
 
 
-async def _start_stage_service(
-    args: argparse.Namespace, node: Node, data: DataDir
-) -> tuple[Any, str]:
-    """Serve layers of this node's model; the note says why it has none, if so."""
-    from meshchat.commands.common import thread_count
+async def _open_model(args: argparse.Namespace, data: DataDir) -> tuple[Any, str]:
+    """This node's model (None when the store has none; the note says so)."""
     from meshchat.inference import memory_budget
     from meshchat.inference.local_model import LocalModel
-    from meshchat.inference.stage_service import StageService
     from meshchat.model.store import ModelStore, StoreError
 
-    note = ""
     try:
         path = ModelStore(data.models).resolve(getattr(args, "model", None), pull_if_missing=False)
     except StoreError:
-        note = (
+        budget = accept_layers_budget(args)
+        if budget:
+            return (
+                None,
+                f"no model file: this node takes layers from peers (up to {budget >> 20} MiB)",
+            )
+        return None, (
             "no model in the store: this node serves no layers "
             "(pass --model PATH or run `meshchat model pull`)"
         )
-        path = None
-    model = None
-    if path is not None:
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, LocalModel.open, path, data)
-        memory_budget.check_fits(model)  # a worker takes any context: the smallest a head plans
+    loop = asyncio.get_running_loop()
+    model = await loop.run_in_executor(None, LocalModel.open, path, data)
+    memory_budget.check_fits(model)  # a worker takes any context: the smallest a head plans
+    return model, ""
+
+
+def _stage_service(args: argparse.Namespace, node: Node, model: Any, data: DataDir) -> Any:
+    """Serve layers of `model` on `node`: its handlers are registered now, before it listens."""
+    from meshchat.commands.common import thread_count
+    from meshchat.inference.stage_service import StageService
+
     threads_env = os.environ.get("MESHCHAT_THREADS", "")
     threads = thread_count(int(threads_env) if threads_env.isdigit() else None)
-    budget = accept_layers_budget(args)
-    if budget and model is None:
-        note = f"no model file: this node takes layers from peers (up to {budget >> 20} MiB)"
-    service = StageService(node, model, data, threads, accept_layers=budget)
-    await service.start()
-    return service, note
+    service = StageService(node, model, data, threads, accept_layers=accept_layers_budget(args))
+    service.register()
+    return service
 
 
 def accept_layers_budget(args: argparse.Namespace) -> int:

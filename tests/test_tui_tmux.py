@@ -7,6 +7,7 @@ Each test runs its own tmux server (`-L` socket) and stops only that server.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,3 +201,90 @@ def test_sigterm_mid_answer_exits_143_and_restores_the_terminal(
     modes = terminal.read_text().split()
     assert "icanon" in modes and "echo" in modes and "isig" in modes  # not left in raw mode
     assert "Traceback" not in tmux.screen()
+
+
+def _invite_on(screen: str) -> str:
+    """The invite code in the F5 dialog, joined back if the box wrapped it."""
+    lines = screen.split("\n")
+    for i, line in enumerate(lines):
+        found = re.search(r"mc1[a-z0-9]{16,}", line)
+        if found is None:
+            continue
+        code, column = found.group(0), found.start()
+        for more in lines[i + 1 :]:
+            rest = re.match(r"[a-z0-9]+", more[column:])  # the wrapped part, same column
+            if rest is None:
+                break
+            code += rest.group(0)
+        return code
+    raise AssertionError(f"no invite code on the screen:\n{screen}")
+
+
+@pytest.mark.timeout(480)
+def test_loopback_worker_joins_by_invite_and_a_kill_mid_answer_is_noted(
+    tmp_path: Path, smollm2: Path, tmux: Tmux, env: dict[str, str]
+) -> None:
+    """Issue 15: the app listens on all addresses (as by default) and shows an invite (F5); a
+    worker on the same machine listening on 127.0.0.1 joins with it (before: "192.0.2.2:…
+    did not answer", the app logging "refused connection from 127.0.0.1"). The worker takes
+    layers; killed mid-answer, the answer says so where it happened and goes on, and its
+    footer counts the re-plan."""
+    config = Path(env["MESHCHAT_CONFIG_DIR"]) / "config.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {
+                "listen": "0.0.0.0:0",
+                "mdns": False,
+                "threads": 1,
+                "sampling": {"temperature": 0.0, "max_tokens": 400, "seed": 1},
+            }
+        )
+    )
+    tmux.run("new-session", "-d", "-s", "t", "-x", "200", "-y", "44", _command(tmp_path, smollm2))
+    tmux.wait(lambda s: "● ready" in s and "Message" in s, 120, "the app with its model loaded")
+    tmux.keys("F5")
+    shown = tmux.wait(lambda s: "Invite another machine" in s, 20, "the invite")
+    code = _invite_on(shown)
+    tmux.keys("Escape")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "meshchat.cli", "--headless", "--data-dir", str(tmp_path / "w"),
+         "--listen", "127.0.0.1:0", "--join", code, "--model", str(smollm2)],
+        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "worker.err").open("w"), text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        first = worker.stdout.readline()
+        problem = first + (tmp_path / "worker.err").read_text()
+        assert first.startswith("node_id: "), f"{problem}\ncode {code!r} from:\n{shown}"
+        short = first.split()[1][:10]
+
+        def row(screen: str, *words: str) -> bool:
+            return any(
+                line.lstrip().startswith(short) and all(w in line for w in words)
+                for line in screen.split("\n")
+            )
+
+        tmux.wait(lambda s: row(s, "invite", "idle"), 60, "the worker's row, joined")
+        # Give the worker the second half of the layers: Ctrl+L, split, next stage, node, apply.
+        # The planner's advice says the worker may take layers ("…a shows that plan…").
+        tmux.wait(lambda s: "shows that plan" in s, 180, "the planner's advice")
+        tmux.keys("C-l")  # focus moves after the keys already queued: wait for it
+        tmux.wait(lambda s: "Split stage" in s, 20, "the split editor focused")
+        tmux.keys("+", "]", "n", "Enter")
+        tmux.wait(lambda s: row(s, "[15,30)"), 240, "the worker serving [15,30)")
+        tmux.wait(lambda s: "● ready" in s and "mesh [0,15)" in s, 120, "the plan applied")
+        tmux.keys("Escape")  # back to the message box (focus moves after queued keys)
+        tmux.wait(lambda s: "Split stage" not in s, 20, "the message box focused")
+        tmux.text("Write a very long story about the sea.")
+        tmux.keys("Enter")
+        tmux.wait(lambda s: "generating" in s and "tok/s" in s, 120, "the answer streaming")
+        worker.kill()  # a crash: no goodbye
+        worker.wait(timeout=10)
+        shown = tmux.wait(lambda s: "continuing on" in s, 120, "the failover note")
+        assert f"worker {short} lost" in shown
+        shown = tmux.wait(lambda s: "re-planned once" in s, 180, "the footer")
+        assert "Traceback" not in shown
+        tmux.keys("C-q")
+        assert _wait_exit(tmp_path) == 0
+    finally:
+        stop_process(worker, timeout=20)

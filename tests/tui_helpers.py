@@ -38,6 +38,7 @@ class FakeMesh:
     joined: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     status: list[Any] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     stopped: bool = False
 
     @property
@@ -71,6 +72,10 @@ class FakeMesh:
 
     def set_status(self, layers: Any, model: Any) -> None:
         self.status.append((layers, model))
+
+    def new_refusals(self) -> list[str]:
+        fresh, self.refused = self.refused, []
+        return fresh
 
     async def stop(self) -> None:
         self.stopped = True

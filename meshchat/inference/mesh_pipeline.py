@@ -68,6 +68,18 @@ class StageLost(MeshchatError):
         self.code = code
 
 
+@dataclass(frozen=True)
+class FailoverNote:
+    """What a failover did, for a UI to show where the answer was when it happened.
+
+    `lost` is the NodeID text of the node left out (None: not known, e.g. a timeout); `plan`
+    is empty while re-planning and describes the new plan once it runs."""
+
+    lost: str | None
+    reason: str
+    plan: str = ""
+
+
 class History:
     """The tokens a session's KV caches hold, kept as the stage calls that put them there.
 
@@ -186,6 +198,7 @@ class MeshPipeline:
         self.wire_tokens = 0
         self.failovers = 0
         hop_timing.enable_from_env()
+        self.on_failover: Callable[[FailoverNote], None] | None = None  # set by a UI
         node.on_arrival(wire.Token, self._on_token)
         node.on_arrival(wire.SessionDone, self._on_done)
         node.on_arrival(wire.StageFault, self._on_fault)
@@ -613,6 +626,7 @@ class MeshPipeline:
         for _attempt in range(MAX_FAILOVERS):
             if lost.node is not None:
                 self._excluded.add(lost.node)
+            self._tell(FailoverNote(lost.node, str(lost)))
             self.notify(f"{lost}; re-planning over the remaining nodes")
             try:
                 plan = await self.replanner(set(self._excluded))
@@ -627,9 +641,17 @@ class MeshPipeline:
                 lost = again
                 continue
             self._broken = None
+            self._tell(FailoverNote(lost.node, str(lost), plan.describe(self._me)))
             return
         self._broken = f"failover gave up: {lost}"
         raise MeshchatError(self._broken)
+
+    def _tell(self, note: FailoverNote) -> None:
+        if self.on_failover is not None:
+            try:
+                self.on_failover(note)
+            except Exception:  # a UI bug must not break the failover
+                log.exception("failover listener failed")
 
     async def _replay_all(self) -> None:
         """Open every session on the current plan and feed it its history again, call by call

@@ -165,10 +165,15 @@ class StageService:
         self._queued_bytes = 0
         self._peer_bytes: dict[NodeId, int] = {}  # activation bytes queued, per sender
         self._peer_plans: dict[NodeId, int] = {}  # plan requests queued, per sender
+        self._registered = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def register(self) -> None:
+        """Take this node's requests (idempotent); callable before the node listens."""
+        if self._registered:
+            return
+        self._registered = True
         hop_timing.enable_from_env()
         node = self.node
         node.on(wire.CapsQuery, self._on_caps)
@@ -177,6 +182,10 @@ class StageService:
         node.on_arrival(wire.SessionOp, self._on_session_op)
         node.on_arrival(wire.Cancel, self._on_cancel)
         node.add_listener(self._on_event)
+
+    async def start(self) -> None:
+        node = self.node
+        self.register()
         self._worker = asyncio.ensure_future(self._work())
         self._publish_memory()
         if self.model is not None:

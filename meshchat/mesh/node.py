@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -63,6 +64,7 @@ class PeerState(StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     LOST = "lost"
+    LEFT = "left"  # closed cleanly (its goodbye came); redialled like a lost one
     NEARBY = "nearby"  # seen by mDNS, not a member of our mesh
 
 
@@ -114,6 +116,18 @@ def _memory_json(report: wire.MemoryReport | None) -> dict[str, int] | None:
     return {"offer": report.offer, "used": report.used, "left": report.offer - report.used}
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A connection this node refused (shown to the user: e.g. a join with a stale invite)."""
+
+    address: str
+    reason: str
+
+
+# Refusals kept for the UI: the newest few are enough to say why a join failed.
+_MAX_REFUSALS = 16
+
+
 class Refused(MeshchatError):
     """A peer answered a request with an Error; `code` says why (e.g. a wire.FaultCode)."""
 
@@ -162,6 +176,8 @@ class Node:
         self._dialing: set[NodeId] = set()
         self._pings: dict[NodeId, dict[int, float]] = {}
         self._ping_seq = 0
+        self.refusals: deque[Refusal] = deque(maxlen=_MAX_REFUSALS)
+        self.refusals_seen = 0  # how many were ever recorded: the UI shows only new ones
         self._layers: tuple[int, int] | None = None
         self._model: dict[str, Any] | None = None
         # The engine profile this node chose and the one its stage runs with (status file only).
@@ -354,6 +370,13 @@ class Node:
         ips = _local_ipv4(include_loopback=False) or _local_ipv4(include_loopback=True)
         return [(ip, port) for ip in ips[:3]]
 
+    def _dial_order(self, addresses: Sequence[Address]) -> list[Address]:
+        """Where to dial an invite's addresses from here, best first (see `same_host_first`)."""
+        host = self.endpoint.address[0]
+        if not ipaddress.ip_address(host).is_loopback:
+            return list(addresses)
+        return same_host_first(addresses, set(_local_ipv4(include_loopback=False)))
+
     def create_invite(self, uses: int = 1, ttl: float = 3600.0) -> str:
         """Issue an invite code for this node (persisted, so it survives a restart)."""
         return self.invites.issue(self.node_id, self.invite_addresses(), uses, ttl).encode()
@@ -365,7 +388,7 @@ class Node:
         if known:
             # Already in the inviter's mesh (e.g. a worker restarted with the same --join):
             # reconnect as a member and keep the invite's uses for others.
-            addrs = [fmt_addr(a) for a in invite.addresses]
+            addrs = [fmt_addr(a) for a in self._dial_order(invite.addresses)]
             peer = self._peers.setdefault(known[0], Peer(known[0], "invite", addresses=addrs))
             if peer.state is PeerState.CONNECTED:
                 return known[0]
@@ -376,7 +399,7 @@ class Node:
                 log.info("reconnect as member failed (%s); redeeming the invite", exc)
         invite.check_fresh()
         problems = []
-        for addr in invite.addresses:
+        for addr in self._dial_order(invite.addresses):
             try:
                 conn = await self.endpoint.dial(addr, invite.matches, timeout)
             except ConnectionLost as exc:
@@ -492,6 +515,8 @@ class Node:
             dialer, hello, _ = await accept_handshake(conn, self.identity, self._decide)
         except (AuthRefused, ConnectionLost) as exc:
             log.info("refused connection from %s: %s", fmt_addr(conn.remote), exc)
+            self.refusals.append(Refusal(fmt_addr(conn.remote), str(exc)))
+            self.refusals_seen += 1
             return
         except PEER_INPUT_ERRORS as exc:
             conn.abort(f"protocol error: {exc}", APP_ERROR_PROTOCOL)
@@ -590,9 +615,9 @@ class Node:
         if peer is None or peer.conn is not conn:
             return
         peer.conn = None
-        peer.state = PeerState.LOST
+        peer.state = PeerState.LEFT if conn.said_goodbye else PeerState.LOST
         peer.next_dial = time.monotonic() + 0.5
-        log.info("peer %s left: %s", node.short, conn.close_reason)
+        log.info("peer %s %s: %s", node.short, peer.state.value, conn.close_reason)
         self._emit("left", node)
 
     def _make_inbox(
@@ -858,6 +883,21 @@ def _with_hints(known: list[str], found: list[str]) -> list[str]:
     """
     fresh = [a for a in found if a not in known][: _MAX_PEER_ADDRESSES // 2]
     return known[: _MAX_PEER_ADDRESSES - len(fresh)] + fresh
+
+
+def same_host_first(addresses: Sequence[Address], own_ips: set[str]) -> list[Address]:
+    """For a node listening on loopback: each of this host's own addresses as 127.0.0.1 first.
+
+    A loopback socket can only reach this host, and an inviter listening on 0.0.0.0 answers a
+    datagram from 127.0.0.1 from 127.0.0.1, not from the LAN address the invite names; QUIC
+    clients drop packets from an address they did not dial (RFC 9000 §9), so dialling the LAN
+    address timed out ("did not answer") while the inviter logged a refused connection."""
+    order: list[Address] = []
+    for host, port in addresses:
+        if host in own_ips:
+            order.append(("127.0.0.1", port))
+        order.append((host, port))
+    return list(dict.fromkeys(order))
 
 
 def _local_ipv4(include_loopback: bool) -> list[str]:

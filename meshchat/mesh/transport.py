@@ -66,7 +66,6 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import END_STATES, QuicConnection
 from aioquic.quic.packet import (
-    QuicErrorCode,
     QuicHeader,
     QuicPacketType,
     encode_quic_retry,
@@ -84,6 +83,8 @@ CONTROL_STREAM = 0
 APP_ERROR_PROTOCOL = 0x101  # QUIC application error codes we use when resetting
 APP_ERROR_REFUSED = 0x102
 APP_ERROR_DUPLICATE = 0x103
+# A clean stop: peers show the node as "left", not "lost" (a crash closes with no code at all).
+APP_ERROR_GOODBYE = 0x104
 ACK_DELAY = 0.02  # seconds a lone small packet's ACK may wait to ride on ours (module doc)
 ACK_MESSAGE = 16384  # bytes awaiting an ACK: below, a message exchange; above, a transfer
 
@@ -199,6 +200,7 @@ class Connection(QuicConnectionProtocol):
         self._terminated = False
         self.close_reason = ""
         # loop.time() and time.perf_counter() are both CLOCK_MONOTONIC here (hop_timing).
+        self.said_goodbye = False  # the peer closed with APP_ERROR_GOODBYE (a clean stop)
         self.opened_at = self.last_heard = self._loop.time()
         self.last_framed = 0.0  # when the last frame's bytes were built (hop_timing)
         self.last_sent = 0.0  # when the last datagram went to the kernel (hop_timing)
@@ -277,6 +279,7 @@ class Connection(QuicConnectionProtocol):
             # The peer closed: aioquic reports that only after its draining period (3 PTO);
             # tell the node now so it stops using the connection.
             event = self._quic._close_event
+            self.said_goodbye = event is not None and event.error_code == APP_ERROR_GOODBYE
             self._on_terminated(event.reason_phrase if event else "closed by peer")
 
     def transmit(self) -> None:
@@ -321,6 +324,7 @@ class Connection(QuicConnectionProtocol):
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionLost("peer reset the request stream"))
         elif isinstance(event, events.ConnectionTerminated):
+            self.said_goodbye = event.error_code == APP_ERROR_GOODBYE
             self._on_terminated(event.reason_phrase or f"QUIC error {event.error_code}")
 
     def _on_handshake(self, event: events.HandshakeCompleted) -> None:
@@ -659,7 +663,7 @@ class Endpoint(asyncio.DatagramProtocol):
 
     def close(self) -> None:
         for conn in list(self._conns):
-            conn.abort("node shutting down", QuicErrorCode.NO_ERROR)
+            conn.abort("node shutting down", APP_ERROR_GOODBYE)
         for task in self._tasks:
             task.cancel()
         if self._transport is not None:

@@ -29,10 +29,11 @@ from textual.widgets import Header
 from meshchat.config import save_config, with_theme
 from meshchat.errors import MeshchatError
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import PEERS_REFRESH_S, AppOptions
+from meshchat.tui.app_base import PEERS_REFRESH_S, AppOptions, worker_error
 from meshchat.tui.app_chat import ChatMixin
 from meshchat.tui.app_chats import ConversationsMixin
 from meshchat.tui.app_mesh import MeshMixin
+from meshchat.tui.app_model import ModelMixin, no_model_welcome
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import DB_NAME, Conversation, History, HistoryError
 from meshchat.tui.keys import APP_BINDINGS, check_keymap, keys_for
@@ -42,9 +43,8 @@ from meshchat.tui.theming import load_themes, node_colours
 from meshchat.tui.widgets.chat import ChatLog
 from meshchat.tui.widgets.chats import ChatList
 from meshchat.tui.widgets.footer import FittedFooter
-from meshchat.tui.widgets.peers import PeersTable
+from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.prompt import PromptInput
-from meshchat.tui.widgets.split_editor import SplitEditor
 from meshchat.tui.widgets.status import StatusLine
 
 __all__ = ["AppOptions", "MeshchatApp"]
@@ -56,7 +56,7 @@ _MAIN_SCREEN_ACTIONS = frozenset(
 )
 
 
-class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
+class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
     """The whole app: its parts (the mixins) plus layout, start-up, help and the palette."""
 
     CSS_PATH = "app.tcss"
@@ -76,9 +76,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                     newline_keys=keys.get("newline", "ctrl+j,shift+enter"),
                 )
                 yield StatusLine(id="status")
-        with Vertical(id="mesh"):
-            yield SplitEditor(id="split")
-            yield PeersTable(id="peers")
+        yield MeshPanel(id="mesh")
         yield FittedFooter()
 
     # --- start-up ---------------------------------------------------------------------------
@@ -184,15 +182,13 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                 engine = await asyncio.to_thread(
                     ChatEngine.load, path, self.data, config.context_size, config.threads
                 )
-        except MeshchatError as exc:
-            self.post_message(msg.EngineFailed(str(exc)))
-        except Exception as exc:  # a bug, but the app must stay up and say so
-            log.exception("model load failed")
-            self.post_message(msg.EngineFailed(f"cannot load the model: {exc!r}"))
+        except Exception as exc:  # a bug too: the app must stay up and say so
+            self.post_message(msg.EngineFailed(worker_error(exc, "model load")))
         else:
             self.post_message(msg.EngineLoaded(engine))
 
     async def on_engine_loaded(self, event: msg.EngineLoaded) -> None:
+        self.chat_log.set_welcome(None)
         self.engine = event.engine
         info = event.engine.info
         self.model_error = ""
@@ -211,7 +207,11 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
         self._refresh_peers()
         self._maybe_start_planning()
 
+    def on_model_chosen(self, event: msg.ModelChosen) -> None:
+        self._load_engine()
+
     def on_engine_failed(self, event: msg.EngineFailed) -> None:
+        self.chat_log.set_welcome(no_model_welcome(event.error))
         self.model_error = event.error
         self.split.busy = ""
         self.split.say(f"no model: {event.error}", error=True)
@@ -317,6 +317,12 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin):
                 "Show or hide the split bar and peers",
                 "toggle_mesh",
                 self.action_toggle_mesh,
+            ),
+            (
+                "Choose model",
+                "Run another model: from the store or a path",
+                "choose_model",
+                self.action_choose_model,
             ),
             ("Help: keys", "Every key binding", "help", self.action_help),
         ]

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from textual.app import App
-from textual.containers import Vertical
 from textual.worker import Worker
 
 from meshchat.config import ChatSettings, Config
 from meshchat.engine.chat_template import ChatMessage
+from meshchat.errors import MeshchatError
 from meshchat.paths import DataDir
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import (
@@ -32,6 +32,7 @@ from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.split import SplitPlan
 from meshchat.tui.widgets.chat import ChatLog, MessageView
 from meshchat.tui.widgets.chats import ChatList
+from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.prompt import PromptInput
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -42,6 +43,17 @@ log = logging.getLogger(__name__)
 PEERS_REFRESH_S = 1.0
 MeshFactory = Callable[[], Awaitable[MeshView]]
 EngineLoader = Callable[[], ChatEngine]
+
+
+def worker_error(exc: Exception, what: str) -> str:
+    """One line for a worker that failed, for the screen.
+
+    A MeshchatError says what is wrong in words for the user; anything else is a bug: its
+    traceback goes to the log and the line says "internal error", so it never fails silently."""
+    if isinstance(exc, MeshchatError):
+        return str(exc)
+    log.error("%s failed", what, exc_info=exc)
+    return f"internal error: {exc!r}"
 
 
 @dataclass
@@ -66,6 +78,9 @@ class Generation:
     view: MessageView
     dropped: int
     started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    chunks: int = 0  # streamed pieces (about one per token): tok/s while it streams
+    replans: int = 0  # failovers during this answer (its footer counts them)
 
 
 class AppBase(App[int]):
@@ -100,6 +115,9 @@ class AppBase(App[int]):
         self._peer_states: dict[str, str] = {}
         self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
         self._told: set[str] = set()  # planner notes already shown
+        # Nodes a failover already reported (inline note): no second "peer lost" toast.
+        self._failed_over: set[str] = set()
+        self._failover_active = False  # between a failover's start and its new plan
         self._advised_for: frozenset[str] = frozenset()  # usable nodes the advice was for
 
     def _keep_widgets(self) -> None:
@@ -111,7 +129,7 @@ class AppBase(App[int]):
         self.split = self.query_one("#split", SplitEditor)
         self.peers_table = self.query_one("#peers", PeersTable)
         self.chat_list = self.query_one("#chats", ChatList)
-        self.mesh_panel = self.query_one("#mesh", Vertical)
+        self.mesh_panel = self.query_one("#mesh", MeshPanel)
 
     def _history_call(self, fn: Callable[[History], Any], default: Any = None) -> Any:
         """Run a history operation; a failure is shown, never raised."""

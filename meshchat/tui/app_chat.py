@@ -11,7 +11,7 @@ from textual import on, work
 from meshchat.config import ChatSettings
 from meshchat.errors import MeshchatError
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import AppBase, Generation
+from meshchat.tui.app_base import AppBase, Generation, worker_error
 from meshchat.tui.history import (
     StoredMessage,
 )
@@ -77,6 +77,8 @@ class ChatMixin(AppBase):
             return
         view = await self.chat_log.add("assistant")
         view.begin_stream()
+        where = "on this node" if engine.is_local else "on the mesh"
+        view.show_waiting(f"reading the conversation ({len(fitted.tokens)} tokens) {where}…")
         self._generation_ids += 1
         self.generation = Generation(self._generation_ids, chat.id, view, fitted.dropped)
         self.status.set(state="generating", ttft_s=None, tok_s=None, error="")
@@ -95,11 +97,8 @@ class ChatMixin(AppBase):
             meta = {"cancelled": True, "finish_reason": "cancelled"}
             self.post_message(msg.GenDone(generation, meta))
             raise
-        except MeshchatError as exc:
-            meta = {"error": str(exc)}
         except Exception as exc:
-            log.exception("generation failed")
-            meta = {"error": f"internal error: {exc!r}"}
+            meta = {"error": worker_error(exc, "generation")}
         else:
             stats = engine.last_stats
             meta = {
@@ -114,9 +113,13 @@ class ChatMixin(AppBase):
         gen = self.generation
         if gen is None or gen.id != event.generation:
             return
-        if not gen.view.text:
-            ttft = time.perf_counter() - gen.started
-            self.status.set(ttft_s=ttft)
+        now = time.perf_counter()
+        gen.chunks += 1
+        if gen.first_token_at is None:
+            gen.first_token_at = now
+            self.status.set(ttft_s=now - gen.started)
+        elif now > gen.first_token_at:
+            self.status.set(tok_s=(gen.chunks - 1) / (now - gen.first_token_at))
         await gen.view.append(event.text)
 
     async def on_gen_done(self, event: msg.GenDone) -> None:
@@ -129,9 +132,14 @@ class ChatMixin(AppBase):
         """Keep the answer (saved with how it ended) and make the app ready for the next."""
         self.generation = None
         self._gen_worker = None
+        self._failover_active = False  # a failover that gave up ends with the answer
         meta = {k: v for k, v in meta.items() if v is not None}
         if gen.dropped:
             meta["dropped"] = gen.dropped
+        if gen.replans:
+            meta["replans"] = gen.replans
+        if gen.view.notes:
+            meta["notes"] = [list(n) for n in gen.view.notes]
         await gen.view.finish(meta)
         cancelled = bool(meta.get("cancelled"))
         same_chat = self.conversation is not None and self.conversation.id == gen.conversation_id

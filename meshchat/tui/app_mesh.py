@@ -9,12 +9,14 @@ from typing import Any
 from textual import on, work
 
 from meshchat.errors import MeshchatError
+from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.tui import messages as msg
-from meshchat.tui.app_base import AppBase
+from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
 from meshchat.tui.split import SELF, SplitPlan
+from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.split_editor import SplitEditor
 
@@ -29,12 +31,8 @@ class MeshMixin(AppBase):
                 mesh = await self._mesh_factory()
             else:
                 mesh = await NodeMesh.start(self.data, self.config.listen, self.config.mdns)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshFailed(str(exc)))
-            return
         except Exception as exc:
-            log.exception("mesh start failed")
-            self.post_message(msg.MeshFailed(f"cannot start the mesh node: {exc!r}"))
+            self.post_message(msg.MeshFailed(worker_error(exc, "mesh start")))
             return
         self.post_message(msg.MeshReady(mesh))
 
@@ -98,6 +96,7 @@ class MeshMixin(AppBase):
 
     def _show_mesh_panel(self) -> None:
         self.mesh_panel.display = True
+        self.mesh_panel.open()
 
     def action_toggle_mesh(self) -> None:
         panel = self.mesh_panel
@@ -143,15 +142,48 @@ class MeshMixin(AppBase):
             else:
                 assert self.planning is not None
                 pipeline = await self.planning.start(plan, engine.pipeline)
+                pipeline.on_failover = self._on_failover
                 await engine.switch(pipeline, plan.ranges)
                 plan = self.planning.running(pipeline, plan.n_layers) or plan
-        except MeshchatError as exc:
-            self.post_message(msg.SplitFailed(str(exc)))
         except Exception as exc:
-            log.exception("re-split failed")
-            self.post_message(msg.SplitFailed(f"internal error: {exc!r}"))
+            self.post_message(msg.SplitFailed(worker_error(exc, "re-split")))
         else:
             self.post_message(msg.SplitApplied(plan))
+
+    def _on_failover(self, note: FailoverNote) -> None:
+        """From the mesh pipeline (on the app's loop): mute its text notes, show this one."""
+        self._failover_active = not note.plan
+        self.post_message(msg.FailoverNoted(note))
+
+    async def on_failover_noted(self, event: msg.FailoverNoted) -> None:
+        note = event.note
+        text = self._failover_text(note)
+        if note.lost:
+            self._failed_over.add(note.lost)
+        gen = self.generation
+        if gen is not None and note.plan:
+            gen.replans += 1
+            if gen.view.notes:
+                gen.view.update_note(text)  # "re-planning…" becomes "continuing on …"
+            else:
+                await gen.view.add_note(text)
+        elif gen is not None:
+            await gen.view.add_note(text)
+        elif note.plan:  # not inside an answer: the one toast says it
+            self.notify(text, title="Failover", severity="warning", timeout=10)
+        self._refresh_peers()
+
+    def _failover_text(self, note: FailoverNote) -> str:
+        if note.lost:
+            rows = {r.key: r for r in (self.mesh.peers() if self.mesh else [])}
+            row = rows.get(note.lost)
+            gone = "left" if row is not None and row.state == "left" else "lost"
+            who = f"worker {note.lost[:10]} {gone}"
+        else:
+            who = f"a stage failed ({note.reason})"
+        if not note.plan:
+            return f"⚠ {who}; re-planning…"
+        return f"⚠ {who}; continuing on {note.plan}"
 
     def on_split_applied(self, event: msg.SplitApplied) -> None:
         self.split.busy = ""
@@ -196,8 +228,13 @@ class MeshMixin(AppBase):
     async def _setup_planning(self, node: Any) -> None:
         engine = self.engine
         assert engine is not None
+        planning_line = "planning: asking the other nodes what they can run…"
+        self.mesh_panel.post_message(MeshPanel.Activity(planning_line))
 
         def notify(text: str) -> None:
+            if self.generation is not None or self._failover_active:
+                log.info("mesh: %s", text)  # the answer's inline note says it (one toast)
+                return
             self.notify(text, title="Mesh")
 
         try:
@@ -211,16 +248,15 @@ class MeshMixin(AppBase):
                 notify=notify,
             )
             await planning.refresh()
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc}"))
-            return
         except Exception as exc:
-            log.exception("planner start failed")
-            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {exc!r}"))
+            error = worker_error(exc, "planner start")
+            self.post_message(msg.MeshActionDone("", f"the planner is unavailable: {error}"))
+            self.mesh_panel.post_message(MeshPanel.Activity(""))
             return
         self.post_message(msg.PlanningReady(planning))
 
     def on_planning_ready(self, event: msg.PlanningReady) -> None:
+        self.mesh_panel.post_message(MeshPanel.Activity(""))
         self.planning = event.planning
         self.split.predictor = event.planning.predict
         self.split.memory = event.planning.memory
@@ -272,7 +308,9 @@ class MeshMixin(AppBase):
             loading = {s.node for s in pending.segments}
             rows = [replace(r, state="loading") if r.key in loading else r for r in rows]
         self.peers_table.sync(rows, self._shares())
+        self.mesh_panel.post_message(MeshPanel.Nodes(len(rows) - 1))
         self._note_lost_peers(rows)
+        self._note_refusals()
         self._follow_mesh_plan()
         if self.mesh is not None:
             names = {r.key: r.name for r in rows if r.key != SELF}
@@ -308,16 +346,31 @@ class MeshMixin(AppBase):
         for key, state in states.items():
             before = self._peer_states.get(key)
             name = next(r.name for r in rows if r.key == key)
-            if state == "lost" and before not in (None, "lost", "connecting"):
-                self.notify(
-                    f"node {name} stopped answering (lost); it is retried in the background",
-                    title="Peer lost",
-                    severity="warning",
-                    timeout=10,
-                )
-            elif before == "lost" and state in ("idle", "serving"):
+            told = key in self._failed_over  # the answer's inline note said it already
+            if state in ("lost", "left") and before in ("idle", "serving", "loading") and not told:
+                if state == "left":
+                    self.notify(f"node {name} left the mesh (stopped)", title="Peer")
+                else:
+                    self.notify(
+                        f"node {name} stopped answering (lost); it is retried in the background",
+                        title="Peer lost",
+                        severity="warning",
+                        timeout=10,
+                    )
+            elif before in ("lost", "left") and state in ("idle", "serving"):
+                self._failed_over.discard(key)
                 self.notify(f"node {name} is back", title="Peer")
         self._peer_states = states
+
+    def _note_refusals(self) -> None:
+        """Say when this node refused a connection (a join with a stale invite, a removed
+        member): the joiner only sees a timeout or a refusal on its own machine."""
+        if self.mesh is None:
+            return
+        refused = self.mesh.new_refusals()
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            self.notify(refused[-1] + more, title="Join refused", severity="warning", timeout=10)
 
     def _self_row(self) -> PeerRow:
         plan = self.split.applied
@@ -418,15 +471,17 @@ class MeshMixin(AppBase):
         mesh = self.mesh
         if mesh is None:
             return
+        panel = self.mesh_panel
+        panel.post_message(MeshPanel.Activity("joining a mesh with the invite code…"))
         try:
             inviter = await mesh.join(code)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"join failed: {exc}"))
         except Exception as exc:
-            log.exception("join failed")
-            self.post_message(msg.MeshActionDone("", f"join failed: {exc!r}"))
+            error = f"join failed: {worker_error(exc, 'join')}"
+            self.post_message(msg.MeshActionDone("", error))
+            panel.post_message(MeshPanel.Activity(f"{error} (F6 to try another code)", error=True))
         else:
             self.post_message(msg.MeshActionDone(f"joined the mesh of {inviter}"))
+            panel.post_message(MeshPanel.Activity(""))
 
     def on_mesh_action_done(self, event: msg.MeshActionDone) -> None:
         if event.error:
@@ -482,7 +537,8 @@ class MeshMixin(AppBase):
             return
         try:
             await mesh.remove(key)
-        except MeshchatError as exc:
-            self.post_message(msg.MeshActionDone("", f"remove failed: {exc}"))
+        except Exception as exc:  # the branch it lacked: a bug here failed silently
+            error = worker_error(exc, "remove")
+            self.post_message(msg.MeshActionDone("", f"remove failed: {error}"))
         else:
             self.post_message(msg.MeshActionDone(f"removed {key[:10]} from the mesh"))

@@ -37,6 +37,7 @@ APP_BINDINGS: list[BindingType] = [
     Binding("f6", "join", "Join", id="join", show=False, priority=True),
     Binding("f7", "remove_member", "Remove member", id="remove_member", show=False, priority=True),
     Binding("f9", "toggle_mesh", "Mesh panel", id="toggle_mesh", show=False, priority=True),
+    Binding("ctrl+o", "choose_model", "Model", id="choose_model", show=False, priority=True),
 ]
 
 SECTIONS: list[tuple[str, list[BindingType]]] = [

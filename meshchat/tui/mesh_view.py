@@ -31,7 +31,7 @@ class PeerRow:
     via: str  # "this node" | "mdns" | "invite" | "peer"
     rtt_ms: float | None
     layers: tuple[int, int] | None
-    state: str  # idle | loading | serving | connecting | lost | nearby
+    state: str  # idle | loading | serving | connecting | lost | left | nearby
     member: bool
     model: str = ""  # the model file the node runs (name), if it said
     memory: str = ""  # "used/offer MiB": its stage's measured use and what it offers the mesh
@@ -58,6 +58,11 @@ class MeshView(Protocol):
 
     async def remove(self, key: str) -> None: ...
 
+    def new_refusals(self) -> list[str]:
+        """Connections this node refused since the last call, one line each (e.g. a join
+        with a used invite): the app says so instead of leaving the joiner guessing."""
+        ...
+
     def set_status(self, layers: tuple[int, int] | None, model: dict[str, Any] | None) -> None: ...
 
     async def stop(self) -> None: ...
@@ -83,6 +88,7 @@ class NodeMesh:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self._refusals_shown = node.refusals_seen
 
     @classmethod
     async def start(cls, data: DataDir, listen: str, mdns: bool) -> NodeMesh:
@@ -112,6 +118,7 @@ class NodeMesh:
         rows = []
         for peer in self.node.peers():
             model = peer.model or {}
+            connected = peer.state is PeerState.CONNECTED
             rows.append(
                 PeerRow(
                     key=str(peer.node_id),
@@ -119,7 +126,8 @@ class NodeMesh:
                     address=peer.address or "",
                     via=peer.via,
                     rtt_ms=peer.rtt_ms,
-                    layers=peer.layers,
+                    # A lost node runs nothing for us: no stale layer range on its row.
+                    layers=peer.layers if connected else None,
                     state=_state(peer.state, peer.layers),
                     member=peer.state is not PeerState.NEARBY,
                     model=str(model.get("name") or model.get("path") or ""),
@@ -152,6 +160,13 @@ class NodeMesh:
 
     def set_status(self, layers: tuple[int, int] | None, model: dict[str, Any] | None) -> None:
         self.node.set_status(layers, model)
+
+    def new_refusals(self) -> list[str]:
+        node = self.node
+        fresh = min(node.refusals_seen - self._refusals_shown, len(node.refusals))
+        self._refusals_shown = node.refusals_seen
+        recent = list(node.refusals)[len(node.refusals) - fresh :] if fresh else []
+        return [f"refused a connection from {r.address}: {r.reason}" for r in recent]
 
     async def stop(self) -> None:
         await self.node.stop()

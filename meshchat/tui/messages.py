@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual.message import Message
 
+from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.tui.engine import ChatEngine
 from meshchat.tui.mesh_view import MeshView
 from meshchat.tui.planning import MeshPlanning
@@ -16,6 +18,14 @@ class EngineLoaded(Message):
     def __init__(self, engine: ChatEngine) -> None:
         super().__init__()
         self.engine = engine
+
+
+class ModelChosen(Message):
+    """The user picked another model; the old one is closed: load this one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
 
 
 class EngineFailed(Message):
@@ -62,6 +72,14 @@ class SplitFailed(Message):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
+
+
+class FailoverNoted(Message):
+    """The mesh pipeline lost a stage's node and re-plans (or has re-planned)."""
+
+    def __init__(self, note: FailoverNote) -> None:
+        super().__init__()
+        self.note = note
 
 
 class MeshActionDone(Message):

@@ -37,7 +37,23 @@ def describe_meta(meta: dict[str, Any]) -> str:
         parts.append(f"{meta['tok_s']:.1f} tok/s")
     if meta.get("dropped"):
         parts.append(f"{meta['dropped']} old messages left out of context")
+    replans = meta.get("replans")
+    if isinstance(replans, int) and replans > 0:
+        parts.append("re-planned once" if replans == 1 else f"re-planned {replans} times")
     return " · ".join(parts)
+
+
+def note_marks(meta: dict[str, Any], text_len: int) -> list[tuple[int, str]]:
+    """The notes kept with an answer (meta "notes": [offset, text] pairs), checked: the
+    history file is ours, but a hand-edited one must not break the view."""
+    marks: list[tuple[int, str]] = []
+    raw = meta.get("notes")
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, list | tuple) and len(item) == 2:
+            offset, note = item
+            if isinstance(offset, int) and isinstance(note, str) and 0 <= offset <= text_len:
+                marks.append((offset, note))
+    return sorted(marks, key=lambda m: m[0])
 
 
 class MessageView(Vertical):
@@ -55,6 +71,8 @@ class MessageView(Vertical):
     MessageView > Markdown { padding: 0 1; margin: 0; }
     MessageView > .meta { height: auto; color: $text-muted; padding: 0 1; }
     MessageView > .meta.-error { color: $error; }
+    MessageView > .note { height: auto; color: $warning; padding: 0 1; text-style: italic; }
+    MessageView > .waiting { height: auto; color: $text-muted; padding: 0 1; }
     MessageView.-selected { background: $boost; border-left: thick $accent; }
     MessageView.-found { background: $accent 15%; border-left: thick $warning; }
     """
@@ -65,21 +83,69 @@ class MessageView(Vertical):
         self.text = text
         self.meta: dict[str, Any] = dict(meta or {})
         self._stream: MarkdownStream | None = None
+        # Notes shown inside the answer where they happened (a failover): (offset, text).
+        self.notes: list[tuple[int, str]] = note_marks(self.meta, len(text))
+        self._labels: list[Static] = []  # the notes added while streaming
+        # Held, not queried: a note mounted mid-stream must not make them hard to find.
+        self._waiting = Static("", classes="waiting")
+        self._meta = Static(describe_meta(self.meta), classes="meta")
 
     def compose(self) -> ComposeResult:
         yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
-        yield MessageMarkdown(self.text)
-        yield Static(describe_meta(self.meta), classes="meta")
+        start = 0
+        for offset, note in self.notes:
+            yield MessageMarkdown(self.text[start:offset])
+            yield Static(note, classes="note")
+            start = offset
+        yield MessageMarkdown(self.text[start:])
+        yield self._waiting
+        yield self._meta
 
     def on_mount(self) -> None:
+        self._waiting.display = False
         self._show_meta()
 
     @property
     def body(self) -> Markdown:
-        return self.query_one(Markdown)
+        """The Markdown the answer streams into now (the last segment, after any note)."""
+        return self.query_children(Markdown).last()
+
+    def _tail(self) -> str:
+        """The text after the last note (the body's text)."""
+        return self.text[self.notes[-1][0] :] if self.notes else self.text
+
+    def show_waiting(self, text: str) -> None:
+        """What the answer waits for before its first token (planning, prefill…)."""
+        waiting = self._waiting
+        waiting.update(text)
+        waiting.display = bool(text)
+
+    async def add_note(self, note: str) -> None:
+        """Show `note` inside the answer at this point; the text goes on below it."""
+        # Recorded before any await: an update that comes meanwhile finds it.
+        offset, tail = len(self.text), self._tail()
+        self.notes.append((offset, note))
+        label = Static(note, classes="note")
+        self._labels.append(label)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.stop()
+        await self.body.update(tail)
+        body = Markdown(self.text[offset:])
+        await self.mount_all([label, body], before=self._waiting)
+        if stream is not None:
+            self._stream = Markdown.get_stream(body)
+
+    def update_note(self, note: str) -> None:
+        """Change the last note (e.g. "re-planning…" becomes "continuing on …")."""
+        if not self.notes:
+            return
+        self.notes[-1] = (self.notes[-1][0], note)
+        if self._labels:
+            self._labels[-1].update(note)
 
     def _show_meta(self) -> None:
-        note = self.query_one(".meta", Static)
+        note = self._meta
         text = describe_meta(self.meta)
         note.update(text)
         note.display = bool(text)
@@ -91,22 +157,24 @@ class MessageView(Vertical):
         self._stream = Markdown.get_stream(self.body)
 
     async def append(self, fragment: str) -> None:
+        self.show_waiting("")
         self.text += fragment
         if self._stream is not None:
             await self._stream.write(fragment)
 
     async def finish(self, meta: dict[str, Any]) -> None:
         """End the stream and render the whole answer once (closes open code fences)."""
+        self.show_waiting("")
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        await self.body.update(self.text)
+        await self.body.update(self._tail())
         self.meta = dict(meta)
         self._show_meta()
 
     async def replace_text(self, text: str) -> None:
         self.text = text
-        await self.body.update(text)
+        await self.body.update(self._tail())
 
 
 @dataclass
@@ -137,6 +205,20 @@ class ChatLog(VerticalScroll, can_focus=True):
     """
 
     selected: int | None = None
+    welcome_text = (
+        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
+        "picks a message to copy or edit, [b]F1[/] lists every key."
+    )
+    _welcome_override: str | None = None
+
+    def set_welcome(self, text: str | None) -> None:
+        """What an empty chat says (None: the usual "Ask anything"), e.g. when no model runs."""
+        self._welcome_override = text
+        for welcome in self.query("#welcome").results(Static):
+            welcome.update(self._welcome())
+
+    def _welcome(self) -> str:
+        return self._welcome_override or self.welcome_text
 
     def views(self) -> list[MessageView]:
         return list(self.query(MessageView))
@@ -146,13 +228,7 @@ class ChatLog(VerticalScroll, can_focus=True):
         self.selected = None
         await self.remove_children()
         if not messages:
-            await self.mount(
-                Static(
-                    "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
-                    "picks a message to copy or edit, [b]F1[/] lists every key.",
-                    id="welcome",
-                )
-            )
+            await self.mount(Static(self._welcome(), id="welcome"))
             return
         await self.mount_all(MessageView(role, text, meta) for role, text, meta in messages)
         self.scroll_end(animate=False)

@@ -36,6 +36,7 @@ _STATE_STYLE = {
     "generating": "yellow",
     "connecting": "yellow",
     "lost": "red",
+    "left": "dim",
     "nearby": "dim",
 }
 
