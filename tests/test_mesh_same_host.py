@@ -100,7 +100,7 @@ async def test_a_returning_worker_answers_caps_queries_from_its_first_connection
 
     def attach(node: Node) -> None:
         registered_before_listening.append(not node.endpoint.address[1])
-        _stage_service(node, None, data)
+        _stage_service(args, node, None, data)
 
     args = argparse.Namespace(listen=f"127.0.0.1:{port}")
     worker = await _start_node(args, data, attach)

@@ -276,16 +276,16 @@ async def test_point9_chat_shows_system_prompt_and_greedy(tmp_path: Path) -> Non
 
 
 async def test_point9_palette_hints_follow_rebinding(tmp_path: Path) -> None:
-    config = Config(sampling=GREEDY, mdns=False, keys={"new_chat": "ctrl+o"})
+    config = Config(sampling=GREEDY, mdns=False, keys={"new_chat": "ctrl+k"})
     app = _app(tmp_path, config=config)
     async with app.run_test(size=LARGE) as pilot:
         await ready(pilot)
         commands = {c.title: c.help for c in app.get_system_commands(app.screen)}
-        assert "(Ctrl+O)" in commands["New chat"] and "Ctrl+N" not in commands["New chat"]
-        assert keys_for("new_chat", app._keymap) == "Ctrl+O"
+        assert "(Ctrl+K)" in commands["New chat"] and "Ctrl+N" not in commands["New chat"]
+        assert keys_for("new_chat", app._keymap) == "Ctrl+K"
         await pilot.press("f1")
         assert any(
-            r.id == "new_chat" and r.keys == "Ctrl+O"
+            r.id == "new_chat" and r.keys == "Ctrl+K"
             for r in app.screen.rows  # type: ignore[attr-defined]
         )
 
