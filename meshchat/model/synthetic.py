@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -204,7 +204,7 @@ def write_model(path: Path, cfg: SyntheticConfig, tokenizer_source: Path) -> Pat
     return path
 
 
-def _write_tensor(out: BinaryIO, rng: np.random.Generator, tensor: _Tensor, n_bytes: int) -> None:
+def _write_tensor(out: IO[bytes], rng: np.random.Generator, tensor: _Tensor, n_bytes: int) -> None:
     written = 0
     for chunk in _tensor_chunks(rng, tensor):
         out.write(chunk)
