@@ -174,8 +174,9 @@ def run_benchmark(
     mesh: MeshRows | None = None,
     reference: LlamaCppRow | None = None,
     profile: Calibration | None = None,
+    local_rows: tuple[str, ...] = ("solo", "split2", "split3"),
 ) -> dict[str, object]:
-    """Solo and in-process splits; with `mesh` (not started yet), also its rows.
+    """The in-process `local_rows` (solo, splits); with `mesh` (not started yet), also its rows.
 
     With `reference`, plain llama-cpp-python runs in every repetition too, after the
     in-process rows; `profile` (the engine profile and its trials) goes into the report.
@@ -189,11 +190,13 @@ def run_benchmark(
         "split2": even_ranges(spec.n_layers, 2),
         "split3": even_ranges(spec.n_layers, 3),
     }
+    configs = {name: configs[name] for name in configs if name in local_rows or name == "solo"}
+    per_hop: object = None
     pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
     mesh_names = list(mesh.names) if mesh else []
     beside = [SOLO_BESIDE_MESH] if mesh else []
     plain = [LLAMA_CPP] if reference else []
-    results = {name: RowResult() for name in [*configs, *plain, *beside, *mesh_names]}
+    results = {name: RowResult() for name in [*local_rows, *plain, *beside, *mesh_names]}
 
     def run_solo(result: RowResult, prompt: list[int], decode: int) -> None:
         # The whole run goes to the compute thread: no thread hop per step, as a native loop.
@@ -206,8 +209,10 @@ def run_benchmark(
             compute.run_sync(reference.run_once, prompt[:64], 8, RowResult())
         for repeat in range(repeats):
             progress(f"repetition {repeat + 1}/{repeats} in this process")
-            for name, pipeline in pipelines.items():
-                compute.run_sync(run_pipeline_once, pipeline, prompt, DECODE_TOKENS, results[name])
+            for name in local_rows:
+                compute.run_sync(
+                    run_pipeline_once, pipelines[name], prompt, DECODE_TOKENS, results[name]
+                )
             if reference is not None:
                 compute.run_sync(reference.run_once, prompt, DECODE_TOKENS, results[LLAMA_CPP])
         if mesh is not None:
@@ -228,10 +233,13 @@ def run_benchmark(
                     )
             configs[SOLO_BESIDE_MESH] = configs["solo"]
             configs.update(mesh.splits)
+            per_hop = mesh.per_hop()
     finally:
         for pipeline in pipelines.values():
             for stage in pipeline.stages:
                 stage.close()
+    if "solo" not in local_rows:
+        del configs["solo"]
     rows = {name: result.summary() for name, result in results.items()}
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_read_per_token(spec)
@@ -261,6 +269,7 @@ def run_benchmark(
         "bytes_per_token": per_token,
         "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
         **(mesh.report() if mesh else {}),
+        **({"per_hop": per_hop} if mesh else {}),
         **({"engine": engine_report(profile)} if profile else {}),
     }
 

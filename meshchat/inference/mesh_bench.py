@@ -5,7 +5,10 @@ this run's cache, the same thread count as the solo row, the model from the same
 head per row in this process, on an event loop in a background thread:
 - mesh2: head [0, n/2) → worker 0 [n/2, n)
 - mesh3: head [0, n/3) → worker 1 → worker 2
-`worker_cpus` pins the workers to those CPUs (scripts/bench_own_cores.py gives each node a core).
+`worker_cpus` pins the workers to those CPUs (meshchat.inference.own_cores gives each node a core).
+With `budgets`, every node of a row offers more memory than that row's largest stage needs and
+less than the whole model needs (MESHCHAT_MEMORY_LIMIT for the workers, the head's offer to the
+planner likewise): the split is forced, as for a model bigger than any one machine.
 Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses. The loop's
 thread is the process's compute thread (meshchat.engine.compute), as in `generate --join`; the
 bench's solo runs between the mesh rows run on it too.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import os
 import statistics
@@ -25,17 +29,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.errors import MeshchatError
-from meshchat.inference.capabilities import calibration
+from meshchat.inference.capabilities import MEMORY_LIMIT_ENV, NodeCaps, calibration
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
-from meshchat.inference.planner import Plan, StagePlan
+from meshchat.inference.planner import ModelNeeds, Plan, Prediction, StagePlan
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
 from meshchat.paths import DataDir
@@ -43,7 +48,9 @@ from meshchat.paths import DataDir
 T = TypeVar("T")
 GREEDY = SamplingParams(temperature=0.0)
 _WORKERS_NEEDED = {"mesh2": 1, "mesh3": 3}  # worker 0 serves mesh2, workers 1 and 2 mesh3
+_WORKER_ROW = ("mesh2", "mesh3", "mesh3")  # the row each worker serves, by index
 _START_TIMEOUT_S = 120.0
+_MIB = 1 << 20
 
 
 def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -60,6 +67,7 @@ class MeshRows:
         n_ctx: int,
         names: tuple[str, ...] = ("mesh2", "mesh3"),
         worker_cpus: set[int] | None = None,
+        budgets: bool = False,
     ) -> None:
         self.names = names
         self.n_workers = max(_WORKERS_NEEDED[name] for name in names)
@@ -79,7 +87,10 @@ class MeshRows:
         self._model: LocalModel  # opened by start()
         self._decode_bytes = 0
         self._decode_frames = 0
-        self.predicted: dict[str, float] = {}  # the planner's decode tok/s for each row
+        self.with_budgets = budgets
+        self.budgets: dict[str, int] = {}  # bytes each node of a row offers (with `budgets`)
+        self.fits_one_node: dict[str, bool] = {}  # the planner's view, under those budgets
+        self.predicted: dict[str, Prediction] = {}  # the planner's figures for each row
         self._measured: dict[str, list[float]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -92,6 +103,8 @@ class MeshRows:
         # and the kernel's writeback of them competes with the rows for the two cores.
         model = self._model = LocalModel.open(self.model_path, self.data)
         compute.run_sync(calibration, model, self.data, self.threads)
+        if self.with_budgets:
+            self.budgets = {name: self._budget(name) for name in self.names}
         cache = self.data.ensure(self.data.root / "cache")
         for i in range(self.n_workers):
             worker = self.root / f"w{i}"
@@ -102,10 +115,23 @@ class MeshRows:
         self._thread.start()
         self._call(self._setup(invite), _START_TIMEOUT_S)
 
+    def _budget(self, name: str) -> int:
+        """What each node of row `name` offers: halfway from its largest even stage's need to
+        the whole model's, so every stage fits and the model fits no node."""
+        needs, n = ModelNeeds.of(self._model), self._model.n_layers
+        largest = max(
+            needs.memory(first, end, end == n, self.n_ctx, 1)
+            for first, end in _even(n, int(name.removeprefix("mesh")))
+        )
+        return (largest + needs.memory(0, n, True, self.n_ctx, 1)) // 2
+
     def _start_workers(self) -> str:
         env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads)}
         invite = ""
         for i in range(self.n_workers):
+            budget = self.budgets.get(_WORKER_ROW[i])
+            if budget is not None:
+                env[MEMORY_LIMIT_ENV] = str(budget)
             invite_file = self.root / f"w{i}.invite"
             args = [
                 sys.executable, "-m", "meshchat.cli", "--headless", "--listen", "127.0.0.1:0",
@@ -152,9 +178,23 @@ class MeshRows:
             stages = tuple(StagePlan(n, *r) for n, r in zip(nodes, ranges, strict=True))
             self.splits[name] = ranges
             plan = Plan(stages)
-            caps = await coordinator.gather()
-            self.predicted[name] = coordinator.planner(caps).predict(plan).decode_tok_s
+            offers = [
+                self._offer(c, node) for c in await coordinator.gather() if c.node_id in nodes
+            ]
+            planner = coordinator.planner(offers)
+            self.predicted[name] = planner.predict(plan)
+            self.fits_one_node[name] = bool(planner.search(1))
             self._pipelines[name] = await coordinator.start(plan)
+
+    def _offer(self, caps: NodeCaps, head: Node) -> NodeCaps:
+        """The head's own offer under its row's budget (the workers' come with it already)."""
+        budget = self.budgets.get(self._row_of(head))
+        if budget is None or caps.node_id != str(head.node_id):
+            return caps
+        return replace(caps, free_memory=min(caps.free_memory, budget))
+
+    def _row_of(self, head: Node) -> str:
+        return self.names[self._nodes.index(head)]
 
     # -- running -------------------------------------------------------------------------------
 
@@ -191,20 +231,37 @@ class MeshRows:
             await pipeline.close_session(session)
         return first - started, first - started, done - first
 
-    def report(self) -> dict[str, float]:
+    def per_hop(self) -> object:
+        """The per-hop overhead row (p50/p99 and where it goes) from the transport's timing
+        module, meshchat.inference.hop_timing, or None in a build without it."""
+        try:
+            timing = importlib.import_module("meshchat.inference.hop_timing")
+        except ImportError:
+            return None
+        summary: object = timing.per_hop_summary(list(self._pipelines.values()))
+        return summary
+
+    def report(self) -> dict[str, float | bool]:
         hops = sorted(
             itertools.chain.from_iterable(p.hop_samples for p in self._pipelines.values())
         )
         if not hops:
             return {}
         p99 = hops[min(len(hops) - 1, int(len(hops) * 0.99))]
-        accuracy = {}
+        accuracy: dict[str, float | bool] = {}
         for name, predicted in self.predicted.items():
             runs = self._measured.get(name, [])[1:]  # the first run is the warm-up
             if runs:
                 measured = statistics.median(runs)
-                accuracy[f"{name}_predicted_decode_tok_s"] = round(predicted, 1)
-                accuracy[f"{name}_prediction_error"] = round(predicted / measured - 1, 3)
+                accuracy[f"{name}_predicted_decode_tok_s"] = round(predicted.decode_tok_s, 1)
+                accuracy[f"{name}_prediction_error"] = round(
+                    predicted.decode_tok_s / measured - 1, 3
+                )
+                accuracy[f"{name}_predicted_compute_ms"] = round(predicted.compute_s * 1000, 3)
+                accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
+            if name in self.budgets:
+                accuracy[f"{name}_node_memory_mib"] = self.budgets[name] // _MIB
+                accuracy[f"{name}_fits_one_node"] = self.fits_one_node[name]
         return {
             **accuracy,
             "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
