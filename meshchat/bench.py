@@ -255,6 +255,18 @@ def run_benchmark(
             ratios[f"solo_vs_llama_cpp_{metric}"] = round(
                 rows["solo"][key] / rows[LLAMA_CPP][key], 3
             )
+    mesh_report = mesh.report() if mesh else {}
+    predicted_solo = mesh_report.get("solo_predicted_decode_tok_s")
+    if isinstance(predicted_solo, float):
+        solo_measured = rows[SOLO_BESIDE_MESH]["decode_tok_s"]
+        mesh_report["solo_prediction_error"] = round(predicted_solo / solo_measured - 1, 3)
+        # The same error with this minute's machine speed taken out: the planner's mesh/solo
+        # ratio against the measured one (others' programs move both rows alike).
+        for name in mesh_names:
+            predicted = mesh_report.get(f"{name}_predicted_decode_tok_s")
+            if isinstance(predicted, float):
+                ratio = (predicted / predicted_solo) / (rows[name]["decode_tok_s"] / solo_measured)
+                mesh_report[f"{name}_prediction_error_vs_solo"] = round(ratio - 1, 3)
     return {
         "model": spec.name,
         "model_path": str(spec.path),
@@ -268,7 +280,7 @@ def run_benchmark(
         "memory_bandwidth_gbs": round(bandwidth, 2),
         "bytes_per_token": per_token,
         "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
-        **(mesh.report() if mesh else {}),
+        **mesh_report,
         **({"per_hop": per_hop} if mesh else {}),
         **({"engine": engine_report(profile)} if profile else {}),
     }

@@ -104,4 +104,6 @@ def add_own_cores(report: dict[str, Any], child: dict[str, Any]) -> None:
     for key, value in child.items():
         if key.startswith("mesh2_"):
             report[key.replace("mesh2_", "mesh2_own_cores_", 1)] = value
+        elif key.startswith("solo_predict"):
+            report[key.replace("solo_", "solo_one_core_", 1)] = value
     report["per_hop_own_cores"] = child.get("per_hop")

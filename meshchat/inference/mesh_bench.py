@@ -58,6 +58,10 @@ def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+def _median_ms(seconds: list[float]) -> float:
+    return round(statistics.median(seconds) * 1000, 3) if seconds else 0.0
+
+
 class MeshRows:
     def __init__(
         self,
@@ -91,7 +95,11 @@ class MeshRows:
         self.budgets: dict[str, int] = {}  # bytes each node of a row offers (with `budgets`)
         self.fits_one_node: dict[str, bool] = {}  # the planner's view, under those budgets
         self.predicted: dict[str, Prediction] = {}  # the planner's figures for each row
+        self.predicted_solo: Prediction | None = None  # the whole model on the head
         self._measured: dict[str, list[float]] = {}
+        # Per decode step: the stages' compute (as they report it) and the rest of the wall time.
+        self._compute_s: dict[str, list[float]] = {}
+        self._network_s: dict[str, list[float]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -182,6 +190,10 @@ class MeshRows:
                 self._offer(c, node) for c in await coordinator.gather() if c.node_id in nodes
             ]
             planner = coordinator.planner(offers)
+            if self.predicted_solo is None:
+                whole = coordinator.planner([c for c in offers if c.node_id == nodes[0]])
+                solo = Plan((StagePlan(nodes[0], 0, model.n_layers),))
+                self.predicted_solo = whole.predict(solo)
             self.predicted[name] = planner.predict(plan)
             self.fits_one_node[name] = bool(planner.search(1))
             self._pipelines[name] = await coordinator.start(plan)
@@ -205,13 +217,16 @@ class MeshRows:
         self, name: str, prompt: list[int], decode_tokens: int, record: Callable[..., None]
     ) -> None:
         """Prefill `prompt`, decode greedily; `record(prefill_s, ttft_s, decode_s)`."""
-        figures = self._call(self._once(self._pipelines[name], prompt, decode_tokens))
+        figures = self._call(self._once(name, prompt, decode_tokens))
         self._measured.setdefault(name, []).append(decode_tokens / figures[2])
         record(*figures)
 
     async def _once(
-        self, pipeline: MeshPipeline, prompt: list[int], decode_tokens: int
+        self, name: str, prompt: list[int], decode_tokens: int
     ) -> tuple[float, float, float]:
+        pipeline = self._pipelines[name]
+        compute_s = self._compute_s.setdefault(name, [])
+        network_s = self._network_s.setdefault(name, [])
         session = uuid.uuid4().hex
         await pipeline.open_session(session)
         try:
@@ -224,6 +239,8 @@ class MeshRows:
             for _ in range(decode_tokens):
                 token = await pipeline.forward(session, position, [token])
                 position += 1
+                compute_s.append(sum(pipeline.last_step.stage_compute_s))
+                network_s.append(pipeline.last_step.network_s)
             done = time.perf_counter()
             self._decode_bytes += pipeline.wire_bytes - bytes_before
             self._decode_frames += pipeline.wire_tokens - tokens_before
@@ -259,9 +276,13 @@ class MeshRows:
                 )
                 accuracy[f"{name}_predicted_compute_ms"] = round(predicted.compute_s * 1000, 3)
                 accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
+                accuracy[f"{name}_compute_ms"] = _median_ms(self._compute_s[name])
+                accuracy[f"{name}_network_ms"] = _median_ms(self._network_s[name])
             if name in self.budgets:
                 accuracy[f"{name}_node_memory_mib"] = self.budgets[name] // _MIB
                 accuracy[f"{name}_fits_one_node"] = self.fits_one_node[name]
+        if self.predicted_solo is not None:
+            accuracy["solo_predicted_decode_tok_s"] = round(self.predicted_solo.decode_tok_s, 1)
         return {
             **accuracy,
             "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
