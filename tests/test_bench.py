@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from meshchat.bench import even_ranges
 from tests.cli_helpers import run_meshchat
 
@@ -20,6 +22,8 @@ def test_even_ranges_cover_the_model() -> None:
     assert even_ranges(7, 3) == [(0, 2), (2, 5), (5, 7)]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a minute and a half alone; five times that with the cores shared
 def test_bench_json_on_a_tiny_synthetic_model(smollm2: Path, tmp_path: Path) -> None:
     """Every row, on a 4M-parameter random llama (the smoke test: seconds, not minutes)."""
     result = run_meshchat(
