@@ -37,6 +37,11 @@ DECODE_TOKENS = 128
 SOLO_BESIDE_MESH = "solo_beside_mesh"
 # Plain llama-cpp-python (its high-level `Llama`, no meshchat code) with the same settings.
 LLAMA_CPP = "llama_cpp"
+# Beside the mesh, solo hands each step to the compute thread, which is the mesh's event loop:
+# one 512-token prefill of a 1B model there held the loop 28 s with the cores shared, past QUIC's
+# 15 s idle timeout, and every mesh row failed over to the head alone. 64-token chunks hold it
+# a few seconds at most.
+SOLO_PREFILL_CHUNK = 64
 # Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
 _FILLER = (
     "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
@@ -81,21 +86,39 @@ def even_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+def _direct(fn: Callable[..., int], *args: object) -> int:
+    return fn(*args)
+
+
+def _prefill_chunks(prompt: list[int]) -> list[list[int]]:
+    return [prompt[i : i + SOLO_PREFILL_CHUNK] for i in range(0, len(prompt), SOLO_PREFILL_CHUNK)]
+
+
 def run_pipeline_once(
-    pipeline: LocalPipeline, prompt: list[int], decode_tokens: int, result: RowResult
+    pipeline: LocalPipeline,
+    prompt: list[int],
+    decode_tokens: int,
+    result: RowResult,
+    step: Callable[..., int] = _direct,
 ) -> None:
-    """Prefill `prompt`, then decode greedily; append this repetition's figures to `result`."""
+    """Prefill `prompt`, then decode greedily; append this repetition's figures to `result`.
+
+    `step` runs each forward call: beside the mesh, compute.run_sync (see run_solo).
+    """
     session = uuid.uuid4().hex
     for stage in pipeline.stages:
         stage.open_session(session)
     try:
         pipeline.stages[-1].configure_sampling(session, GREEDY)
         started = time.perf_counter()
-        token = pipeline.forward_sync(session, 0, prompt)
+        chunks = [prompt] if step is _direct else _prefill_chunks(prompt)
+        position = 0
+        for chunk in chunks:
+            token = step(pipeline.forward_sync, session, position, chunk)
+            position += len(chunk)
         first = time.perf_counter()
-        position = len(prompt)
         for _ in range(decode_tokens):
-            token = pipeline.forward_sync(session, position, [token])
+            token = step(pipeline.forward_sync, session, position, [token])
             position += 1
         done = time.perf_counter()
     finally:
@@ -199,8 +222,9 @@ def run_benchmark(
     results = {name: RowResult() for name in [*local_rows, *plain, *beside, *mesh_names]}
 
     def run_solo(result: RowResult, prompt: list[int], decode: int) -> None:
-        # The whole run goes to the compute thread: no thread hop per step, as a native loop.
-        compute.run_sync(run_pipeline_once, pipelines["solo"], prompt, decode, result)
+        # Each step goes to the compute thread (the mesh's loop) on its own, so the loop serves
+        # QUIC between steps (see SOLO_PREFILL_CHUNK).
+        run_pipeline_once(pipelines["solo"], prompt, decode, result, step=compute.run_sync)
 
     try:
         for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
