@@ -50,6 +50,7 @@ def test_bench_json_on_a_tiny_synthetic_model(smollm2: Path, tmp_path: Path) -> 
     # The budgets force the split: no node of a mesh row could hold the model alone.
     for mesh in ("mesh2", "mesh3"):
         assert report[f"{mesh}_fits_one_node"] is False
+        assert report[f"{mesh}_failovers"] == 0
         assert report[f"{mesh}_predicted_decode_tok_s"] > 0
         assert f"{mesh}_prediction_error" in report
     assert "per_hop" in report  # filled by meshchat.inference.hop_timing where it exists

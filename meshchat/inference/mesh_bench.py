@@ -278,6 +278,8 @@ class MeshRows:
                 accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
                 accuracy[f"{name}_compute_ms"] = _median_ms(self._compute_s[name])
                 accuracy[f"{name}_network_ms"] = _median_ms(self._network_s[name])
+            # A row that failed over may have run on fewer nodes: its figures are not the row's.
+            accuracy[f"{name}_failovers"] = self._pipelines[name].failovers
             if name in self.budgets:
                 accuracy[f"{name}_node_memory_mib"] = self.budgets[name] // _MIB
                 accuracy[f"{name}_fits_one_node"] = self.fits_one_node[name]
