@@ -100,6 +100,7 @@ class MeshRows:
         # Per decode step: the stages' compute (as they report it) and the rest of the wall time.
         self._compute_s: dict[str, list[float]] = {}
         self._network_s: dict[str, list[float]] = {}
+        self._step_s: dict[str, list[float]] = {}  # whole decode steps, for their tail
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -227,6 +228,7 @@ class MeshRows:
         pipeline = self._pipelines[name]
         compute_s = self._compute_s.setdefault(name, [])
         network_s = self._network_s.setdefault(name, [])
+        step_s = self._step_s.setdefault(name, [])
         session = uuid.uuid4().hex
         await pipeline.open_session(session)
         try:
@@ -241,6 +243,7 @@ class MeshRows:
                 position += 1
                 compute_s.append(sum(pipeline.last_step.stage_compute_s))
                 network_s.append(pipeline.last_step.network_s)
+                step_s.append(pipeline.last_step.wall_s)
             done = time.perf_counter()
             self._decode_bytes += pipeline.wire_bytes - bytes_before
             self._decode_frames += pipeline.wire_tokens - tokens_before
@@ -278,6 +281,11 @@ class MeshRows:
                 accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
                 accuracy[f"{name}_compute_ms"] = _median_ms(self._compute_s[name])
                 accuracy[f"{name}_network_ms"] = _median_ms(self._network_s[name])
+                # Medians above; the mean shows the tail (steps slowed by other programs),
+                # which sets the row's tok/s as much as the median does on shared cores.
+                steps = self._step_s[name]
+                accuracy[f"{name}_step_ms_median"] = _median_ms(steps)
+                accuracy[f"{name}_step_ms_mean"] = round(statistics.fmean(steps) * 1000, 3)
             # A row that failed over may have run on fewer nodes: its figures are not the row's.
             accuracy[f"{name}_failovers"] = self._pipelines[name].failovers
             if name in self.budgets:
