@@ -37,6 +37,11 @@ DECODE_TOKENS = 128
 SOLO_BESIDE_MESH = "solo_beside_mesh"
 # Plain llama-cpp-python (its high-level `Llama`, no meshchat code) with the same settings.
 LLAMA_CPP = "llama_cpp"
+# Beside the mesh, solo hands each step to the compute thread, which is the mesh's event loop:
+# one 512-token prefill of a 1B model there held the loop 28 s with the cores shared, past QUIC's
+# 15 s idle timeout, and every mesh row failed over to the head alone. 64-token chunks hold it
+# a few seconds at most.
+SOLO_PREFILL_CHUNK = 64
 # Any text will do: the benchmark needs a realistic prompt of exactly PROMPT_TOKENS tokens.
 _FILLER = (
     "Pipeline parallelism splits a model by layers: each machine runs a contiguous range and "
@@ -81,21 +86,39 @@ def even_ranges(n_layers: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+def _direct(fn: Callable[..., int], *args: object) -> int:
+    return fn(*args)
+
+
+def _prefill_chunks(prompt: list[int]) -> list[list[int]]:
+    return [prompt[i : i + SOLO_PREFILL_CHUNK] for i in range(0, len(prompt), SOLO_PREFILL_CHUNK)]
+
+
 def run_pipeline_once(
-    pipeline: LocalPipeline, prompt: list[int], decode_tokens: int, result: RowResult
+    pipeline: LocalPipeline,
+    prompt: list[int],
+    decode_tokens: int,
+    result: RowResult,
+    step: Callable[..., int] = _direct,
 ) -> None:
-    """Prefill `prompt`, then decode greedily; append this repetition's figures to `result`."""
+    """Prefill `prompt`, then decode greedily; append this repetition's figures to `result`.
+
+    `step` runs each forward call: beside the mesh, compute.run_sync (see run_solo).
+    """
     session = uuid.uuid4().hex
     for stage in pipeline.stages:
         stage.open_session(session)
     try:
         pipeline.stages[-1].configure_sampling(session, GREEDY)
         started = time.perf_counter()
-        token = pipeline.forward_sync(session, 0, prompt)
+        chunks = [prompt] if step is _direct else _prefill_chunks(prompt)
+        position = 0
+        for chunk in chunks:
+            token = step(pipeline.forward_sync, session, position, chunk)
+            position += len(chunk)
         first = time.perf_counter()
-        position = len(prompt)
         for _ in range(decode_tokens):
-            token = pipeline.forward_sync(session, position, [token])
+            token = step(pipeline.forward_sync, session, position, [token])
             position += 1
         done = time.perf_counter()
     finally:
@@ -174,8 +197,9 @@ def run_benchmark(
     mesh: MeshRows | None = None,
     reference: LlamaCppRow | None = None,
     profile: Calibration | None = None,
+    local_rows: tuple[str, ...] = ("solo", "split2", "split3"),
 ) -> dict[str, object]:
-    """Solo and in-process splits; with `mesh` (not started yet), also its rows.
+    """The in-process `local_rows` (solo, splits); with `mesh` (not started yet), also its rows.
 
     With `reference`, plain llama-cpp-python runs in every repetition too, after the
     in-process rows; `profile` (the engine profile and its trials) goes into the report.
@@ -189,15 +213,17 @@ def run_benchmark(
         "split2": even_ranges(spec.n_layers, 2),
         "split3": even_ranges(spec.n_layers, 3),
     }
+    configs = {name: configs[name] for name in configs if name in local_rows or name == "solo"}
     pipelines = {name: LocalPipeline(make_stages(ranges)) for name, ranges in configs.items()}
     mesh_names = list(mesh.names) if mesh else []
     beside = [SOLO_BESIDE_MESH] if mesh else []
     plain = [LLAMA_CPP] if reference else []
-    results = {name: RowResult() for name in [*configs, *plain, *beside, *mesh_names]}
+    results = {name: RowResult() for name in [*local_rows, *plain, *beside, *mesh_names]}
 
     def run_solo(result: RowResult, prompt: list[int], decode: int) -> None:
-        # The whole run goes to the compute thread: no thread hop per step, as a native loop.
-        compute.run_sync(run_pipeline_once, pipelines["solo"], prompt, decode, result)
+        # Each step goes to the compute thread (the mesh's loop) on its own, so the loop serves
+        # QUIC between steps (see SOLO_PREFILL_CHUNK).
+        run_pipeline_once(pipelines["solo"], prompt, decode, result, step=compute.run_sync)
 
     try:
         for pipeline in pipelines.values():  # warm-up: page in weights, build graphs
@@ -206,8 +232,10 @@ def run_benchmark(
             compute.run_sync(reference.run_once, prompt[:64], 8, RowResult())
         for repeat in range(repeats):
             progress(f"repetition {repeat + 1}/{repeats} in this process")
-            for name, pipeline in pipelines.items():
-                compute.run_sync(run_pipeline_once, pipeline, prompt, DECODE_TOKENS, results[name])
+            for name in local_rows:
+                compute.run_sync(
+                    run_pipeline_once, pipelines[name], prompt, DECODE_TOKENS, results[name]
+                )
             if reference is not None:
                 compute.run_sync(reference.run_once, prompt, DECODE_TOKENS, results[LLAMA_CPP])
         if mesh is not None:
@@ -232,6 +260,8 @@ def run_benchmark(
         for pipeline in pipelines.values():
             for stage in pipeline.stages:
                 stage.close()
+    if "solo" not in local_rows:
+        del configs["solo"]
     rows = {name: result.summary() for name, result in results.items()}
     bandwidth = memory_bandwidth_gbs()
     per_token = bytes_read_per_token(spec)
@@ -247,6 +277,18 @@ def run_benchmark(
             ratios[f"solo_vs_llama_cpp_{metric}"] = round(
                 rows["solo"][key] / rows[LLAMA_CPP][key], 3
             )
+    mesh_report = mesh.report() if mesh else {}
+    predicted_solo = mesh_report.get("solo_predicted_decode_tok_s")
+    if isinstance(predicted_solo, float):
+        solo_measured = rows[SOLO_BESIDE_MESH]["decode_tok_s"]
+        mesh_report["solo_prediction_error"] = round(predicted_solo / solo_measured - 1, 3)
+        # The same error with this minute's machine speed taken out: the planner's mesh/solo
+        # ratio against the measured one (others' programs move both rows alike).
+        for name in mesh_names:
+            predicted = mesh_report.get(f"{name}_predicted_decode_tok_s")
+            if isinstance(predicted, float):
+                ratio = (predicted / predicted_solo) / (rows[name]["decode_tok_s"] / solo_measured)
+                mesh_report[f"{name}_prediction_error_vs_solo"] = round(ratio - 1, 3)
     return {
         "model": spec.name,
         "model_path": str(spec.path),
@@ -260,7 +302,7 @@ def run_benchmark(
         "memory_bandwidth_gbs": round(bandwidth, 2),
         "bytes_per_token": per_token,
         "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
-        **(mesh.report() if mesh else {}),
+        **mesh_report,
         **({"engine": engine_report(profile)} if profile else {}),
     }
 

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--repeats", type=int, default=5, metavar="N")
     bench.add_argument("--threads", type=int, default=None, metavar="N")
+    bench.add_argument(
+        "--synthetic",
+        metavar="SIZE",
+        default=None,
+        help="bench a random-weight llama of SIZE parameters (e.g. 1B), written once into the "
+        "cache, with the tokenizer of --model",
+    )
 
     doctor = commands.add_parser("doctor", help="this machine's engine profile and its probes")
     _add_common(doctor)

@@ -209,3 +209,13 @@ def test_the_head_keeps_its_flash_setting_unless_the_other_is_clearly_faster() -
     assert choose_flash({False: 0.0090, True: 0.010}, own=True) is False
     assert choose_flash({True: 0.010}, own=False) is True  # no plan runs with its own
     assert choose_flash({}, own=True) is True
+
+
+def test_decode_prediction_counts_the_kv_cache_read_at_half_the_context() -> None:
+    whole = Plan((StagePlan("head", 0, N_LAYERS),))
+    short, long = planner(caps("head"), n_ctx=256), planner(caps("head"), n_ctx=4096)
+    assert short.extra_context == 0  # within what the calibration's decode already read
+    kv_bytes = NEEDS.kv_bytes_per_token_layer * N_LAYERS * long.extra_context
+    extra_s = long.predict(whole).compute_s - short.predict(whole).compute_s
+    assert extra_s == pytest.approx(kv_bytes * SPEED)
+    assert long.extra_context == 2048 - 140  # the probe decodes near position 128 + 24 / 2

@@ -5,7 +5,10 @@ this run's cache, the same thread count as the solo row, the model from the same
 head per row in this process, on an event loop in a background thread:
 - mesh2: head [0, n/2) → worker 0 [n/2, n)
 - mesh3: head [0, n/3) → worker 1 → worker 2
-`worker_cpus` pins the workers to those CPUs (scripts/bench_own_cores.py gives each node a core).
+`worker_cpus` pins the workers to those CPUs (meshchat.inference.own_cores gives each node a core).
+With `budgets`, every node of a row offers more memory than that row's largest stage needs and
+less than the whole model needs (MESHCHAT_MEMORY_LIMIT for the workers, the head's offer to the
+planner likewise): the split is forced, as for a model bigger than any one machine.
 Each repetition runs the real `MeshPipeline.forward` path that `generate --join` uses. The loop's
 thread is the process's compute thread (meshchat.engine.compute), as in `generate --join`; the
 bench's solo runs between the mesh rows run on it too.
@@ -25,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,11 +36,11 @@ from meshchat.engine import compute
 from meshchat.engine.sampling import SamplingParams
 from meshchat.errors import MeshchatError
 from meshchat.inference import hop_timing
-from meshchat.inference.capabilities import calibration
+from meshchat.inference.capabilities import MEMORY_LIMIT_ENV, NodeCaps, calibration
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
-from meshchat.inference.planner import Plan, StagePlan
+from meshchat.inference.planner import ModelNeeds, Plan, Prediction, StagePlan
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
 from meshchat.paths import DataDir
@@ -44,12 +48,18 @@ from meshchat.paths import DataDir
 T = TypeVar("T")
 GREEDY = SamplingParams(temperature=0.0)
 _WORKERS_NEEDED = {"mesh2": 1, "mesh3": 3}  # worker 0 serves mesh2, workers 1 and 2 mesh3
+_WORKER_ROW = ("mesh2", "mesh3", "mesh3")  # the row each worker serves, by index
 _START_TIMEOUT_S = 120.0
+_MIB = 1 << 20
 
 
 def _even(n_layers: int, parts: int) -> list[tuple[int, int]]:
     edges = [round(i * n_layers / parts) for i in range(parts + 1)]
     return list(itertools.pairwise(edges))
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(statistics.median(seconds) * 1000, 3) if seconds else 0.0
 
 
 class MeshRows:
@@ -61,6 +71,7 @@ class MeshRows:
         n_ctx: int,
         names: tuple[str, ...] = ("mesh2", "mesh3"),
         worker_cpus: set[int] | None = None,
+        budgets: bool = False,
     ) -> None:
         self.names = names
         self.n_workers = max(_WORKERS_NEEDED[name] for name in names)
@@ -81,8 +92,16 @@ class MeshRows:
         self._model: LocalModel  # opened by start()
         self._decode_bytes = 0
         self._decode_frames = 0
-        self.predicted: dict[str, float] = {}  # the planner's decode tok/s for each row
+        self.with_budgets = budgets
+        self.budgets: dict[str, int] = {}  # bytes each node of a row offers (with `budgets`)
+        self.fits_one_node: dict[str, bool] = {}  # the planner's view, under those budgets
+        self.predicted: dict[str, Prediction] = {}  # the planner's figures for each row
+        self.predicted_solo: Prediction | None = None  # the whole model on the head
         self._measured: dict[str, list[float]] = {}
+        # Per decode step: the stages' compute (as they report it) and the rest of the wall time.
+        self._compute_s: dict[str, list[float]] = {}
+        self._network_s: dict[str, list[float]] = {}
+        self._step_s: dict[str, list[float]] = {}  # whole decode steps, for their tail
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -94,6 +113,8 @@ class MeshRows:
         # and the kernel's writeback of them competes with the rows for the two cores.
         model = self._model = LocalModel.open(self.model_path, self.data)
         compute.run_sync(calibration, model, self.data, self.threads)
+        if self.with_budgets:
+            self.budgets = {name: self._budget(name) for name in self.names}
         cache = self.data.ensure(self.data.root / "cache")
         for i in range(self.n_workers):
             worker = self.root / f"w{i}"
@@ -104,11 +125,24 @@ class MeshRows:
         self._thread.start()
         self._call(self._setup(invite), _START_TIMEOUT_S)
 
+    def _budget(self, name: str) -> int:
+        """What each node of row `name` offers: halfway from its largest even stage's need to
+        the whole model's, so every stage fits and the model fits no node."""
+        needs, n = ModelNeeds.of(self._model), self._model.n_layers
+        largest = max(
+            needs.memory(first, end, end == n, self.n_ctx, 1)
+            for first, end in _even(n, int(name.removeprefix("mesh")))
+        )
+        return (largest + needs.memory(0, n, True, self.n_ctx, 1)) // 2
+
     def _start_workers(self) -> str:
         env = {**os.environ, "MESHCHAT_MDNS": "0", "MESHCHAT_THREADS": str(self.threads),
                hop_timing.ENV: str(self.hops)}  # fmt: skip
         invite = ""
         for i in range(self.n_workers):
+            budget = self.budgets.get(_WORKER_ROW[i])
+            if budget is not None:
+                env[MEMORY_LIMIT_ENV] = str(budget)
             invite_file = self.root / f"w{i}.invite"
             args = [
                 sys.executable, "-m", "meshchat.cli", "--headless", "--listen", "127.0.0.1:0",
@@ -156,9 +190,27 @@ class MeshRows:
             stages = tuple(StagePlan(n, *r) for n, r in zip(nodes, ranges, strict=True))
             self.splits[name] = ranges
             plan = Plan(stages)
-            caps = await coordinator.gather()
-            self.predicted[name] = coordinator.planner(caps).predict(plan).decode_tok_s
+            offers = [
+                self._offer(c, node) for c in await coordinator.gather() if c.node_id in nodes
+            ]
+            planner = coordinator.planner(offers)
+            if self.predicted_solo is None:
+                whole = coordinator.planner([c for c in offers if c.node_id == nodes[0]])
+                solo = Plan((StagePlan(nodes[0], 0, model.n_layers),))
+                self.predicted_solo = whole.predict(solo)
+            self.predicted[name] = planner.predict(plan)
+            self.fits_one_node[name] = bool(planner.search(1))
             self._pipelines[name] = await coordinator.start(plan)
+
+    def _offer(self, caps: NodeCaps, head: Node) -> NodeCaps:
+        """The head's own offer under its row's budget (the workers' come with it already)."""
+        budget = self.budgets.get(self._row_of(head))
+        if budget is None or caps.node_id != str(head.node_id):
+            return caps
+        return replace(caps, free_memory=min(caps.free_memory, budget))
+
+    def _row_of(self, head: Node) -> str:
+        return self.names[self._nodes.index(head)]
 
     # -- running -------------------------------------------------------------------------------
 
@@ -169,13 +221,17 @@ class MeshRows:
         self, name: str, prompt: list[int], decode_tokens: int, record: Callable[..., None]
     ) -> None:
         """Prefill `prompt`, decode greedily; `record(prefill_s, ttft_s, decode_s)`."""
-        figures = self._call(self._once(self._pipelines[name], prompt, decode_tokens))
+        figures = self._call(self._once(name, prompt, decode_tokens))
         self._measured.setdefault(name, []).append(decode_tokens / figures[2])
         record(*figures)
 
     async def _once(
-        self, pipeline: MeshPipeline, prompt: list[int], decode_tokens: int
+        self, name: str, prompt: list[int], decode_tokens: int
     ) -> tuple[float, float, float]:
+        pipeline = self._pipelines[name]
+        compute_s = self._compute_s.setdefault(name, [])
+        network_s = self._network_s.setdefault(name, [])
+        step_s = self._step_s.setdefault(name, [])
         session = uuid.uuid4().hex
         await pipeline.open_session(session)
         try:
@@ -188,6 +244,9 @@ class MeshRows:
             for _ in range(decode_tokens):
                 token = await pipeline.forward(session, position, [token])
                 position += 1
+                compute_s.append(sum(pipeline.last_step.stage_compute_s))
+                network_s.append(pipeline.last_step.network_s)
+                step_s.append(pipeline.last_step.wall_s)
             done = time.perf_counter()
             self._decode_bytes += pipeline.wire_bytes - bytes_before
             self._decode_frames += pipeline.wire_tokens - tokens_before
@@ -202,13 +261,31 @@ class MeshRows:
         if not hops:
             return {}
         p99 = hops[min(len(hops) - 1, int(len(hops) * 0.99))]
-        accuracy = {}
+        accuracy: dict[str, float | bool] = {}
         for name, predicted in self.predicted.items():
             runs = self._measured.get(name, [])[1:]  # the first run is the warm-up
             if runs:
                 measured = statistics.median(runs)
-                accuracy[f"{name}_predicted_decode_tok_s"] = round(predicted, 1)
-                accuracy[f"{name}_prediction_error"] = round(predicted / measured - 1, 3)
+                accuracy[f"{name}_predicted_decode_tok_s"] = round(predicted.decode_tok_s, 1)
+                accuracy[f"{name}_prediction_error"] = round(
+                    predicted.decode_tok_s / measured - 1, 3
+                )
+                accuracy[f"{name}_predicted_compute_ms"] = round(predicted.compute_s * 1000, 3)
+                accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
+                accuracy[f"{name}_compute_ms"] = _median_ms(self._compute_s[name])
+                accuracy[f"{name}_network_ms"] = _median_ms(self._network_s[name])
+                # Medians above; the mean shows the tail (steps slowed by other programs),
+                # which sets the row's tok/s as much as the median does on shared cores.
+                steps = self._step_s[name]
+                accuracy[f"{name}_step_ms_median"] = _median_ms(steps)
+                accuracy[f"{name}_step_ms_mean"] = round(statistics.fmean(steps) * 1000, 3)
+            # A row that failed over may have run on fewer nodes: its figures are not the row's.
+            accuracy[f"{name}_failovers"] = self._pipelines[name].failovers
+            if name in self.budgets:
+                accuracy[f"{name}_node_memory_mib"] = self.budgets[name] // _MIB
+                accuracy[f"{name}_fits_one_node"] = self.fits_one_node[name]
+        if self.predicted_solo is not None:
+            accuracy["solo_predicted_decode_tok_s"] = round(self.predicted_solo.decode_tok_s, 1)
         return {
             **accuracy,
             "hop_latency_ms_p50": round(statistics.median(hops) * 1000, 3),
