@@ -3,7 +3,6 @@ workers SIGKILLed and restarted during back-to-back requests, and a head that st
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import threading
@@ -17,20 +16,9 @@ from typing import Any
 
 import pytest
 
-from meshchat.engine.chat_template import ChatMessage
 from meshchat.engine.profile import EngineProfile
-from meshchat.engine.stage import StageOptions
-from meshchat.engine.tokenizer import Tokenizer
-from meshchat.inference.capabilities import calibration
-from meshchat.inference.head import ChatPrompter, HeadSession
-from meshchat.inference.local import LocalPipeline, build_stages
-from meshchat.inference.local_model import LocalModel
-from meshchat.model.gguf_file import read_header
-from meshchat.paths import DataDir
-from tests.api_helpers import MODEL_ID
+from tests.api_helpers import MODEL_ID, solo_answers
 from tests.cli_helpers import free_port, stop_process
-from tests.conftest import DEFAULT_THREADS
-from tests.engine_helpers import GREEDY
 from tests.mesh_cluster import CMD, ENV, ApiHead, Cluster, Worker, read_json, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -43,27 +31,8 @@ PROMPTS = [f"Name a colour and the number {i}." for i in range(4)]
 MAX_TOKENS = 16
 
 
-def solo_answers(model: Path, tmp: Path, flash: bool) -> list[str]:
-    """The prompts run greedily on one machine, in this process, with the mesh's profile."""
-    data = DataDir(tmp / "solo")
-    profile = calibration(LocalModel.open(model, data), data, DEFAULT_THREADS).profile_for(flash)
-    assert profile is not None
-
-    async def run() -> list[str]:
-        options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=256).with_profile(profile)
-        pipeline = LocalPipeline(build_stages(model, [(0, 30)], tmp, tmp, options))
-        tokenizer = Tokenizer(model)
-        prompter = ChatPrompter.for_model(read_header(model), tokenizer)
-        answers = []
-        for prompt in PROMPTS:
-            session = HeadSession(pipeline, tokenizer)
-            tokens = prompter.tokens([ChatMessage("user", prompt)])
-            answers.append("".join([t async for t in session.generate(tokens, GREEDY, MAX_TOKENS)]))
-            await session.close()
-        await pipeline.close()
-        return answers
-
-    return asyncio.run(run())
+def solo_texts(model: Path, tmp: Path, flash: bool) -> list[str]:
+    return solo_answers(model, tmp, flash, PROMPTS, MAX_TOKENS)
 
 
 @dataclass
@@ -201,7 +170,7 @@ def test_requests_survive_workers_killed_and_restarted(
     churn_mesh: tuple[Cluster, ApiHead], smollm2: Path, tmp_path: Path
 ) -> None:
     cluster, head = churn_mesh
-    solo = solo_answers(smollm2, tmp_path, flash_of(head.log))
+    solo = solo_texts(smollm2, tmp_path, flash_of(head.log))
     traffic = Traffic(head.base_url)
     try:
         restarted: list[float] = []
@@ -260,7 +229,7 @@ def test_head_alone_serves_once_a_member_joins(
         served = wait_for(
             lambda: (r := chat(base_url, PROMPTS[0])).status == 200 and r, 120, "a plan"
         )
-        solo = solo_answers(smollm2, tmp_path, "flash attention on" in log_path.read_text())
+        solo = solo_texts(smollm2, tmp_path, "flash attention on" in log_path.read_text())
         assert answer(served) == solo[0]
         status = read_json(tmp_path / "head.status.json")
         reasons = [r["reason"] for r in status["replans"]]

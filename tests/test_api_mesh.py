@@ -10,19 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from meshchat.engine.chat_template import ChatMessage
-from meshchat.engine.stage import StageOptions
-from meshchat.engine.tokenizer import Tokenizer
-from meshchat.inference.capabilities import calibration
-from meshchat.inference.head import ChatPrompter, HeadSession
-from meshchat.inference.local import LocalPipeline, build_stages
-from meshchat.inference.local_model import LocalModel
-from meshchat.model.gguf_file import read_header
-from meshchat.paths import DataDir
-from tests.api_helpers import stream_chat
+from tests.api_helpers import solo_answers, stream_chat
 from tests.cli_helpers import free_port, run_meshchat
-from tests.conftest import DEFAULT_THREADS
-from tests.engine_helpers import GREEDY
 from tests.mesh_cluster import ApiHead, Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -56,28 +45,8 @@ def _plan_line(head: ApiHead) -> str:
 
 
 def _solo_answers(model: Path, tmp: Path, head: ApiHead) -> list[str]:
-    """The same chats run greedily on one machine, in this process, with the engine profile
-    the mesh's stages run with (flash attention as the head's plan fixed it)."""
-    data = DataDir(tmp / "solo")
     flash = "flash attention on" in _plan_line(head)
-    profile = calibration(LocalModel.open(model, data), data, DEFAULT_THREADS).profile_for(flash)
-    assert profile is not None
-
-    async def run() -> list[str]:
-        options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=256).with_profile(profile)
-        pipeline = LocalPipeline(build_stages(model, [(0, 30)], tmp, tmp, options))
-        tokenizer = Tokenizer(model)
-        prompter = ChatPrompter.for_model(read_header(model), tokenizer)
-        answers = []
-        for prompt in PROMPTS:
-            session = HeadSession(pipeline, tokenizer)
-            tokens = prompter.tokens([ChatMessage("user", prompt)])
-            answers.append("".join([t async for t in session.generate(tokens, GREEDY, MAX_TOKENS)]))
-            await session.close()
-        await pipeline.close()
-        return answers
-
-    return asyncio.run(run())
+    return solo_answers(model, tmp, flash, PROMPTS, MAX_TOKENS)
 
 
 async def _stream(base_url: str, prompt: str) -> str:
