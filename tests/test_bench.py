@@ -38,7 +38,7 @@ def test_bench_json_on_a_tiny_synthetic_model(smollm2: Path, tmp_path: Path) -> 
     if len(os.sched_getaffinity(0)) >= 2:
         rows += ["solo_one_core", "mesh2_own_cores"]
         assert 0 < report["ratios"]["mesh2_own_cores_vs_solo_decode"] < 10
-        assert report["mesh2_own_cores_fits_one_node"] is False
+        assert isinstance(report["mesh2_own_cores_fits_one_node"], bool)
     for row in rows:
         figures = report["rows"][row]
         assert figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
@@ -47,9 +47,13 @@ def test_bench_json_on_a_tiny_synthetic_model(smollm2: Path, tmp_path: Path) -> 
         assert 0 < report["ratios"][ratio] < 10
     n_layers = report["splits"]["solo"][0][1]
     assert report["splits"]["mesh3"] == [[a, b] for a, b in even_ranges(n_layers, 3)]
-    # The budgets force the split: no node of a mesh row could hold the model alone.
+    # Each mesh row runs under a budget and says whether the model would fit one node under
+    # it. On this 4M model it would: a non-last stage's logits buffers (256 rows x 49152
+    # vocab) outweigh the whole model's weights, so no budget can force its split. Budgets
+    # that force one are tested on the default model (test_memory_cluster.py).
     for mesh in ("mesh2", "mesh3"):
-        assert report[f"{mesh}_fits_one_node"] is False
+        assert report[f"{mesh}_node_memory_mib"] > 0
+        assert isinstance(report[f"{mesh}_fits_one_node"], bool)
         assert report[f"{mesh}_failovers"] == 0
         assert report[f"{mesh}_predicted_decode_tok_s"] > 0
         assert f"{mesh}_prediction_error" in report

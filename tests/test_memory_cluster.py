@@ -7,8 +7,11 @@ shows what it offers, what its stage uses (as llama.cpp reported it) and what is
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,16 +61,28 @@ def test_budgets_that_force_a_three_way_split_give_the_solo_output(
         workers = [cluster.add(smollm2, None, *flag) for _ in range(2)]
         cluster.wait_connected()
         args = cluster.head_args(PROMPT, smollm2, "head", "--max-tokens", TOKENS, *flag)
-        result = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=900)
-        statuses = [read_json(w.status) for w in workers]
+        head = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        # Each worker's status while it holds its stage: a head that ends cleanly says goodbye,
+        # and the workers free their stages at once, so the files are read during the run.
+        loaded: dict[int, dict[str, Any]] = {}
+        while head.poll() is None:
+            for i, worker in enumerate(workers):
+                with contextlib.suppress(OSError, ValueError):
+                    status = read_json(worker.status)
+                    if (status.get("memory") or {}).get("stage"):
+                        loaded[i] = status
+            time.sleep(0.2)
+        stdout, stderr = head.communicate(timeout=60)
     finally:
         cluster.close()
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == solo
-    plan = _plan_line(result.stderr)
-    assert plan.count(" on ") == 3 and "(head)" in plan, result.stderr
-    assert "fits on no single node" in result.stderr
-    for status in statuses:
+    assert head.returncode == 0, stderr
+    assert stdout == solo
+    plan = _plan_line(stderr)
+    assert plan.count(" on ") == 3 and "(head)" in plan, stderr
+    assert "fits on no single node" in stderr
+    assert sorted(loaded) == [0, 1], "a worker's status never showed its stage"
+    for status in loaded.values():
         memory = status["memory"]
         assert memory["offer"] == BUDGET * MIB
         assert 0 < memory["used"] == memory["stage"]["total"] <= BUDGET * MIB
