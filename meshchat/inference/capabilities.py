@@ -19,9 +19,9 @@ from meshchat.engine.profile import EngineProfile
 from meshchat.engine.stage import StageOptions
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference import profiling
-from meshchat.inference.local_model import LocalModel, fingerprint_from_json, fingerprint_to_json
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.profiling import Calibration, Notify, Speed
-from meshchat.model.fingerprint import Fingerprint
+from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
 from meshchat.paths import DataDir
 
 log = logging.getLogger(__name__)

@@ -63,25 +63,3 @@ class LocalModel:
     def status(self) -> dict[str, Any]:
         """The `model` entry of the status file."""
         return {"path": str(self.path), "fingerprint": self.fingerprint.model}
-
-
-def fingerprint_to_json(fp: Fingerprint) -> dict[str, Any]:
-    return {
-        "model": fp.model,
-        "config": fp.config,
-        "globals": fp.globals,
-        "layers": list(fp.layers),
-    }
-
-
-def fingerprint_from_json(data: Any) -> Fingerprint | None:
-    """A peer's fingerprint, or None if it is malformed (peer data is never trusted)."""
-    if not isinstance(data, dict):
-        return None
-    parts = [data.get(k) for k in ("model", "config", "globals")]
-    layers = data.get("layers")
-    if not all(isinstance(p, str) and len(p) <= 128 for p in parts):
-        return None
-    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-        return None
-    return Fingerprint(parts[0], parts[1], parts[2], tuple(layers))  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from meshchat.fsutil import atomic_write_text
 from meshchat.model.gguf_file import GGUFHeader, TensorEntry, read_header
@@ -39,6 +40,29 @@ class Fingerprint:
             and self.globals == other.globals
             and self.layers[first:end] == other.layers[first:end]
         )
+
+
+def fingerprint_to_json(fp: Fingerprint) -> dict[str, Any]:
+    return {
+        "model": fp.model,
+        "config": fp.config,
+        "globals": fp.globals,
+        "layers": list(fp.layers),
+    }
+
+
+def fingerprint_from_json(data: Any) -> Fingerprint | None:
+    """A fingerprint read back from JSON (a peer's, or a record on disk), or None if it is
+    malformed (neither is trusted)."""
+    if not isinstance(data, dict):
+        return None
+    parts = [data.get(k) for k in ("model", "config", "globals")]
+    layers = data.get("layers")
+    if not all(isinstance(p, str) and len(p) <= 128 for p in parts):
+        return None
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        return None
+    return Fingerprint(parts[0], parts[1], parts[2], tuple(layers))  # type: ignore[arg-type]
 
 
 def _hash_tensor(digest: hashlib._Hash, handle: object, tensor: TensorEntry, name: str) -> None:

@@ -15,11 +15,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from meshchat.errors import MeshchatError
 from meshchat.fsutil import atomic_write_text
-from meshchat.model.fingerprint import Fingerprint
+from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
 from meshchat.model.slices import LayerRange
 
 _RECORD = ".json"
@@ -41,22 +40,6 @@ class SeededSlice:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def _fingerprint_json(fp: Fingerprint) -> dict[str, Any]:
-    return {
-        "model": fp.model,
-        "config": fp.config,
-        "globals": fp.globals,
-        "layers": list(fp.layers),
-    }
-
-
-def _fingerprint_from(data: Any) -> Fingerprint:
-    layers = data["layers"]
-    if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
-        raise TypeError("layers must be a list of digests")
-    return Fingerprint(str(data["model"]), str(data["config"]), str(data["globals"]), tuple(layers))
 
 
 class SeedStore:
@@ -103,9 +86,12 @@ class SeedStore:
             if record.stat().st_size > MAX_RECORD_BYTES:
                 return None
             data = json.loads(record.read_text())
+            fingerprint = fingerprint_from_json(data["fingerprint"])
+            if fingerprint is None:
+                return None
             return SeededSlice(
                 path,
-                _fingerprint_from(data["fingerprint"]),
+                fingerprint,
                 LayerRange(int(data["first"]), int(data["end"])),
                 tuple(str(o) for o in data["origin"]),
                 path.stat().st_size,
@@ -116,7 +102,7 @@ class SeedStore:
     def record(self, path: Path, fp: Fingerprint, layers: LayerRange, origin: list[str]) -> None:
         """Write the record of a slice just renamed into place (it becomes visible now)."""
         body = {
-            "fingerprint": _fingerprint_json(fp),
+            "fingerprint": fingerprint_to_json(fp),
             "first": layers.first,
             "end": layers.end,
             "origin": origin,
