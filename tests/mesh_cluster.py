@@ -216,3 +216,14 @@ class ApiHead:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def solo_text(model: Path, root: Path, prompt: str, max_tokens: str) -> str:
+    """`meshchat generate --raw` greedily on one machine: the text a mesh's must equal."""
+    result = subprocess.run(
+        [*CMD, "generate", prompt, "--raw", "--temperature", "0", "--max-tokens", max_tokens,
+         "--model", str(model), "--data-dir", str(root / "solo")],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshchat.engine.probe import FAULT_ENV
-from tests.mesh_cluster import CMD, ENV, Cluster, StreamingHead, read_json, wait_for
+from tests.mesh_cluster import CMD, ENV, Cluster, StreamingHead, read_json, solo_text, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -25,19 +25,9 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 LONG_TOKENS = "200"
 
 
-def _solo(model: Path, root: Path, max_tokens: str) -> str:
-    result = subprocess.run(
-        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", max_tokens,
-         "--model", str(model), "--data-dir", str(root / "solo")],
-        env=ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def solo_long(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    text = _solo(smollm2, tmp_path_factory.mktemp("solo"), LONG_TOKENS)
+    text = solo_text(smollm2, tmp_path_factory.mktemp("solo"), PROMPT, LONG_TOKENS)
     assert len(text) > 400  # a long greedy generation, not an early end-of-text
     return text
 

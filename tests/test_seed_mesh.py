@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshchat.mesh.layer_transfer import CORRUPT_ENV
-from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, wait_for
+from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, solo_text, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -59,16 +59,6 @@ def _generate(
     )  # fmt: skip
 
 
-def _solo(model: Path, root: Path) -> str:
-    result = subprocess.run(
-        [*CMD, "generate", PROMPT, "--raw", "--temperature", "0", "--max-tokens", TOKENS,
-         "--model", str(model), "--data-dir", str(root / "solo")],
-        env=ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     cluster: Cluster, smollm2: Path, tmp_path: Path
 ) -> None:
@@ -78,7 +68,7 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     cluster.wait_connected()
     result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
     assert result.returncode == 0, result.stderr + bare.log.read_text()
-    assert result.stdout == _solo(smollm2, tmp_path)
+    assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
     # The head said what the bare worker must fetch before the plan applied.
     assert "from the LAN first" in result.stderr
     layers = bare.layers
@@ -124,7 +114,7 @@ def test_corrupt_sender_is_caught_and_another_member_sends(
     split = ("--max-tokens", TOKENS, "--split", "8,16,23")
     result = _generate(cluster, smollm2, *split, env={CORRUPT_ENV: "token_embd"})
     assert result.returncode == 0, result.stderr + bare.log.read_text()
-    assert result.stdout == _solo(smollm2, tmp_path)
+    assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
     blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
     assert len(blamed) == 1 and "the global tensors that do not match" in blamed[0]
     (entry,) = (bare.dir / "models" / "seeded").glob("*.json")
