@@ -48,6 +48,8 @@ async def _ready(pilot: Any) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.engine is not None and app.mesh is not None)
     app._refresh_peers()
+    # A blinking cursor is drawn or not by the clock: the screen is taken with it steady.
+    app.prompt.cursor_blink = False
     await pilot.pause()
 
 
