@@ -48,7 +48,10 @@ async def _ready(pilot: Any) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.engine is not None and app.mesh is not None)
     app._refresh_peers()
-    # A blinking cursor is drawn or not by the clock: the screen is taken with it steady.
+    # A blinking cursor is drawn or not by the clock, and shown only where the focus is: the
+    # screen is taken with the message box focused and its cursor steady.
+    app.prompt.focus()
+    await pilot.pause()
     app.prompt.cursor_blink = False
     await pilot.pause()
 
