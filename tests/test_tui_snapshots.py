@@ -49,10 +49,14 @@ async def _ready(pilot: Any) -> None:
     await wait_for(pilot, lambda: app.engine is not None and app.mesh is not None)
     app._refresh_peers()
     # A blinking cursor is drawn or not by the clock, and shown only where the focus is: the
-    # screen is taken with the message box focused and its cursor steady.
+    # screen is taken with the message box focused and its cursor steady. TextArea's line cache
+    # keys a steady cursor like a blinked-off one, so a line drawn in the blink's off phase
+    # (or before the focus came) was reused without its cursor: the cache is cleared too.
     app.prompt.focus()
-    await pilot.pause()
+    await wait_for(pilot, lambda: app.prompt.has_focus)
     app.prompt.cursor_blink = False
+    app.prompt.notify_style_update()
+    app.prompt.refresh()
     await pilot.pause()
 
 
