@@ -10,6 +10,7 @@ and the mesh still serves.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -260,6 +261,16 @@ async def build_with_removed(mesh: MeshNodes) -> tuple[Cast, str]:
     await eventually(lambda: all(h not in n.connected() for n in [*cast.honest, h2]), 10)
     await eventually(lambda: not cast.h.connected(), 10)  # H saw every connection close
     return cast, b_invite
+
+
+async def test_a_removed_node_drops_every_link_and_stops_dialing(mesh: MeshNodes) -> None:
+    """The founder tells H before closing: H (honest code) then leaves the mesh for good."""
+    cast, _ = await build_with_removed(mesh)
+    assert not cast.h.membership.is_member(cast.h.node_id)
+    assert cast.h.peers(False) == []  # no peer left to redial
+    await asyncio.sleep(2.0)  # several maintenance rounds: nothing dials back in or out
+    assert not cast.h.connected()
+    assert all(cast.h.node_id not in n.connected() for n in cast.honest)
 
 
 async def test_removed_member_readds_itself_through_an_accomplice(mesh: MeshNodes) -> None:

@@ -562,6 +562,11 @@ class Node:
         if not self._started or conn.is_closed:
             conn.abort("node stopping")
             return
+        if not (self.membership.is_member(node) and self.membership.is_member(self.node_id)):
+            # The roster changed while the handshake ran (its verdict came before a removal):
+            # a connection adopted now would never be closed by that removal.
+            conn.abort("removed from the mesh")
+            return
         peer = self._peers.get(node)
         if peer is None:
             peer = self._peers[node] = Peer(node, via)
@@ -712,12 +717,18 @@ class Node:
         if not changed:
             return
         self.membership.save()
-        for node in changed:
-            if node != self.node_id and not self.membership.is_member(node):
-                peer = self._peers.pop(node, None)
-                if peer is not None and peer.conn is not None:
-                    peer.conn.abort("removed from the mesh")
-                    self._emit("left", node)
+        if not self.membership.is_member(self.node_id):
+            # This node was removed: it has no mesh left to be in, so every link goes.
+            if self.node_id in changed:
+                log.warning("this node was removed from the mesh: closing every connection")
+            dropped = list(self._peers)
+        else:
+            dropped = [n for n in changed if n != self.node_id and not self.membership.is_member(n)]
+        for node in dropped:
+            peer = self._peers.pop(node, None)
+            if peer is not None and peer.conn is not None:
+                peer.conn.abort("removed from the mesh")
+                self._emit("left", node)
 
     # --- keepalive, RTT, reconnects ---------------------------------------------------------
 
@@ -762,6 +773,7 @@ class Node:
             bool(peer.addresses)
             and peer.node_id not in self._dialing
             and self.membership.is_member(peer.node_id)
+            and self.membership.is_member(self.node_id)
             and time.monotonic() >= peer.next_dial
         )
 
