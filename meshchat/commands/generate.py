@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import dataclass
 
 from meshchat.commands.common import ModelChoice, choose_model, thread_count
 from meshchat.config import load_config
@@ -44,20 +45,24 @@ def prompt_tokens(choice: ModelChoice, tokenizer: Tokenizer, args: argparse.Name
     return ChatPrompter.for_model(choice.header, tokenizer).tokens(messages)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    memory_budget.apply(getattr(args, "max_memory", None), load_config().max_memory)
-    if args.join:
-        from meshchat.commands.generate_mesh import run_generate_on_mesh
+@dataclass(frozen=True)
+class Generation:
+    """What one `generate` run needs, whether it runs here or on a mesh: checked before any
+    stage loads, so a prompt that cannot fit fails in a second, not after a load."""
 
-        return run_generate_on_mesh(args)
+    choice: ModelChoice
+    model: LocalModel
+    tokenizer: Tokenizer
+    tokens: list[int]
+    params: SamplingParams
+    split: list[tuple[int, int]] | None  # None: one stage here, or the planner's choice
+    n_ctx: int
+
+
+def prepare_generation(args: argparse.Namespace, data: DataDir) -> Generation:
     params = sampling_from_args(args)
-    data = DataDir.resolve(args.data_dir)
     choice = choose_model(args, data)
-    ranges = (
-        split_ranges(choice.spec, parse_split(args.split))
-        if args.split
-        else [(0, choice.spec.n_layers)]
-    )
+    split = split_ranges(choice.spec, parse_split(args.split)) if args.split else None
     tokenizer = Tokenizer(choice.path)
     tokens = prompt_tokens(choice, tokenizer, args)
     n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
@@ -65,13 +70,25 @@ def run_generate(args: argparse.Namespace) -> int:
         raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
     model = LocalModel.from_header(choice.header, data)
     memory_budget.check_fits(model, n_ctx)
+    return Generation(choice, model, tokenizer, tokens, params, split, n_ctx)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    memory_budget.apply(getattr(args, "max_memory", None), load_config().max_memory)
+    if args.join:
+        from meshchat.commands.generate_mesh import run_generate_on_mesh
+
+        return run_generate_on_mesh(args)
+    data = DataDir.resolve(args.data_dir)
+    job = prepare_generation(args, data)
+    ranges = job.split or [(0, job.choice.spec.n_layers)]
     options = tuned_options(
-        model,
+        job.model,
         data,
-        StageOptions(n_ctx=n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
+        StageOptions(n_ctx=job.n_ctx, max_sessions=1, n_threads=thread_count(args.threads)),
         notify=lambda message: print(f"meshchat: {message}", file=sys.stderr, flush=True),
     )
-    stages = build_stages(choice.path, ranges, data.slices, data.fingerprints, options)
+    stages = build_stages(job.choice.path, ranges, data.slices, data.fingerprints, options)
     if len(ranges) > 1:
         plan = " ".join(f"[{a},{b})" for a, b in ranges)
         print(f"meshchat: running stages {plan} in this process", file=sys.stderr)
@@ -79,7 +96,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         try:
-            return await stream_to_stdout(pipeline, tokenizer, tokens, params, args.max_tokens)
+            return await stream_to_stdout(
+                pipeline, job.tokenizer, job.tokens, job.params, args.max_tokens
+            )
         finally:
             await pipeline.close()
 

@@ -14,24 +14,14 @@ import ipaddress
 import os
 import sys
 
-from meshchat.commands.common import choose_model, thread_count
-from meshchat.commands.generate import (
-    DEFAULT_CONTEXT,
-    prompt_tokens,
-    sampling_from_args,
-    stream_to_stdout,
-)
+from meshchat.commands.common import thread_count
+from meshchat.commands.generate import Generation, prepare_generation, stream_to_stdout
 from meshchat.engine import compute
-from meshchat.engine.sampling import SamplingParams
-from meshchat.engine.tokenizer import Tokenizer
 from meshchat.errors import MeshchatError
-from meshchat.inference import memory_budget
 from meshchat.inference.coordinator import MeshCoordinator
-from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
 from meshchat.mesh.invites import InviteCode
 from meshchat.mesh.node import Node
-from meshchat.model.architectures import parse_split, split_ranges
 from meshchat.paths import DataDir
 
 
@@ -40,30 +30,11 @@ def _say(message: str) -> None:
 
 
 def run_generate_on_mesh(args: argparse.Namespace) -> int:
-    params = sampling_from_args(args)
     data = DataDir.resolve(args.data_dir)
-    choice = choose_model(args, data)
-    split = split_ranges(choice.spec, parse_split(args.split)) if args.split else None
-    tokenizer = Tokenizer(choice.path)
-    tokens = prompt_tokens(choice, tokenizer, args)
-    n_ctx = min(choice.spec.context_length, DEFAULT_CONTEXT)
-    if len(tokens) >= n_ctx:
-        raise MeshchatError(f"the prompt has {len(tokens)} tokens; the context holds {n_ctx}")
-    model = LocalModel.from_header(choice.header, data)
-    memory_budget.check_fits(model, n_ctx)
-    return asyncio.run(_run(args, data, model, tokenizer, tokens, params, split, n_ctx))
+    return asyncio.run(_run(args, data, prepare_generation(args, data)))
 
 
-async def _run(
-    args: argparse.Namespace,
-    data: DataDir,
-    model: LocalModel,
-    tokenizer: Tokenizer,
-    tokens: list[int],
-    params: SamplingParams,
-    split: list[tuple[int, int]] | None,
-    n_ctx: int,
-) -> int:
+async def _run(args: argparse.Namespace, data: DataDir, job: Generation) -> int:
     compute.adopt_loop()  # the head's stage computes on this loop's thread
     mdns = os.environ.get("MESHCHAT_MDNS", "1") != "0"
     node = Node(data, _listen_for(args.join), discovery=mdns)
@@ -72,10 +43,10 @@ async def _run(
     try:
         inviter = await node.join(args.join)
         coordinator = MeshCoordinator(
-            node, model, data, threads=thread_count(args.threads), n_ctx=n_ctx, notify=_say
+            node, job.model, data, threads=thread_count(args.threads), n_ctx=job.n_ctx, notify=_say
         )
         await coordinator.settle(inviter)
-        plan, advice, planner = await coordinator.choose(split)
+        plan, advice, planner = await coordinator.choose(job.split)
         for note in coordinator.mismatch_notes(planner):
             _say(note)
         if advice is not None:
@@ -87,7 +58,9 @@ async def _run(
             f"flash attention {flash})"
         )
         pipeline = await coordinator.start(plan, transport_dtype=args.transport_dtype)
-        return await stream_to_stdout(pipeline, tokenizer, tokens, params, args.max_tokens)
+        return await stream_to_stdout(
+            pipeline, job.tokenizer, job.tokens, job.params, args.max_tokens
+        )
     finally:
         if pipeline is not None:
             await pipeline.close()
