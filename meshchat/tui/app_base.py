@@ -29,7 +29,6 @@ from meshchat.tui.history import (
 )
 from meshchat.tui.mesh_view import MeshView
 from meshchat.tui.planning import MeshPlanning
-from meshchat.tui.split import SplitPlan
 from meshchat.tui.widgets.chat import ChatLog, MessageView
 from meshchat.tui.widgets.chats import ChatList
 from meshchat.tui.widgets.mesh_panel import MeshPanel
@@ -113,7 +112,6 @@ class AppBase(App[int]):
         self.theme_problems: list[str] = []
         self.crash_message = ""  # set when the app died of a bug; the launcher prints it
         self._peer_states: dict[str, str] = {}
-        self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
         self._told: set[str] = set()  # planner notes already shown
         # Nodes a failover already reported (inline note): no second "peer lost" toast.
         self._failed_over: set[str] = set()
@@ -180,9 +178,6 @@ class AppBase(App[int]):
         raise NotImplementedError
 
     def _publish_status(self) -> None:
-        raise NotImplementedError
-
-    def _layout_label(self, plan: SplitPlan) -> str:
         raise NotImplementedError
 
     def _maybe_start_planning(self) -> None:

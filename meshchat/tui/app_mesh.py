@@ -15,7 +15,7 @@ from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
-from meshchat.tui.split import SELF, SplitPlan
+from meshchat.tui.split import SELF, SplitPlan, layout_label
 from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -80,12 +80,6 @@ class MeshMixin(AppBase):
             model.update(self.planning.model_status)
         self.mesh.set_status(layers, model)
 
-    def _layout_label(self, plan: SplitPlan) -> str:
-        if plan.is_local:
-            where = "local" if len(plan.segments) == 1 else f"local, {len(plan.segments)} stages"
-            return f"{where} {plan.describe()}"
-        return f"mesh {plan.describe()}"
-
     def action_focus_split(self) -> None:
         self._show_mesh_panel()
         self.split.focus()
@@ -106,31 +100,15 @@ class MeshMixin(AppBase):
 
     @on(SplitEditor.Apply)
     def _on_split_apply(self, event: SplitEditor.Apply) -> None:
+        """The editor checked the plan against the planner; the app checks its own state."""
         if self.engine is None:
             self.split.say("no model loaded", error=True)
-            return
-        if self.generation is not None:
+        elif self.generation is not None:
             self.split.say("wait for the answer to finish (or Esc), then apply", error=True)
-            return
-        if not event.plan.is_local:
-            if self.planning is None:
-                self.split.say(
-                    "layers can go to other nodes once this node's mesh is up and has asked "
-                    "them what they run",
-                    error=True,
-                )
-                return
-            problems = self.planning.violations(event.plan)
-            if problems:
-                self.split.say(problems[0], error=True)
-                return
-        if self.split.applied is not None and event.plan.same_layout(self.split.applied):
-            self.split.say("that plan is already running")
-            return
-        self.split.busy = "applying (nodes load their layers)"
-        self._pending_plan = event.plan
-        self._refresh_peers()
-        self._apply_split(event.plan)
+        else:
+            self.split.applying(event.plan)
+            self._refresh_peers()
+            self._apply_split(event.plan)
 
     @work(exclusive=True, group="split", exit_on_error=False)
     async def _apply_split(self, plan: SplitPlan) -> None:
@@ -186,36 +164,13 @@ class MeshMixin(AppBase):
         return f"⚠ {who}; continuing on {note.plan}"
 
     def on_split_applied(self, event: msg.SplitApplied) -> None:
-        self.split.busy = ""
-        self.split.load(event.plan, self.split.allowed)
-        self.split.say(f"running {event.plan.describe()}")
-        self.status.set(layout=self._layout_label(event.plan), context_used=self._count_context())
+        self.split.applied_ok(event.plan)
+        self.status.set(layout=layout_label(event.plan), context_used=self._count_context())
         self._publish_status()
         self._refresh_peers()
 
     def on_split_failed(self, event: msg.SplitFailed) -> None:
-        self.split.busy = ""
-        self.split.say(f"not applied: {event.error}", error=True)
-
-    @on(SplitEditor.Auto)
-    def _on_split_auto(self) -> None:
-        if self.engine is None:
-            self.split.say("no model loaded", error=True)
-            return
-        n_layers = self.engine.info.n_layers
-        if self.planning is None:
-            plan = SplitPlan.solo(n_layers)
-            note = "auto: every layer on this node (no other node known yet)"
-        else:
-            try:
-                plan, note = self.planning.auto(n_layers)
-            except (MeshchatError, ValueError) as exc:
-                self.split.say(str(exc), error=True)
-                return
-            note = f"auto: {note}"
-        self.split.plan = plan
-        self.split.selected = 0
-        self.split.say(note + ("; Enter applies" if self.split.edited else ""))
+        self.split.apply_failed(event.error)
 
     # --- the mesh planner -------------------------------------------------------------------
 
@@ -258,8 +213,8 @@ class MeshMixin(AppBase):
     def on_planning_ready(self, event: msg.PlanningReady) -> None:
         self.mesh_panel.post_message(MeshPanel.Activity(""))
         self.planning = event.planning
-        self.split.predictor = event.planning.predict
-        self.split.memory = event.planning.memory
+        self.split.planner = event.planning
+        self.split.refresh()  # the same planner knows the nodes anew
         self._publish_status()
         self._refresh_peers()
         for note in event.planning.notes:
@@ -302,10 +257,8 @@ class MeshMixin(AppBase):
                 rows += self.mesh.peers()
             except Exception:
                 log.exception("reading peers failed")
-        pending = self._pending_plan if self.split.busy else None
-        if pending is not None:
-            # While a plan is applied, its nodes are loading their layers.
-            loading = {s.node for s in pending.segments}
+        loading = self.split.loading_nodes
+        if loading:
             rows = [replace(r, state="loading") if r.key in loading else r for r in rows]
         self.peers_table.sync(rows, self._shares())
         self.mesh_panel.post_message(MeshPanel.Nodes(len(rows) - 1))
@@ -323,18 +276,11 @@ class MeshMixin(AppBase):
     def _follow_mesh_plan(self) -> None:
         """After a failover the mesh pipeline runs another plan: show that one."""
         engine, planning = self.engine, self.planning
-        if engine is None or planning is None or self.split.busy:
+        if engine is None or planning is None:
             return
         running = planning.running(engine.pipeline, engine.info.n_layers)
-        applied = self.split.applied
-        if running is not None and applied is not None and not running.same_layout(applied):
-            edited = self.split.edited
-            plan = self.split.plan
-            self.split.load(running, self.split.allowed)
-            if edited and plan is not None:
-                self.split.plan = plan  # keep the user's unapplied edit on screen
-            self.split.say(f"the mesh re-planned: now {running.describe()}")
-            self.status.set(layout=self._layout_label(running))
+        if running is not None and self.split.follow(running):
+            self.status.set(layout=layout_label(running))
 
     def _note_lost_peers(self, rows: list[PeerRow]) -> None:
         """Say so when a member that was connected is lost (and when it comes back)."""

@@ -84,6 +84,7 @@ class ModelMixin(AppBase):
         old, self.engine = self.engine, None
         # The planner and its pipeline are for the old model's fingerprint: a new one follows.
         self.planning = None
+        self.split.planner = None
         self._advised_for = frozenset()
         self.options.model_path = path
         self.model_error = ""
