@@ -117,6 +117,7 @@ class AppBase(App[int]):
         self._failed_over: set[str] = set()
         self._failover_active = False  # between a failover's start and its new plan
         self._advised_for: frozenset[str] = frozenset()  # usable nodes the advice was for
+        self._replan_due = ""  # a member joined or returned (who): re-plan between turns
 
     def _keep_widgets(self) -> None:
         # Held, not queried each time: a worker's message or a timer may still arrive while

@@ -42,6 +42,9 @@ class ChatMixin(AppBase):
             reason = self.model_error or "the model is still loading"
             self.notify(reason, title="Cannot send", severity="warning")
             return
+        if self.split.busy:  # a plan is being applied: the model is moving
+            self.notify(f"wait: {self.split.busy}", title="Cannot send", severity="warning")
+            return
         text = event.text.strip()
         if self.editing is not None:
             await self._truncate(self.editing)
@@ -133,6 +136,7 @@ class ChatMixin(AppBase):
         self.generation = None
         self._gen_worker = None
         self._failover_active = False  # a failover that gave up ends with the answer
+        self.post_message(msg.TurnEnded())
         meta = {k: v for k, v in meta.items() if v is not None}
         if gen.dropped:
             meta["dropped"] = gen.dropped

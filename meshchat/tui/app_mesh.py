@@ -10,6 +10,7 @@ from textual import on, work
 
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
+from meshchat.inference.serving import clearly_better
 from meshchat.tui import messages as msg
 from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow
@@ -111,7 +112,7 @@ class MeshMixin(AppBase):
             self._apply_split(event.plan)
 
     @work(exclusive=True, group="split", exit_on_error=False)
-    async def _apply_split(self, plan: SplitPlan) -> None:
+    async def _apply_split(self, plan: SplitPlan, reason: str = "") -> None:
         engine = self.engine
         assert engine is not None
         try:
@@ -126,7 +127,7 @@ class MeshMixin(AppBase):
         except Exception as exc:
             self.post_message(msg.SplitFailed(worker_error(exc, "re-split")))
         else:
-            self.post_message(msg.SplitApplied(plan))
+            self.post_message(msg.SplitApplied(plan, reason))
 
     def _on_failover(self, note: FailoverNote) -> None:
         """From the mesh pipeline (on the app's loop): mute its text notes, show this one."""
@@ -164,13 +165,63 @@ class MeshMixin(AppBase):
         return f"⚠ {who}; continuing on {note.plan}"
 
     def on_split_applied(self, event: msg.SplitApplied) -> None:
-        self.split.applied_ok(event.plan)
+        moved = f"moved to {event.plan.describe()}: {event.reason}" if event.reason else ""
+        self.split.applied_ok(event.plan, moved)
+        if moved:
+            self.mesh_panel.post_message(MeshPanel.Moved(moved))
         self.status.set(layout=layout_label(event.plan), context_used=self._count_context())
         self._publish_status()
         self._refresh_peers()
+        self._replan_between_turns()
 
     def on_split_failed(self, event: msg.SplitFailed) -> None:
         self.split.apply_failed(event.error)
+        self._replan_between_turns()
+
+    # --- re-planning between turns (the API head's rule, issue 16) ---------------------------
+
+    def on_turn_ended(self, event: msg.TurnEnded) -> None:
+        self._replan_between_turns()
+
+    def _replan_between_turns(self) -> None:
+        """After a member joined or returned: once no answer is being written and no plan is
+        being applied, move to a clearly faster plan, or plan again if the last one failed."""
+        if not self._replan_due or self.generation is not None or self.split.busy:
+            return  # the turn (or the apply) ends first: this runs again then
+        if self.engine is None or self.planning is None:
+            return
+        why, self._replan_due = self._replan_due, ""
+        self._seek_plan(why)
+
+    @work(exclusive=True, group="replan", exit_on_error=False)
+    async def _seek_plan(self, why: str) -> None:
+        engine, planning = self.engine, self.planning
+        if engine is None or planning is None:
+            return
+        n_layers = engine.info.n_layers
+        broken = getattr(engine.pipeline, "broken", None)
+        try:
+            if broken:  # no plan fitted after a failover: any plan that fits now will do
+                plan, _, _ = await planning.coordinator.choose()
+                reason = f"{why}; the last plan had failed ({broken})"
+            else:
+                base = planning.running(engine.pipeline, n_layers) or self.split.applied
+                if base is None:
+                    return
+                better = await clearly_better(planning.coordinator, planning.to_plan(base))
+                if better is None:
+                    return  # not 20% faster: moving costs a reload on every node
+                plan, reason = better[0], f"{why}; {better[1]}"
+        except Exception as exc:  # no plan fits yet: the next join tries again
+            log.info("re-plan after %s: %s", why, worker_error(exc, "re-plan"))
+            return
+        if self.generation is not None or self.split.busy or self.engine is not engine:
+            self._replan_due = why  # a turn started meanwhile: never move during an answer
+            return
+        target = planning.from_plan(plan, n_layers)
+        self.split.applying(target)
+        self._refresh_peers()
+        self._apply_split(target, reason)
 
     # --- the mesh planner -------------------------------------------------------------------
 
@@ -222,6 +273,7 @@ class MeshMixin(AppBase):
                 self._told.add(note)
                 self.notify(note, title="Mesh", severity="warning")
         self._advise(event.planning)
+        self._replan_between_turns()
 
     def _advise(self, planning: MeshPlanning) -> None:
         """When other nodes can take layers, say once what the planner would do with them."""
@@ -287,6 +339,12 @@ class MeshMixin(AppBase):
         states = {r.key: r.state for r in rows if r.member and r.key != SELF}
         up = {k for k, v in states.items() if v in ("idle", "serving")}
         was_up = {k for k, v in self._peer_states.items() if v in ("idle", "serving")}
+        # Up again after loading its layers for our own plan is no join.
+        came = sorted(k for k in up - was_up if self._peer_states.get(k) != "loading")
+        if came:
+            names = {r.key: r.name for r in rows}
+            verb = "returned" if any(k in self._peer_states for k in came) else "joined"
+            self._replan_due = f"node {', '.join(names[k] for k in came)} {verb}"
         if up != was_up and self.planning is not None:
             self._refresh_caps()  # who may take layers changed: ask the nodes again
         for key, state in states.items():
