@@ -165,7 +165,8 @@ class ConversationsMixin(AppBase):
                 await self._open_chat(choice.conversation_id)
                 self.prompt.focus()
                 if self.conversation and self.conversation.id == choice.conversation_id:
-                    self.chat_log.show_match(self._match_index(choice.query))
+                    index = self._match_index(choice.query)
+                    self.chat_log.show_match(index, choice.query)
 
         await self.push_screen(SearchScreen(self.history), done)
 
