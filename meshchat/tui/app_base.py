@@ -29,6 +29,7 @@ from meshchat.tui.history import (
 )
 from meshchat.tui.mesh_view import MeshView
 from meshchat.tui.planning import MeshPlanning
+from meshchat.tui.versions import Version
 from meshchat.tui.widgets.chat import ChatLog, MessageView
 from meshchat.tui.widgets.chats import ChatList
 from meshchat.tui.widgets.mesh_panel import MeshPanel
@@ -80,6 +81,8 @@ class Generation:
     first_token_at: float | None = None
     chunks: int = 0  # streamed pieces (about one per token): tok/s while it streams
     replans: int = 0  # failovers during this answer (its footer counts them)
+    prompt: str = ""  # the question it answers
+    earlier: list[Version] = field(default_factory=list)  # the answers it replaces, kept
 
 
 class AppBase(App[int]):

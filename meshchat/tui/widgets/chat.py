@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownBlock, MarkdownStream
 
+from meshchat.tui.versions import position
 from meshchat.tui.widgets.message_markdown import MessageMarkdown
 
 ROLE_LABEL = {"user": "You", "assistant": "Assistant"}
@@ -28,6 +29,9 @@ FOUND_STYLE = "bold reverse"  # the words a search found, inside the message
 def describe_meta(meta: dict[str, Any]) -> str:
     """The small grey note under an answer: how it ended and how fast it came."""
     parts = []
+    shown = position(meta)
+    if shown is not None:
+        parts.append(f"answer {shown[0]}/{shown[1]}")
     if meta.get("error"):
         parts.append(f"failed: {meta['error']}")
     if meta.get("cancelled"):
@@ -170,6 +174,10 @@ class MessageView(Vertical):
             block.update(content)
         self._marked.clear()
 
+    def refresh_meta(self) -> None:
+        """Show `meta` again (after the app changed it)."""
+        self._show_meta()
+
     def _show_meta(self) -> None:
         note = self._meta
         text = describe_meta(self.meta)
@@ -207,7 +215,7 @@ class MessageView(Vertical):
 class LogAction(Message):
     """The user asked for something on one message of the log."""
 
-    action: str  # "copy" | "code" | "edit" | "regenerate"
+    action: str  # "copy" | "code" | "edit" | "regenerate" | "older" | "newer" (versions)
     index: int
 
 
@@ -223,6 +231,8 @@ class ChatLog(VerticalScroll, can_focus=True):
         Binding("b", "act('code')", "Copy code", id="message.copy_code"),
         Binding("e", "act('edit')", "Edit & resend", id="message.edit"),
         Binding("r", "act('regenerate')", "Regenerate", id="message.regenerate"),
+        Binding("left_square_bracket", "act('older')", "Earlier answer", id="message.older"),
+        Binding("right_square_bracket", "act('newer')", "Later answer", id="message.newer"),
     ]
 
     DEFAULT_CSS = """
@@ -294,6 +304,11 @@ class ChatLog(VerticalScroll, can_focus=True):
         if index is not None and 0 <= index < len(views):
             self.release_anchor()
             self.call_after_refresh(views[index].scroll_visible, animate=False, top=True)
+
+    def pick(self, index: int) -> None:
+        """Focus the log with message `index` selected."""
+        self.focus()
+        self._select(index)
 
     def _select(self, index: int | None) -> None:
         views = self.views()
