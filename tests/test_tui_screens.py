@@ -395,3 +395,38 @@ async def test_ctrl_up_recalls_earlier_prompts(tmp_path: Path) -> None:
             "half-typed",  # past the newest: what was being typed comes back
         ]
         assert app.prompt.has_focus
+
+
+async def test_up_in_an_empty_box_recalls_this_chats_prompts(tmp_path: Path) -> None:
+    chat = [
+        StoredMessage("user", "first question"),
+        StoredMessage("assistant", "one"),
+        StoredMessage("user", "second question"),
+        StoredMessage("assistant", "two"),
+    ]
+    app = _app(tmp_path, [chat])
+    async with app.run_test(size=SMALL) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: len(app.messages) == 4, timeout=5)
+        app.prompt.focus()
+        seen = []
+        for key in ("up", "up", "down", "down"):
+            await pilot.press(key)
+            seen.append(app.prompt.text)
+        assert seen == ["second question", "first question", "second question", ""]
+        assert app.prompt.has_focus
+        # Past the oldest: the chat log, to pick a message; the box is empty again.
+        await pilot.press("up", "up", "up")
+        assert app.chat_log.has_focus and app.prompt.text == ""
+        # On typed text ↑ goes to the chat log, the text stays.
+        app.prompt.focus()
+        app.prompt.text = "typed"
+        await pilot.press("up")
+        assert app.chat_log.has_focus and app.prompt.text == "typed"
+        # A new chat has no prompts of its own to recall.
+        app.prompt.text = ""
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        app.prompt.focus()
+        await pilot.press("up")
+        assert app.prompt.text == ""

@@ -31,6 +31,7 @@ class ConversationsMixin(AppBase):
             self._history_call(lambda h: h.messages(conversation.id), []) if conversation else []
         )
         self._leave_edit(restore=False)
+        self.prompt.set_recall([m.content for m in self.messages if m.role == "user"])
         await self.chat_log.show([(m.role, m.content, m.meta) for m in self.messages])
         self.sub_title = conversation.title if conversation else "New chat"
         self._refresh_chat_list()

@@ -220,7 +220,7 @@ class LogAction(Message):
 
 
 class ChatLog(VerticalScroll, can_focus=True):
-    """The conversation. Focus it (↑ from an empty prompt) to pick a message and act on it."""
+    """The conversation. Focus it (↑ past the prompts recalled) to pick a message and act on it."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up", "select(-1)", "Prev", show=False),
@@ -242,8 +242,8 @@ class ChatLog(VerticalScroll, can_focus=True):
 
     selected: int | None = None
     welcome_text = (
-        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
-        "picks a message to copy or edit, [b]F1[/] lists every key."
+        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ recalls earlier prompts "
+        "and then picks a message to copy or edit, [b]F1[/] lists every key."
     )
     _welcome_override: str | None = None
 
