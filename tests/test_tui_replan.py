@@ -123,7 +123,7 @@ async def test_a_faster_joiner_is_moved_to_between_turns_and_a_failed_plan_is_re
         pipeline = app.engine.pipeline if app.engine else None
         pipeline.broken = "no plan fits the remaining nodes"  # type: ignore[union-attr]
         mesh.rows = [replace(mesh.rows[0], state="lost")]
-        await wait_for(pilot, lambda: app._peer_states.get(PEER_A) == "lost", what="lost")
+        await wait_for(pilot, lambda: app.mesh_watch.peer_states.get(PEER_A) == "lost", what="lost")
         mesh.rows = [replace(mesh.rows[0], state="idle")]
         await wait_for(pilot, lambda: panel.moves == 2, 60, "the re-plan")
         assert len(coordinator.started) == 2

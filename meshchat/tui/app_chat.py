@@ -156,7 +156,7 @@ class ChatMixin(AppBase):
         """Keep the answer (saved with how it ended) and make the app ready for the next."""
         self.generation = None
         self._gen_worker = None
-        self._failover_active = False  # a failover that gave up ends with the answer
+        self.mesh_watch.failover_active = False  # a failover that gave up ends with the answer
         self.post_message(msg.TurnEnded())
         meta = {k: v for k, v in meta.items() if v is not None}
         if gen.dropped:
@@ -207,7 +207,6 @@ class ChatMixin(AppBase):
             if last_user is not None:
                 self._start_edit(last_user)
         self._refresh_chat_list()
-        self._refresh_peers()
         self.refresh_bindings()
 
     def _last_index(self, role: str) -> int | None:

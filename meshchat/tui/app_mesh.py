@@ -131,14 +131,14 @@ class MeshMixin(AppBase):
 
     def _on_failover(self, note: FailoverNote) -> None:
         """From the mesh pipeline (on the app's loop): mute its text notes, show this one."""
-        self._failover_active = not note.plan
+        self.mesh_watch.failover_active = not note.plan
         self.post_message(msg.FailoverNoted(note))
 
     async def on_failover_noted(self, event: msg.FailoverNoted) -> None:
         note = event.note
         text = self._failover_text(note)
         if note.lost:
-            self._failed_over.add(note.lost)
+            self.mesh_watch.failed_over.add(note.lost)
         gen = self.generation
         if gen is not None and note.plan:
             gen.replans += 1
@@ -181,16 +181,17 @@ class MeshMixin(AppBase):
     # --- re-planning between turns (the API head's rule, issue 16) ---------------------------
 
     def on_turn_ended(self, event: msg.TurnEnded) -> None:
+        self._refresh_peers()  # this node's row: no longer "generating"
         self._replan_between_turns()
 
     def _replan_between_turns(self) -> None:
         """After a member joined or returned: once no answer is being written and no plan is
         being applied, move to a clearly faster plan, or plan again if the last one failed."""
-        if not self._replan_due or self.generation is not None or self.split.busy:
+        if not self.mesh_watch.replan_due or self.generation is not None or self.split.busy:
             return  # the turn (or the apply) ends first: this runs again then
         if self.engine is None or self.planning is None:
             return
-        why, self._replan_due = self._replan_due, ""
+        why, self.mesh_watch.replan_due = self.mesh_watch.replan_due, ""
         self._seek_plan(why)
 
     @work(exclusive=True, group="replan", exit_on_error=False)
@@ -216,7 +217,7 @@ class MeshMixin(AppBase):
             log.info("re-plan after %s: %s", why, worker_error(exc, "re-plan"))
             return
         if self.generation is not None or self.split.busy or self.engine is not engine:
-            self._replan_due = why  # a turn started meanwhile: never move during an answer
+            self.mesh_watch.replan_due = why  # never move during an answer
             return
         target = planning.from_plan(plan, n_layers)
         self.split.applying(target)
@@ -238,7 +239,7 @@ class MeshMixin(AppBase):
         self.mesh_panel.post_message(MeshPanel.Activity(planning_line))
 
         def notify(text: str) -> None:
-            if self.generation is not None or self._failover_active:
+            if self.generation is not None or self.mesh_watch.failover_active:
                 log.info("mesh: %s", text)  # the answer's inline note says it (one toast)
                 return
             self.notify(text, title="Mesh")
@@ -269,8 +270,8 @@ class MeshMixin(AppBase):
         self._publish_status()
         self._refresh_peers()
         for note in event.planning.notes:
-            if note not in self._told:
-                self._told.add(note)
+            if note not in self.mesh_watch.told:
+                self.mesh_watch.told.add(note)
                 self.notify(note, title="Mesh", severity="warning")
         self._advise(event.planning)
         self._replan_between_turns()
@@ -278,9 +279,9 @@ class MeshMixin(AppBase):
     def _advise(self, planning: MeshPlanning) -> None:
         """When other nodes can take layers, say once what the planner would do with them."""
         usable = frozenset(planning.usable())
-        if not usable or usable == self._advised_for or self.engine is None:
+        if not usable or usable == self.mesh_watch.advised_for or self.engine is None:
             return
-        self._advised_for = usable
+        self.mesh_watch.advised_for = usable
         try:
             _, advice = planning.auto(self.engine.info.n_layers)
         except (MeshchatError, ValueError):
@@ -338,19 +339,19 @@ class MeshMixin(AppBase):
         """Say so when a member that was connected is lost (and when it comes back)."""
         states = {r.key: r.state for r in rows if r.member and r.key != SELF}
         up = {k for k, v in states.items() if v in ("idle", "serving")}
-        was_up = {k for k, v in self._peer_states.items() if v in ("idle", "serving")}
+        was_up = {k for k, v in self.mesh_watch.peer_states.items() if v in ("idle", "serving")}
         # Up again after loading its layers for our own plan is no join.
-        came = sorted(k for k in up - was_up if self._peer_states.get(k) != "loading")
+        came = sorted(k for k in up - was_up if self.mesh_watch.peer_states.get(k) != "loading")
         if came:
             names = {r.key: r.name for r in rows}
-            verb = "returned" if any(k in self._peer_states for k in came) else "joined"
-            self._replan_due = f"node {', '.join(names[k] for k in came)} {verb}"
+            verb = "returned" if any(k in self.mesh_watch.peer_states for k in came) else "joined"
+            self.mesh_watch.replan_due = f"node {', '.join(names[k] for k in came)} {verb}"
         if up != was_up and self.planning is not None:
             self._refresh_caps()  # who may take layers changed: ask the nodes again
         for key, state in states.items():
-            before = self._peer_states.get(key)
+            before = self.mesh_watch.peer_states.get(key)
             name = next(r.name for r in rows if r.key == key)
-            told = key in self._failed_over  # the answer's inline note said it already
+            told = key in self.mesh_watch.failed_over  # the answer's inline note said it already
             if state in ("lost", "left") and before in ("idle", "serving", "loading") and not told:
                 if state == "left":
                     self.notify(f"node {name} left the mesh (stopped)", title="Peer")
@@ -362,9 +363,9 @@ class MeshMixin(AppBase):
                         timeout=10,
                     )
             elif before in ("lost", "left") and state in ("idle", "serving"):
-                self._failed_over.discard(key)
+                self.mesh_watch.failed_over.discard(key)
                 self.notify(f"node {name} is back", title="Peer")
-        self._peer_states = states
+        self.mesh_watch.peer_states = states
 
     def _note_refusals(self) -> None:
         """Say when this node refused a connection (a join with a stale invite, a removed

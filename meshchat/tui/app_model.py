@@ -85,7 +85,7 @@ class ModelMixin(AppBase):
         # The planner and its pipeline are for the old model's fingerprint: a new one follows.
         self.planning = None
         self.split.planner = None
-        self._advised_for = frozenset()
+        self.mesh_watch.advised_for = frozenset()
         self.options.model_path = path
         self.model_error = ""
         if old is not None:
