@@ -109,8 +109,10 @@ async def test_edit_and_resend_an_earlier_message(tmp_path: Path, smollm2: Path)
         await ask(pilot, "What is 2+2?")
         await ask(pilot, "Name three colours.")
         assert len(app.messages) == 4
-        # Pick the first question in the log (↑ from the empty prompt, then ↑↑↑) and edit it.
-        await pilot.press("up")
+        # Pick the first question in the log (↑ past the two prompts recalled, then ↑↑↑) and
+        # edit it.
+        await pilot.press("up", "up", "up")
+        assert app.prompt.text == ""
         assert app.chat_log.has_focus and app.chat_log.selected == 3
         await pilot.press("up", "up", "up")
         assert app.chat_log.selected == 0
@@ -136,8 +138,9 @@ async def test_copy_message_and_code_block(tmp_path: Path, smollm2: Path) -> Non
         answer = await ask(pilot, CODE)
         await pilot.press("f8")
         assert app.clipboard == answer
-        # In the log: b copies the answer's only code block, c the whole message.
-        await pilot.press("up")
+        # In the log (↑ past the prompt recalled): b copies the answer's only code block, c
+        # the whole message.
+        await pilot.press("up", "up")
         assert app.chat_log.selected == 1
         await pilot.press("b")
         await pilot.pause()

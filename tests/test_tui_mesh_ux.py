@@ -84,7 +84,7 @@ async def test_clean_stop_says_left_and_a_crash_says_lost(tmp_path: Path) -> Non
     app = make_app(tmp_path, None, mesh=mesh, model_error=NO_MODEL)
     async with app.run_test(size=(110, 34)) as pilot:
         await ready(pilot)
-        await wait_for(pilot, lambda: app._peer_states.get(PEER_A) == "idle", what="idle")
+        await wait_for(pilot, lambda: app.mesh_watch.peer_states.get(PEER_A) == "idle", what="idle")
         mesh.rows[0] = replace(mesh.rows[0], state="left")
         await wait_for(pilot, lambda: _toasts(app, "left the mesh"), 5, "left toast")
         assert not _toasts(app, "stopped answering")

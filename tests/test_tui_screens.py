@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 from textual.widgets import Button, Input, Static
 from textual.widgets._footer import FooterKey
+from textual.widgets.markdown import MarkdownBlock
 
 from meshchat.config import ChatSettings, Config
 from meshchat.tui.app import MeshchatApp
@@ -27,7 +28,7 @@ from meshchat.tui.screens.chat_settings import FIELDS, ChatSettingsScreen
 from meshchat.tui.screens.dialogs import AskText, ShowInvite
 from meshchat.tui.screens.help import HelpScreen, keys_tables
 from meshchat.tui.theming import BUILTIN_DIR
-from meshchat.tui.widgets.chat import MessageView
+from meshchat.tui.widgets.chat import FOUND_STYLE, MessageView
 from meshchat.tui.widgets.message_markdown import FramedFence
 from meshchat.tui.widgets.status import StatusInfo, render_status
 from tests.tui_helpers import GREEDY, make_app, ready, two_peers, wait_for
@@ -317,6 +318,22 @@ async def test_point10_search_opens_the_chat_at_the_match_highlighted(tmp_path: 
         match = views[3].region
         assert log.y <= match.y < log.bottom  # in view, not scrolled to the bottom
         assert app.chat_log.scroll_y < app.chat_log.max_scroll_y
+        # The words found are highlighted inside the message, as it is drawn on screen.
+        found_words = [
+            span
+            for block in views[3].query(MarkdownBlock)
+            for span in block.visual.spans  # type: ignore[attr-defined]
+            if span.style == FOUND_STYLE
+        ]
+        assert len(found_words) == 1
+        paragraph = next(b for b in views[3].query(MarkdownBlock) if "zanzibar" in str(b.visual))
+        span = found_words[0]
+        assert str(paragraph.visual)[span.start : span.end] == "zanzibar"
+        assert log.y <= paragraph.region.y < log.bottom
+        # A new message ends the search's marks.
+        app.prompt.text = "hello"
+        await app.chat_log.add("user", "hello")
+        assert not views[3].has_class("-found") and not views[3]._marked
 
 
 # --- smaller ------------------------------------------------------------------------------
@@ -378,3 +395,38 @@ async def test_ctrl_up_recalls_earlier_prompts(tmp_path: Path) -> None:
             "half-typed",  # past the newest: what was being typed comes back
         ]
         assert app.prompt.has_focus
+
+
+async def test_up_in_an_empty_box_recalls_this_chats_prompts(tmp_path: Path) -> None:
+    chat = [
+        StoredMessage("user", "first question"),
+        StoredMessage("assistant", "one"),
+        StoredMessage("user", "second question"),
+        StoredMessage("assistant", "two"),
+    ]
+    app = _app(tmp_path, [chat])
+    async with app.run_test(size=SMALL) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: len(app.messages) == 4, timeout=5)
+        app.prompt.focus()
+        seen = []
+        for key in ("up", "up", "down", "down"):
+            await pilot.press(key)
+            seen.append(app.prompt.text)
+        assert seen == ["second question", "first question", "second question", ""]
+        assert app.prompt.has_focus
+        # Past the oldest: the chat log, to pick a message; the box is empty again.
+        await pilot.press("up", "up", "up")
+        assert app.chat_log.has_focus and app.prompt.text == ""
+        # On typed text ↑ goes to the chat log, the text stays.
+        app.prompt.focus()
+        app.prompt.text = "typed"
+        await pilot.press("up")
+        assert app.chat_log.has_focus and app.prompt.text == "typed"
+        # A new chat has no prompts of its own to recall.
+        app.prompt.text = ""
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        app.prompt.focus()
+        await pilot.press("up")
+        assert app.prompt.text == ""

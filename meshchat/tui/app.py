@@ -38,7 +38,7 @@ from meshchat.tui.engine import ChatEngine
 from meshchat.tui.history import DB_NAME, Conversation, History, HistoryError
 from meshchat.tui.keys import APP_BINDINGS, check_keymap, keys_for
 from meshchat.tui.screens.help import HelpScreen
-from meshchat.tui.split import SplitPlan
+from meshchat.tui.split import SplitPlan, layout_label
 from meshchat.tui.theming import load_themes, node_colours
 from meshchat.tui.widgets.chat import ChatLog
 from meshchat.tui.widgets.chats import ChatList
@@ -170,7 +170,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
             self.post_message(msg.EngineFailed(self.model_error))
             return
         self.status.set(state="loading", model=self._model_label())
-        self.split.busy = "loading the model"
+        self.split.model_loading()
         try:
             if self._engine_loader is not None:
                 engine = await asyncio.to_thread(self._engine_loader)
@@ -192,15 +192,14 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
         self.engine = event.engine
         info = event.engine.info
         self.model_error = ""
-        self.split.busy = ""
         plan = SplitPlan.from_ranges(info.n_layers, event.engine.ranges)
-        self.split.load(plan, info.allowed_splits)
+        self.split.model_loaded(plan, info.allowed_splits)
         self.status.set(
             state="ready",
             model=self._model_label(),
             context_size=info.n_ctx,
             context_used=self._count_context(),
-            layout=self._layout_label(plan),
+            layout=layout_label(plan),
             error="",
         )
         self._publish_status()
@@ -213,8 +212,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
     def on_engine_failed(self, event: msg.EngineFailed) -> None:
         self.chat_log.set_welcome(no_model_welcome(event.error))
         self.model_error = event.error
-        self.split.busy = ""
-        self.split.say(f"no model: {event.error}", error=True)
+        self.split.model_failed(event.error)
         self.status.set(state="error", model=self._model_label(), error=event.error)
         self.notify(event.error, title="Model", severity="error", timeout=20)
 
@@ -301,7 +299,7 @@ class MeshchatApp(ChatMixin, ConversationsMixin, MeshMixin, ModelMixin):
             ),
             ("Export chat", "Save this chat as Markdown", "export_chat", self.action_export_chat),
             ("Edit layer split", "Move stage boundaries", "split_editor", self.action_focus_split),
-            ("Auto split", "Restore the planner's plan", None, self._on_split_auto),
+            ("Auto split", "Restore the planner's plan", None, self.split.action_auto),
             ("Apply split", "Run the edited plan", None, self.split.action_apply),
             ("Peers", "Focus the peers table", "peers", self.action_focus_peers),
             ("Show invite code", "Let another machine join", "invite", self.action_invite),

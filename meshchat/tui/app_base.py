@@ -27,9 +27,9 @@ from meshchat.tui.history import (
     HistoryError,
     StoredMessage,
 )
-from meshchat.tui.mesh_view import MeshView
+from meshchat.tui.mesh_view import MeshView, MeshWatch
 from meshchat.tui.planning import MeshPlanning
-from meshchat.tui.split import SplitPlan
+from meshchat.tui.versions import Version
 from meshchat.tui.widgets.chat import ChatLog, MessageView
 from meshchat.tui.widgets.chats import ChatList
 from meshchat.tui.widgets.mesh_panel import MeshPanel
@@ -81,6 +81,8 @@ class Generation:
     first_token_at: float | None = None
     chunks: int = 0  # streamed pieces (about one per token): tok/s while it streams
     replans: int = 0  # failovers during this answer (its footer counts them)
+    prompt: str = ""  # the question it answers
+    earlier: list[Version] = field(default_factory=list)  # the answers it replaces, kept
 
 
 class AppBase(App[int]):
@@ -112,13 +114,7 @@ class AppBase(App[int]):
         self.mesh_error = ""
         self.theme_problems: list[str] = []
         self.crash_message = ""  # set when the app died of a bug; the launcher prints it
-        self._peer_states: dict[str, str] = {}
-        self._pending_plan: SplitPlan | None = None  # being applied (its nodes are loading)
-        self._told: set[str] = set()  # planner notes already shown
-        # Nodes a failover already reported (inline note): no second "peer lost" toast.
-        self._failed_over: set[str] = set()
-        self._failover_active = False  # between a failover's start and its new plan
-        self._advised_for: frozenset[str] = frozenset()  # usable nodes the advice was for
+        self.mesh_watch = MeshWatch()
 
     def _keep_widgets(self) -> None:
         # Held, not queried each time: a worker's message or a timer may still arrive while
@@ -147,15 +143,12 @@ class AppBase(App[int]):
         path = self.options.model_path
         return path.name if path else "no model"
 
-    # --- hooks: provided by the parts (app_chat, app_chats, app_mesh) ------------------------
+    # --- hooks: what the chat parts (app_chat, app_chats) offer each other -------------------
 
     async def _stop_generation(self) -> None:
         raise NotImplementedError
 
     def _leave_edit(self, restore: bool) -> None:
-        raise NotImplementedError
-
-    async def _finish_generation(self, gen: Generation, meta: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _count_context(self) -> int:
@@ -171,19 +164,4 @@ class AppBase(App[int]):
         raise NotImplementedError
 
     def _refresh_chat_list(self) -> None:
-        raise NotImplementedError
-
-    async def _show_conversation(self, conversation: Conversation | None) -> None:
-        raise NotImplementedError
-
-    def _refresh_peers(self) -> None:
-        raise NotImplementedError
-
-    def _publish_status(self) -> None:
-        raise NotImplementedError
-
-    def _layout_label(self, plan: SplitPlan) -> str:
-        raise NotImplementedError
-
-    def _maybe_start_planning(self) -> None:
         raise NotImplementedError

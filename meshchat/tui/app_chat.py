@@ -17,6 +17,7 @@ from meshchat.tui.history import (
 )
 from meshchat.tui.markdown_text import code_blocks
 from meshchat.tui.screens.dialogs import Pick
+from meshchat.tui.versions import Version, add_version, all_versions, versioned_meta
 from meshchat.tui.widgets.chat import LogAction
 from meshchat.tui.widgets.prompt import PromptInput
 
@@ -42,8 +43,13 @@ class ChatMixin(AppBase):
             reason = self.model_error or "the model is still loading"
             self.notify(reason, title="Cannot send", severity="warning")
             return
+        if self.split.busy:  # a plan is being applied: the model is moving
+            self.notify(f"wait: {self.split.busy}", title="Cannot send", severity="warning")
+            return
         text = event.text.strip()
+        earlier: list[Version] = []
         if self.editing is not None:
+            earlier = self._versions_after(self.editing)
             await self._truncate(self.editing)
             self._leave_edit(restore=False)
         chat = self._ensure_conversation(text)
@@ -54,7 +60,16 @@ class ChatMixin(AppBase):
         self.messages.append(message)
         await self.chat_log.add("user", text)
         self._refresh_chat_list()
-        await self._start_answer()
+        await self._start_answer(earlier)
+
+    def _versions_after(self, index: int) -> list[Version]:
+        """The versions of the answer to message `index` (kept when it is asked again)."""
+        if index + 1 >= len(self.messages) or self.messages[index].role != "user":
+            return []
+        answer = self.messages[index + 1]
+        if answer.role != "assistant" or not answer.content:
+            return []
+        return all_versions(answer.content, self.messages[index].content, answer.meta)[0]
 
     async def _truncate(self, keep: int) -> None:
         """Drop messages from index `keep` on, in the store and on screen."""
@@ -64,7 +79,7 @@ class ChatMixin(AppBase):
         del self.messages[keep:]
         await self.chat_log.drop_from(keep)
 
-    async def _start_answer(self) -> None:
+    async def _start_answer(self, earlier: list[Version] | None = None) -> None:
         engine = self.engine
         chat = self.conversation
         if engine is None or chat is None:
@@ -80,7 +95,16 @@ class ChatMixin(AppBase):
         where = "on this node" if engine.is_local else "on the mesh"
         view.show_waiting(f"reading the conversation ({len(fitted.tokens)} tokens) {where}…")
         self._generation_ids += 1
-        self.generation = Generation(self._generation_ids, chat.id, view, fitted.dropped)
+        asked = self._last_index("user")
+        prompt = self.messages[asked].content if asked is not None else ""
+        self.generation = Generation(
+            self._generation_ids,
+            chat.id,
+            view,
+            fitted.dropped,
+            prompt=prompt,
+            earlier=earlier or [],
+        )
         self.status.set(state="generating", ttft_s=None, tok_s=None, error="")
         self._gen_worker = self._generate(self._generation_ids, fitted.tokens, settings)
         self.refresh_bindings()
@@ -132,7 +156,8 @@ class ChatMixin(AppBase):
         """Keep the answer (saved with how it ended) and make the app ready for the next."""
         self.generation = None
         self._gen_worker = None
-        self._failover_active = False  # a failover that gave up ends with the answer
+        self.mesh_watch.failover_active = False  # a failover that gave up ends with the answer
+        self.post_message(msg.TurnEnded())
         meta = {k: v for k, v in meta.items() if v is not None}
         if gen.dropped:
             meta["dropped"] = gen.dropped
@@ -144,10 +169,25 @@ class ChatMixin(AppBase):
         cancelled = bool(meta.get("cancelled"))
         same_chat = self.conversation is not None and self.conversation.id == gen.conversation_id
         if gen.view.text or meta.get("error"):
+            if gen.earlier:  # regenerated or asked again: the earlier answers stay, one key away
+                versions, at = add_version(gen.earlier, Version(gen.view.text, gen.prompt, meta))
+                meta = versioned_meta(versions, at)
+                gen.view.meta = meta
+                gen.view.refresh_meta()
             answer = StoredMessage("assistant", gen.view.text, meta)
             self._history_call(lambda h: h.append(gen.conversation_id, answer))
             if same_chat:
                 self.messages.append(answer)
+        elif gen.earlier and gen.earlier[-1].prompt == gen.prompt:
+            # A regenerate stopped before its first word: the answer it replaced comes back.
+            at = len(gen.earlier) - 1
+            answer = StoredMessage("assistant", gen.earlier[at].content)
+            answer.meta = versioned_meta(gen.earlier, at)
+            self._history_call(lambda h: h.append(gen.conversation_id, answer))
+            if same_chat:
+                self.messages.append(answer)
+                await gen.view.remove()
+                await self.chat_log.add("assistant", answer.content, answer.meta)
         elif same_chat:
             await gen.view.remove()
         engine = self.engine
@@ -167,7 +207,6 @@ class ChatMixin(AppBase):
             if last_user is not None:
                 self._start_edit(last_user)
         self._refresh_chat_list()
-        self._refresh_peers()
         self.refresh_bindings()
 
     def _last_index(self, role: str) -> int | None:
@@ -194,10 +233,43 @@ class ChatMixin(AppBase):
         if self.engine is None:
             self.notify(self.model_error or "the model is still loading", severity="warning")
             return
+        earlier: list[Version] = []
         if self.messages[-1].role == "assistant":
+            earlier = self._versions_after(len(self.messages) - 2)
             await self._truncate(len(self.messages) - 1)
         self._leave_edit(restore=True)
-        await self._start_answer()
+        await self._start_answer(earlier)
+
+    async def _switch_version(self, index: int, step: int) -> None:
+        """Show the answer written before (-1) or after (+1) the one at `index`, and the
+        question it answered; the conversation goes on from the one shown."""
+        if self.generation is not None:
+            self.notify("an answer is still being written", severity="warning")
+            return
+        answer = self.messages[index]
+        asked = index - 1 if index > 0 and self.messages[index - 1].role == "user" else None
+        if answer.role != "assistant" or asked is None:
+            self.notify("pick an answer (↑/↓) to see its other versions", severity="warning")
+            return
+        question = self.messages[asked]
+        versions, at = all_versions(answer.content, question.content, answer.meta)
+        if len(versions) == 1:
+            self.notify("this answer has one version: Ctrl+R writes another", severity="warning")
+            return
+        target = at + step
+        if not 0 <= target < len(versions):
+            self.bell()
+            return
+        chosen = versions[target]
+        answer.content, answer.meta = chosen.content, versioned_meta(versions, target)
+        self._history_call(lambda h: h.update(answer))
+        if chosen.prompt and chosen.prompt != question.content:
+            question.content = chosen.prompt
+            self._history_call(lambda h: h.update(question))
+        await self.chat_log.show([(m.role, m.content, m.meta) for m in self.messages])
+        self.chat_log.pick(index)
+        if self.engine is not None:
+            self.status.set(context_used=self._count_context())
 
     def _start_edit(self, index: int) -> None:
         if self.editing is None:
@@ -280,6 +352,8 @@ class ChatMixin(AppBase):
                 self._start_edit(event.index)
             elif event.index > 0:
                 self._start_edit(event.index - 1)
+        elif event.action in ("older", "newer"):
+            await self._switch_version(event.index, -1 if event.action == "older" else 1)
         elif event.action == "regenerate":
             if event.index == len(self.messages) - 1 and message.role == "assistant":
                 await self.action_regenerate()

@@ -31,6 +31,7 @@ class ConversationsMixin(AppBase):
             self._history_call(lambda h: h.messages(conversation.id), []) if conversation else []
         )
         self._leave_edit(restore=False)
+        self.prompt.set_recall([m.content for m in self.messages if m.role == "user"])
         await self.chat_log.show([(m.role, m.content, m.meta) for m in self.messages])
         self.sub_title = conversation.title if conversation else "New chat"
         self._refresh_chat_list()
@@ -165,7 +166,8 @@ class ConversationsMixin(AppBase):
                 await self._open_chat(choice.conversation_id)
                 self.prompt.focus()
                 if self.conversation and self.conversation.id == choice.conversation_id:
-                    self.chat_log.show_match(self._match_index(choice.query))
+                    index = self._match_index(choice.query)
+                    self.chat_log.show_match(index, choice.query)
 
         await self.push_screen(SearchScreen(self.history), done)
 

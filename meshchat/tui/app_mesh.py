@@ -10,12 +10,13 @@ from textual import on, work
 
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
+from meshchat.inference.serving import clearly_better
 from meshchat.tui import messages as msg
 from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
-from meshchat.tui.split import SELF, SplitPlan
+from meshchat.tui.split import SELF, SplitPlan, layout_label
 from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -80,12 +81,6 @@ class MeshMixin(AppBase):
             model.update(self.planning.model_status)
         self.mesh.set_status(layers, model)
 
-    def _layout_label(self, plan: SplitPlan) -> str:
-        if plan.is_local:
-            where = "local" if len(plan.segments) == 1 else f"local, {len(plan.segments)} stages"
-            return f"{where} {plan.describe()}"
-        return f"mesh {plan.describe()}"
-
     def action_focus_split(self) -> None:
         self._show_mesh_panel()
         self.split.focus()
@@ -106,34 +101,18 @@ class MeshMixin(AppBase):
 
     @on(SplitEditor.Apply)
     def _on_split_apply(self, event: SplitEditor.Apply) -> None:
+        """The editor checked the plan against the planner; the app checks its own state."""
         if self.engine is None:
             self.split.say("no model loaded", error=True)
-            return
-        if self.generation is not None:
+        elif self.generation is not None:
             self.split.say("wait for the answer to finish (or Esc), then apply", error=True)
-            return
-        if not event.plan.is_local:
-            if self.planning is None:
-                self.split.say(
-                    "layers can go to other nodes once this node's mesh is up and has asked "
-                    "them what they run",
-                    error=True,
-                )
-                return
-            problems = self.planning.violations(event.plan)
-            if problems:
-                self.split.say(problems[0], error=True)
-                return
-        if self.split.applied is not None and event.plan.same_layout(self.split.applied):
-            self.split.say("that plan is already running")
-            return
-        self.split.busy = "applying (nodes load their layers)"
-        self._pending_plan = event.plan
-        self._refresh_peers()
-        self._apply_split(event.plan)
+        else:
+            self.split.applying(event.plan)
+            self._refresh_peers()
+            self._apply_split(event.plan)
 
     @work(exclusive=True, group="split", exit_on_error=False)
-    async def _apply_split(self, plan: SplitPlan) -> None:
+    async def _apply_split(self, plan: SplitPlan, reason: str = "") -> None:
         engine = self.engine
         assert engine is not None
         try:
@@ -148,18 +127,18 @@ class MeshMixin(AppBase):
         except Exception as exc:
             self.post_message(msg.SplitFailed(worker_error(exc, "re-split")))
         else:
-            self.post_message(msg.SplitApplied(plan))
+            self.post_message(msg.SplitApplied(plan, reason))
 
     def _on_failover(self, note: FailoverNote) -> None:
         """From the mesh pipeline (on the app's loop): mute its text notes, show this one."""
-        self._failover_active = not note.plan
+        self.mesh_watch.failover_active = not note.plan
         self.post_message(msg.FailoverNoted(note))
 
     async def on_failover_noted(self, event: msg.FailoverNoted) -> None:
         note = event.note
         text = self._failover_text(note)
         if note.lost:
-            self._failed_over.add(note.lost)
+            self.mesh_watch.failed_over.add(note.lost)
         gen = self.generation
         if gen is not None and note.plan:
             gen.replans += 1
@@ -186,36 +165,64 @@ class MeshMixin(AppBase):
         return f"⚠ {who}; continuing on {note.plan}"
 
     def on_split_applied(self, event: msg.SplitApplied) -> None:
-        self.split.busy = ""
-        self.split.load(event.plan, self.split.allowed)
-        self.split.say(f"running {event.plan.describe()}")
-        self.status.set(layout=self._layout_label(event.plan), context_used=self._count_context())
+        moved = f"moved to {event.plan.describe()}: {event.reason}" if event.reason else ""
+        self.split.applied_ok(event.plan, moved)
+        if moved:
+            self.mesh_panel.post_message(MeshPanel.Moved(moved))
+        self.status.set(layout=layout_label(event.plan), context_used=self._count_context())
         self._publish_status()
         self._refresh_peers()
+        self._replan_between_turns()
 
     def on_split_failed(self, event: msg.SplitFailed) -> None:
-        self.split.busy = ""
-        self.split.say(f"not applied: {event.error}", error=True)
+        self.split.apply_failed(event.error)
+        self._replan_between_turns()
 
-    @on(SplitEditor.Auto)
-    def _on_split_auto(self) -> None:
-        if self.engine is None:
-            self.split.say("no model loaded", error=True)
+    # --- re-planning between turns (the API head's rule, issue 16) ---------------------------
+
+    def on_turn_ended(self, event: msg.TurnEnded) -> None:
+        self._refresh_peers()  # this node's row: no longer "generating"
+        self._replan_between_turns()
+
+    def _replan_between_turns(self) -> None:
+        """After a member joined or returned: once no answer is being written and no plan is
+        being applied, move to a clearly faster plan, or plan again if the last one failed."""
+        if not self.mesh_watch.replan_due or self.generation is not None or self.split.busy:
+            return  # the turn (or the apply) ends first: this runs again then
+        if self.engine is None or self.planning is None:
             return
-        n_layers = self.engine.info.n_layers
-        if self.planning is None:
-            plan = SplitPlan.solo(n_layers)
-            note = "auto: every layer on this node (no other node known yet)"
-        else:
-            try:
-                plan, note = self.planning.auto(n_layers)
-            except (MeshchatError, ValueError) as exc:
-                self.split.say(str(exc), error=True)
-                return
-            note = f"auto: {note}"
-        self.split.plan = plan
-        self.split.selected = 0
-        self.split.say(note + ("; Enter applies" if self.split.edited else ""))
+        why, self.mesh_watch.replan_due = self.mesh_watch.replan_due, ""
+        self._seek_plan(why)
+
+    @work(exclusive=True, group="replan", exit_on_error=False)
+    async def _seek_plan(self, why: str) -> None:
+        engine, planning = self.engine, self.planning
+        if engine is None or planning is None:
+            return
+        n_layers = engine.info.n_layers
+        broken = getattr(engine.pipeline, "broken", None)
+        try:
+            if broken:  # no plan fitted after a failover: any plan that fits now will do
+                plan, _, _ = await planning.coordinator.choose()
+                reason = f"{why}; the last plan had failed ({broken})"
+            else:
+                base = planning.running(engine.pipeline, n_layers) or self.split.applied
+                if base is None:
+                    return
+                better = await clearly_better(planning.coordinator, planning.to_plan(base))
+                if better is None:
+                    return  # not 20% faster: moving costs a reload on every node
+                plan, reason = better[0], f"{why}; {better[1]}"
+        except Exception as exc:  # no plan fits yet: the next join tries again
+            log.info("re-plan after %s: %s", why, worker_error(exc, "re-plan"))
+            return
+        if self.generation is not None or self.split.busy or self.engine is not engine:
+            self.mesh_watch.replan_due = why  # never move during an answer
+            return
+        target = planning.from_plan(plan, n_layers)
+        self.split.applying(target)
+        self._refresh_peers()
+        self._apply_split(target, reason)
 
     # --- the mesh planner -------------------------------------------------------------------
 
@@ -232,7 +239,7 @@ class MeshMixin(AppBase):
         self.mesh_panel.post_message(MeshPanel.Activity(planning_line))
 
         def notify(text: str) -> None:
-            if self.generation is not None or self._failover_active:
+            if self.generation is not None or self.mesh_watch.failover_active:
                 log.info("mesh: %s", text)  # the answer's inline note says it (one toast)
                 return
             self.notify(text, title="Mesh")
@@ -258,22 +265,23 @@ class MeshMixin(AppBase):
     def on_planning_ready(self, event: msg.PlanningReady) -> None:
         self.mesh_panel.post_message(MeshPanel.Activity(""))
         self.planning = event.planning
-        self.split.predictor = event.planning.predict
-        self.split.memory = event.planning.memory
+        self.split.planner = event.planning
+        self.split.refresh()  # the same planner knows the nodes anew
         self._publish_status()
         self._refresh_peers()
         for note in event.planning.notes:
-            if note not in self._told:
-                self._told.add(note)
+            if note not in self.mesh_watch.told:
+                self.mesh_watch.told.add(note)
                 self.notify(note, title="Mesh", severity="warning")
         self._advise(event.planning)
+        self._replan_between_turns()
 
     def _advise(self, planning: MeshPlanning) -> None:
         """When other nodes can take layers, say once what the planner would do with them."""
         usable = frozenset(planning.usable())
-        if not usable or usable == self._advised_for or self.engine is None:
+        if not usable or usable == self.mesh_watch.advised_for or self.engine is None:
             return
-        self._advised_for = usable
+        self.mesh_watch.advised_for = usable
         try:
             _, advice = planning.auto(self.engine.info.n_layers)
         except (MeshchatError, ValueError):
@@ -302,10 +310,8 @@ class MeshMixin(AppBase):
                 rows += self.mesh.peers()
             except Exception:
                 log.exception("reading peers failed")
-        pending = self._pending_plan if self.split.busy else None
-        if pending is not None:
-            # While a plan is applied, its nodes are loading their layers.
-            loading = {s.node for s in pending.segments}
+        loading = self.split.loading_nodes
+        if loading:
             rows = [replace(r, state="loading") if r.key in loading else r for r in rows]
         self.peers_table.sync(rows, self._shares())
         self.mesh_panel.post_message(MeshPanel.Nodes(len(rows) - 1))
@@ -323,30 +329,29 @@ class MeshMixin(AppBase):
     def _follow_mesh_plan(self) -> None:
         """After a failover the mesh pipeline runs another plan: show that one."""
         engine, planning = self.engine, self.planning
-        if engine is None or planning is None or self.split.busy:
+        if engine is None or planning is None:
             return
         running = planning.running(engine.pipeline, engine.info.n_layers)
-        applied = self.split.applied
-        if running is not None and applied is not None and not running.same_layout(applied):
-            edited = self.split.edited
-            plan = self.split.plan
-            self.split.load(running, self.split.allowed)
-            if edited and plan is not None:
-                self.split.plan = plan  # keep the user's unapplied edit on screen
-            self.split.say(f"the mesh re-planned: now {running.describe()}")
-            self.status.set(layout=self._layout_label(running))
+        if running is not None and self.split.follow(running):
+            self.status.set(layout=layout_label(running))
 
     def _note_lost_peers(self, rows: list[PeerRow]) -> None:
         """Say so when a member that was connected is lost (and when it comes back)."""
         states = {r.key: r.state for r in rows if r.member and r.key != SELF}
         up = {k for k, v in states.items() if v in ("idle", "serving")}
-        was_up = {k for k, v in self._peer_states.items() if v in ("idle", "serving")}
+        was_up = {k for k, v in self.mesh_watch.peer_states.items() if v in ("idle", "serving")}
+        # Up again after loading its layers for our own plan is no join.
+        came = sorted(k for k in up - was_up if self.mesh_watch.peer_states.get(k) != "loading")
+        if came:
+            names = {r.key: r.name for r in rows}
+            verb = "returned" if any(k in self.mesh_watch.peer_states for k in came) else "joined"
+            self.mesh_watch.replan_due = f"node {', '.join(names[k] for k in came)} {verb}"
         if up != was_up and self.planning is not None:
             self._refresh_caps()  # who may take layers changed: ask the nodes again
         for key, state in states.items():
-            before = self._peer_states.get(key)
+            before = self.mesh_watch.peer_states.get(key)
             name = next(r.name for r in rows if r.key == key)
-            told = key in self._failed_over  # the answer's inline note said it already
+            told = key in self.mesh_watch.failed_over  # the answer's inline note said it already
             if state in ("lost", "left") and before in ("idle", "serving", "loading") and not told:
                 if state == "left":
                     self.notify(f"node {name} left the mesh (stopped)", title="Peer")
@@ -358,9 +363,9 @@ class MeshMixin(AppBase):
                         timeout=10,
                     )
             elif before in ("lost", "left") and state in ("idle", "serving"):
-                self._failed_over.discard(key)
+                self.mesh_watch.failed_over.discard(key)
                 self.notify(f"node {name} is back", title="Peer")
-        self._peer_states = states
+        self.mesh_watch.peer_states = states
 
     def _note_refusals(self) -> None:
         """Say when this node refused a connection (a join with a stale invite, a removed

@@ -84,7 +84,8 @@ class ModelMixin(AppBase):
         old, self.engine = self.engine, None
         # The planner and its pipeline are for the old model's fingerprint: a new one follows.
         self.planning = None
-        self._advised_for = frozenset()
+        self.split.planner = None
+        self.mesh_watch.advised_for = frozenset()
         self.options.model_path = path
         self.model_error = ""
         if old is not None:

@@ -246,6 +246,14 @@ class History:
         message.id = cur.lastrowid
         return message
 
+    def update(self, message: StoredMessage) -> None:
+        """Rewrite a saved message's text and meta (another version of an answer shown)."""
+        with self._guard("change a message"):
+            self._db.execute(
+                "UPDATE messages SET content = ?, meta = ? WHERE id = ?",
+                (message.content, json.dumps(message.meta), message.id),
+            )
+
     def truncate(self, conversation_id: int, keep: int) -> None:
         """Keep the first `keep` messages of a chat (for regenerate and edit-and-resend)."""
         with self._guard("change a chat"), self._transaction():

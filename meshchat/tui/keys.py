@@ -43,7 +43,7 @@ APP_BINDINGS: list[BindingType] = [
 SECTIONS: list[tuple[str, list[BindingType]]] = [
     ("Anywhere", APP_BINDINGS),
     ("Message box", PromptInput.BINDINGS),
-    ("Chat log (↑ from an empty message box, then ↑/↓ pick a message)", ChatLog.BINDINGS),
+    ("Chat log (↑ past the earlier prompts, then ↑/↓ pick a message)", ChatLog.BINDINGS),
     ("Layer-split editor (Ctrl+L)", SplitEditor.BINDINGS),
     ("Peers table (Ctrl+T)", PeersTable.BINDINGS),
     ("Chat list (Ctrl+B)", ChatList.BINDINGS),

@@ -8,7 +8,7 @@ No textual here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshchat.errors import MeshchatError
@@ -35,6 +35,19 @@ class PeerRow:
     member: bool
     model: str = ""  # the model file the node runs (name), if it said
     memory: str = ""  # "used/offer MiB": its stage's measured use and what it offers the mesh
+
+
+@dataclass
+class MeshWatch:
+    """What the app remembers about the mesh between peer refreshes, to say each change once."""
+
+    peer_states: dict[str, str] = field(default_factory=dict)  # member → its last state
+    told: set[str] = field(default_factory=set)  # planner notes already shown
+    # Nodes a failover already reported (inline note): no second "peer lost" toast.
+    failed_over: set[str] = field(default_factory=set)
+    failover_active: bool = False  # between a failover's start and its new plan
+    advised_for: frozenset[str] = frozenset()  # usable nodes the planner's advice was for
+    replan_due: str = ""  # a member joined or returned (who): re-plan between turns
 
 
 class MeshView(Protocol):

@@ -63,9 +63,16 @@ class MeshFailed(Message):
 
 
 class SplitApplied(Message):
-    def __init__(self, plan: SplitPlan) -> None:
+    """`plan` runs now; `reason` is set when the app moved to it on its own (not the user)."""
+
+    def __init__(self, plan: SplitPlan, reason: str = "") -> None:
         super().__init__()
         self.plan = plan
+        self.reason = reason
+
+
+class TurnEnded(Message):
+    """An answer ended (however): what waited for the turn to end may run now."""
 
 
 class SplitFailed(Message):

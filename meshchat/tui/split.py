@@ -169,3 +169,11 @@ class SplitPlan:
                     "or has a different model file"
                 )
         return problems
+
+
+def layout_label(plan: SplitPlan) -> str:
+    """The status line's words for where the layers run."""
+    if plan.is_local:
+        where = "local" if len(plan.segments) == 1 else f"local, {len(plan.segments)} stages"
+        return f"{where} {plan.describe()}"
+    return f"mesh {plan.describe()}"

@@ -7,24 +7,31 @@ rendered once more, so a code fence that was still open mid-stream comes out rig
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import Markdown, Static
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets.markdown import MarkdownBlock, MarkdownStream
 
+from meshchat.tui.versions import position
 from meshchat.tui.widgets.message_markdown import MessageMarkdown
 
 ROLE_LABEL = {"user": "You", "assistant": "Assistant"}
+FOUND_STYLE = "bold reverse"  # the words a search found, inside the message
 
 
 def describe_meta(meta: dict[str, Any]) -> str:
     """The small grey note under an answer: how it ended and how fast it came."""
     parts = []
+    shown = position(meta)
+    if shown is not None:
+        parts.append(f"answer {shown[0]}/{shown[1]}")
     if meta.get("error"):
         parts.append(f"failed: {meta['error']}")
     if meta.get("cancelled"):
@@ -89,6 +96,7 @@ class MessageView(Vertical):
         # Held, not queried: a note mounted mid-stream must not make them hard to find.
         self._waiting = Static("", classes="waiting")
         self._meta = Static(describe_meta(self.meta), classes="meta")
+        self._marked: list[tuple[MarkdownBlock, Content]] = []  # (block, its text unmarked)
 
     def compose(self) -> ComposeResult:
         yield Static(ROLE_LABEL.get(self.role, self.role), classes="role")
@@ -144,6 +152,32 @@ class MessageView(Vertical):
         if self._labels:
             self._labels[-1].update(note)
 
+    def mark(self, query: str) -> list[str]:
+        """Highlight where `query` occurs (any case, as the search matched it) in the rendered
+        message; returns the pieces of text highlighted."""
+        self.unmark()
+        pattern = re.compile(re.escape(query), re.IGNORECASE) if query else None
+        found: list[str] = []
+        for block in self.query(MarkdownBlock) if pattern else []:
+            content = block.content
+            if not isinstance(content, Content) or pattern is None:
+                continue
+            hits = [m.group() for m in pattern.finditer(content.plain)]
+            if hits:
+                self._marked.append((block, content))
+                block.update(content.highlight_regex(pattern, style=FOUND_STYLE))
+                found += hits
+        return found
+
+    def unmark(self) -> None:
+        for block, content in self._marked:
+            block.update(content)
+        self._marked.clear()
+
+    def refresh_meta(self) -> None:
+        """Show `meta` again (after the app changed it)."""
+        self._show_meta()
+
     def _show_meta(self) -> None:
         note = self._meta
         text = describe_meta(self.meta)
@@ -181,12 +215,12 @@ class MessageView(Vertical):
 class LogAction(Message):
     """The user asked for something on one message of the log."""
 
-    action: str  # "copy" | "code" | "edit" | "regenerate"
+    action: str  # "copy" | "code" | "edit" | "regenerate" | "older" | "newer" (versions)
     index: int
 
 
 class ChatLog(VerticalScroll, can_focus=True):
-    """The conversation. Focus it (↑ from an empty prompt) to pick a message and act on it."""
+    """The conversation. Focus it (↑ past the prompts recalled) to pick a message and act on it."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("up", "select(-1)", "Prev", show=False),
@@ -197,6 +231,8 @@ class ChatLog(VerticalScroll, can_focus=True):
         Binding("b", "act('code')", "Copy code", id="message.copy_code"),
         Binding("e", "act('edit')", "Edit & resend", id="message.edit"),
         Binding("r", "act('regenerate')", "Regenerate", id="message.regenerate"),
+        Binding("left_square_bracket", "act('older')", "Earlier answer", id="message.older"),
+        Binding("right_square_bracket", "act('newer')", "Later answer", id="message.newer"),
     ]
 
     DEFAULT_CSS = """
@@ -206,8 +242,8 @@ class ChatLog(VerticalScroll, can_focus=True):
 
     selected: int | None = None
     welcome_text = (
-        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ from an empty box "
-        "picks a message to copy or edit, [b]F1[/] lists every key."
+        "Ask anything: type below. [b]Esc[/] stops an answer, ↑ recalls earlier prompts "
+        "and then picks a message to copy or edit, [b]F1[/] lists every key."
     )
     _welcome_override: str | None = None
 
@@ -238,8 +274,9 @@ class ChatLog(VerticalScroll, can_focus=True):
     ) -> MessageView:
         for welcome in self.query("#welcome"):
             await welcome.remove()
-        for found in self.query(".-found"):
+        for found in self.query(".-found").results(MessageView):
             found.remove_class("-found")
+            found.unmark()
         view = MessageView(role, text, meta)
         await self.mount(view)
         self.anchor()
@@ -254,14 +291,24 @@ class ChatLog(VerticalScroll, can_focus=True):
         if self.selected is not None and self.selected >= index:
             self._select(None)
 
-    def show_match(self, index: int | None) -> None:
-        """Scroll to the message a search found and mark it (until the chat changes)."""
+    def show_match(self, index: int | None, query: str = "") -> None:
+        """Scroll to the message a search found and mark it and the words it found (until the
+        chat changes)."""
         views = self.views()
         for i, view in enumerate(views):
             view.set_class(i == index, "-found")
+            if i == index:
+                view.mark(query)
+            else:
+                view.unmark()
         if index is not None and 0 <= index < len(views):
             self.release_anchor()
             self.call_after_refresh(views[index].scroll_visible, animate=False, top=True)
+
+    def pick(self, index: int) -> None:
+        """Focus the log with message `index` selected."""
+        self.focus()
+        self._select(index)
 
     def _select(self, index: int | None) -> None:
         views = self.views()

@@ -45,10 +45,19 @@ class MeshPanel(Vertical):
             self.text = text
             self.error = error
 
+    class Moved(Message, bubble=False):
+        """App → panel: the app moved to another plan on its own, and why (it is counted)."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
     alone: reactive[bool] = reactive(True)
     opened: reactive[bool] = reactive(False)  # the user asked for the full panel
     activity: reactive[str] = reactive("")
     problem: reactive[str] = reactive("")
+    moved: reactive[str] = reactive("")  # the last plan the app moved to by itself, and why
+    moves: reactive[int] = reactive(0)  # how many times it did
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -74,6 +83,10 @@ class MeshPanel(Vertical):
         else:  # done: a failure stays on screen
             self.activity = ""
 
+    def on_mesh_panel_moved(self, message: MeshPanel.Moved) -> None:
+        self.moves += 1
+        self.moved = message.text
+
     def open(self) -> None:
         """Show the split editor and table even when alone (before focusing one of them)."""
         self.opened = True
@@ -90,6 +103,9 @@ class MeshPanel(Vertical):
     def watch_problem(self) -> None:
         self._redraw()
 
+    def watch_moved(self) -> None:
+        self._redraw()
+
     @property
     def compact(self) -> bool:
         return self.alone and not self.opened
@@ -101,6 +117,9 @@ class MeshPanel(Vertical):
             return self.problem
         if self.activity:
             return self.activity
+        if self.moved:
+            times = "once" if self.moves == 1 else f"{self.moves} times"
+            return f"re-planned {times} between turns; {self.moved}"
         return ALONE_HINT if self.compact else ""
 
     def _redraw(self) -> None:

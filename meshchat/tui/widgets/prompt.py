@@ -1,7 +1,9 @@
 """The multi-line prompt: Enter sends, Ctrl+J (or Shift+Enter where the terminal reports it)
 starts a new line. Both are bindings with ids, so `[keys]` in config.toml can change them.
 
-Up on the first line hands focus to the chat log (to pick a message to copy or edit).
+Up in an empty box recalls this chat's earlier prompts (as oterm does), Down comes back; Up on
+the first line of typed text, or past the oldest prompt, hands focus to the chat log (to pick a
+message to copy or edit).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ class PromptInput(TextArea):
         Binding(
             "pagedown", "scroll_chat(1)", "Scroll the chat down", id="chat.page_down", show=False
         ),
-        # Not plain ↑: from an empty box it goes to the chat log (pick a message to copy/edit).
+        # Plain ↑ in an empty box does the same (in `action_cursor_up`, not a binding: on
+        # typed text it moves the cursor, then goes to the chat log).
         Binding("ctrl+up", "recall(-1)", "Earlier prompt", id="prompt.recall_prev", show=False),
         Binding("ctrl+down", "recall(1)", "Later prompt", id="prompt.recall_next", show=False),
     ]
 
-    RECALL_LIMIT = 100  # prompts kept for Ctrl+↑ (this session's, oldest dropped first)
+    RECALL_LIMIT = 100  # prompts kept for ↑ (this chat's, oldest dropped first)
 
     DEFAULT_CSS = """
     PromptInput {
@@ -73,7 +76,7 @@ class PromptInput(TextArea):
         self._send_name = _key_name(send_keys)
         self._newline_name = _key_name(newline_keys)
         self._notes = ""  # what is special about this chat's setup, shown in the border title
-        self._sent: list[str] = []  # earlier prompts, oldest first (Ctrl+↑ recalls them)
+        self._sent: list[str] = []  # this chat's earlier prompts, oldest first (↑ recalls them)
         self._recall: int | None = None  # index into _sent while recalling
         self._unsent = ""  # what the box held before recalling began
         super().__init__(
@@ -115,6 +118,16 @@ class PromptInput(TextArea):
         if not self._sent or self._sent[-1] != text:
             self._sent = [*self._sent, text][-self.RECALL_LIMIT :]
 
+    def set_recall(self, prompts: list[str]) -> None:
+        """Another chat is shown: ↑ recalls its prompts."""
+        self._sent = prompts[-self.RECALL_LIMIT :]
+        self._recall = None
+
+    @property
+    def recalling(self) -> bool:
+        """The box shows a recalled prompt, unchanged."""
+        return self._recall is not None and self.text == self._sent[self._recall]
+
     def action_recall(self, step: int) -> None:
         """Ctrl+↑ an earlier prompt, Ctrl+↓ a later one, past the newest what was typed."""
         if not self._sent:
@@ -138,9 +151,21 @@ class PromptInput(TextArea):
 
     def action_cursor_up(self, select: bool = False) -> None:
         if not select and self.cursor_location[0] == 0:
-            self.post_message(self.LeaveUp())
+            if (not self.text or self.recalling) and self._recall != 0 and self._sent:
+                self.action_recall(-1)
+            else:  # typed text, or past the oldest prompt: pick a message in the chat log
+                if self.recalling:  # the box gets back what it held before recalling
+                    self.text, self._recall = self._unsent, None
+                self.post_message(self.LeaveUp())
             return
         super().action_cursor_up(select)
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        last = self.document.line_count - 1
+        if not select and self.cursor_location[0] == last and self.recalling:
+            self.action_recall(1)
+            return
+        super().action_cursor_down(select)
 
     def set_notes(self, notes: list[str]) -> None:
         """Name what shapes the answers of this chat (a system prompt, greedy sampling)."""

@@ -9,7 +9,7 @@ boundary there. Edits that cannot run are refused with the reason on the line un
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from rich.style import Style
 from rich.text import Text
@@ -20,9 +20,27 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from meshchat.errors import MeshchatError
 from meshchat.tui.split import SELF, SplitEditError, SplitPlan
 
 HINT = "←/→ move  [ ] stage  + split  - merge  n node  a auto  u undo  Enter apply"
+APPLYING = "applying (nodes load their layers)"
+LOADING = "loading the model"
+NO_PLANNER = (
+    "layers can go to other nodes once this node's mesh is up and has asked them what they run"
+)
+
+
+class PlanAdvisor(Protocol):
+    """What the editor asks the mesh planner (tui.planning.MeshPlanning)."""
+
+    def predict(self, split: SplitPlan) -> float | None: ...
+
+    def memory(self, split: SplitPlan) -> list[str]: ...
+
+    def violations(self, split: SplitPlan) -> list[str]: ...
+
+    def auto(self, n_layers: int) -> tuple[SplitPlan, str]: ...
 
 
 class SplitEditor(Widget, can_focus=True):
@@ -53,13 +71,12 @@ class SplitEditor(Widget, can_focus=True):
             super().__init__()
             self.plan = plan
 
-    class Auto(Message):
-        """The user asked for the planner's plan."""
-
     plan: reactive[SplitPlan | None] = reactive(None, layout=False)
     selected: reactive[int] = reactive(0)
     message: reactive[str] = reactive("")
     busy: reactive[str] = reactive("")
+    # The mesh planner once it knows the nodes: predictions, checks and the auto plan.
+    planner: reactive[PlanAdvisor | None] = reactive(None, layout=False)
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -69,12 +86,55 @@ class SplitEditor(Widget, can_focus=True):
         self.names: dict[str, str] = {SELF: "you"}
         self.colours: list[str] = ["#7aa2f7"]
         self.is_error = False
-        # Predicted tok/s of a plan, from the mesh planner (None until it knows the nodes).
-        self.predictor: Callable[[SplitPlan], float | None] | None = None
-        # Per stage, "needed/offered MiB" on its node, from the planner (None until then).
-        self.memory: Callable[[SplitPlan], list[str]] | None = None
+        self.pending: SplitPlan | None = None  # being applied: its nodes load their layers
 
-    # --- state from the app -----------------------------------------------------------------
+    # --- what the app reports; the editor decides what it shows ------------------------------
+
+    def model_loading(self) -> None:
+        self.busy = LOADING
+
+    def model_loaded(self, plan: SplitPlan, allowed: Sequence[int]) -> None:
+        self.busy = ""
+        self.load(plan, allowed)
+
+    def model_failed(self, error: str) -> None:
+        self.busy = ""
+        self.say(f"no model: {error}", error=True)
+
+    def applying(self, plan: SplitPlan) -> None:
+        self.pending = plan
+        self.busy = APPLYING
+
+    def applied_ok(self, plan: SplitPlan, note: str = "") -> None:
+        """`plan` runs now; `note` says why when the app chose it (not the user)."""
+        self.pending = None
+        self.busy = ""
+        self.load(plan, self.allowed)
+        self.say(note or f"running {plan.describe()}")
+
+    def apply_failed(self, error: str) -> None:
+        self.pending = None
+        self.busy = ""
+        self.say(f"not applied: {error}", error=True)
+
+    def follow(self, running: SplitPlan) -> bool:
+        """The mesh runs `running` now (after a failover): show it, keeping an unapplied edit.
+        False when there is nothing to change (or an apply is under way)."""
+        if self.busy or self.applied is None or running.same_layout(self.applied):
+            return False
+        edited, plan = self.edited, self.plan
+        self.load(running, self.allowed)
+        if edited and plan is not None:
+            self.plan = plan
+        self.say(f"the mesh re-planned: now {running.describe()}")
+        return True
+
+    @property
+    def loading_nodes(self) -> set[str]:
+        """The nodes of the plan being applied (they are loading their layers)."""
+        if self.pending is None or not self.busy:
+            return set()
+        return {s.node for s in self.pending.segments}
 
     def load(self, plan: SplitPlan, allowed: Sequence[int]) -> None:
         """A model was loaded or a plan applied: show it as the current plan."""
@@ -180,7 +240,23 @@ class SplitEditor(Widget, can_focus=True):
             self._edit(assign)
 
     def action_auto(self) -> None:
-        self.post_message(self.Auto())
+        if self.plan is None or self.busy == LOADING:
+            self.say("no model loaded", error=True)
+            return
+        n_layers = self.plan.n_layers
+        if self.planner is None:
+            plan = SplitPlan.solo(n_layers)
+            note = "auto: every layer on this node (no other node known yet)"
+        else:
+            try:
+                plan, note = self.planner.auto(n_layers)
+            except (MeshchatError, ValueError) as exc:
+                self.say(str(exc), error=True)
+                return
+            note = f"auto: {note}"
+        self.plan = plan
+        self.selected = 0
+        self.say(note + ("; Enter applies" if self.edited else ""))
 
     def action_revert(self) -> None:
         if self.applied is not None:
@@ -195,9 +271,14 @@ class SplitEditor(Widget, can_focus=True):
             self.say(f"wait: {self.busy}", error=True)
             return
         problems = self.plan.validate(self.allowed, self.usable)
+        if not problems and not self.plan.is_local:
+            problems = [NO_PLANNER] if self.planner is None else self.planner.violations(self.plan)
         if problems:
             self.say(problems[0], error=True)
             self.app.bell()
+            return
+        if self.applied is not None and self.plan.same_layout(self.applied):
+            self.say("that plan is already running")
             return
         self.post_message(self.Apply(self.plan))
 
@@ -244,7 +325,7 @@ class SplitEditor(Widget, can_focus=True):
         colours = [self._colour(s.node, order) for s in plan.segments]
         head = Text(no_wrap=True, overflow="ellipsis")
         head.append("Layers ", style="bold")
-        memory = self.memory(plan) if self.memory is not None else []
+        memory = self.planner.memory(plan) if self.planner is not None else []
         for i, seg in enumerate(plan.segments):
             if i:
                 head.append("  ")
@@ -254,8 +335,8 @@ class SplitEditor(Widget, can_focus=True):
             if i < len(memory):
                 head.append(f" {memory[i]}", style="dim")
         predicted = plan.predicted_tok_s
-        if predicted is None and self.predictor is not None:
-            predicted = self.predictor(plan)
+        if predicted is None and self.planner is not None:
+            predicted = self.planner.predict(plan)
         if predicted:
             head.append(f"  · predicted {predicted:.0f} tok/s", style="italic")
         state = self.busy or ("edited" if self.edited else "running")
@@ -327,4 +408,7 @@ class SplitEditor(Widget, can_focus=True):
         self.refresh()
 
     def watch_busy(self) -> None:
+        self.refresh()
+
+    def watch_planner(self) -> None:
         self.refresh()
