@@ -14,7 +14,8 @@ Settings: "untuned" = aioquic defaults (reno, 1200-byte datagrams, unbounded wri
 
 One decode hop (an activation of `--width` f32 out, a Token back, the loop idle 5 ms between
 steps, as a stage computing), variants interleaved step by step in one run (issue 13, item 4):
-"stream" = today's path (Activations on the control stream); "dgram" = QUIC DATAGRAM frames
+"stream" = the control stream (the path before meshchat.mesh.sidepath); "side" = `Node.send`
+today (the side path: AES-GCM datagrams on the QUIC socket); "dgram" = QUIC DATAGRAM frames
 on the same connection; "udp" = a side UDP socket, AES-GCM with a key sent over the control
 stream; "encode" = the frame-building cost alone, today's join against a zero-copy frame.
 """
@@ -207,6 +208,22 @@ class _Side(asyncio.DatagramProtocol):
         self.on_packet(data, addr)  # type: ignore[operator]
 
 
+STREAM_ONLY = 1  # the session number of the "stream" variant: the side path is not used
+
+
+async def _send(node: Node, peer: object, msg: wire.Activations | wire.Token) -> None:
+    """`node.send`; for the "stream" variant with the side path (meshchat.mesh.sidepath) off."""
+    side = node._conn(peer).side  # type: ignore[arg-type]
+    if side is None or msg.session != STREAM_ONLY:
+        await node.send(peer, msg)  # type: ignore[arg-type]
+        return
+    side.closed = True
+    try:
+        await node.send(peer, msg)  # type: ignore[arg-type]
+    finally:
+        side.closed = False
+
+
 async def serve_hops(root: str) -> None:
     _enable_datagrams()
     node = Node(DataDir(Path(root)), "127.0.0.1:0")
@@ -218,7 +235,7 @@ async def serve_hops(root: str) -> None:
     async def stage() -> None:
         while True:
             peer, msg = await steps.get()
-            await node.send(peer, wire.Token(msg.session, msg.position, 0, [0]))  # type: ignore[arg-type]
+            await _send(node, peer, wire.Token(msg.session, msg.position, 0, [0]))
 
     def on_dgram(conn: Connection, data: bytes) -> None:
         act = wire.decode_body(wire.MsgType.ACTIVATIONS, memoryview(data)[wire.HEADER_SIZE :])
@@ -249,6 +266,17 @@ async def serve_hops(root: str) -> None:
     await loop.run_in_executor(None, sys.stdin.read)
     worker.cancel()
     await node.stop()
+
+
+async def eventually_ready(conn: Connection) -> None:
+    """Until the peer answered the side path's probe (it does within a round trip)."""
+    for _ in range(200):
+        if conn.side is not None and conn.side.ready:
+            return
+        if conn.side is not None:
+            conn.side.probe()
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the side path did not come up")
 
 
 def _encode_costs(width: int, n: int = 2000) -> dict[str, float]:
@@ -310,15 +338,16 @@ async def measure_hops(width: int, n: int) -> dict[str, dict[str, float]]:
                 local_addr=("127.0.0.1", 0),
             )
             data = os.urandom(width * 4)
-            samples: dict[str, list[float]] = {"stream": [], "dgram": [], "udp": []}
+            samples: dict[str, list[float]] = {"stream": [], "side": [], "dgram": [], "udp": []}
+            await eventually_ready(conn)
             seq = 0
             for i in range(n + 10):
-                for variant in samples:  # interleaved: machine noise hits every variant alike
-                    msg = wire.Activations(1, i, 0, (i,), wire.DType.F32, width, data, True, (0,))
+                for s, variant in enumerate(samples, 1):  # interleaved: noise hits all alike
+                    msg = wire.Activations(s, i, 0, (i,), wire.DType.F32, width, data, True, (0,))
                     waiter[:] = [loop.create_future()]
                     t0 = time.perf_counter()
-                    if variant == "stream":
-                        await node.send(server, msg)
+                    if variant in ("stream", "side"):
+                        await _send(node, server, msg)
                     elif variant == "dgram":
                         conn._quic.send_datagram_frame(b"".join(transport.frame_parts(msg)))
                         conn.transmit()
