@@ -51,10 +51,11 @@ GCM_TAG = 16
 ACK_DELAY = 0.02  # s: a lone ACK waits this long for a packet of ours to ride on
 RTO = 0.06  # s: first resend (3 x ACK_DELAY: a delayed ACK is not a loss)
 MAX_RTO = 0.5
-GIVE_UP = 5.0  # s without an acknowledgement: the connection is closed
+GIVE_UP = 10.0  # s without an acknowledgement: the connection is closed (QUIC idles out at 15)
 PROBE_EVERY = 0.5  # s between probes while the peer has not answered
 WINDOW = 32  # messages in flight (sender) and held for reassembly or order (receiver)
-MAX_MESSAGE = 256 * 1024  # bytes of one message's frame
+MAX_MESSAGE = 256 * 1024  # bytes of one message's frame (larger ones take the stream)
+MAX_FRAGMENTS = 1024  # of one message (fragments are 256 bytes or more)
 REPLAY_WINDOW = 1024  # packet numbers remembered below the highest seen
 
 
@@ -164,9 +165,8 @@ class SidePath:
             self._packet(Kind.PROBE)
 
     def send(self, frame: bytes, offset: int) -> None:
-        """Send one message's frame, written after `offset` bytes of the control stream."""
-        if len(frame) > MAX_MESSAGE:
-            raise ValueError("frame too large for the side path")
+        """Send one message's frame (of at most MAX_MESSAGE bytes), written after `offset`
+        bytes of the control stream."""
         msg = self._next_msg
         self._next_msg += 1
         out = _Outgoing(frame, offset, self._loop.time())
@@ -274,7 +274,7 @@ class SidePath:
             return
         if msg >= self._expect + WINDOW:
             raise SideError("message beyond the window")
-        if not 0 <= index < count or count * self._fragment > MAX_MESSAGE + self._fragment:
+        if not 0 <= index < count <= MAX_FRAGMENTS:
             raise SideError("bad fragment numbers")
         entry = self._incoming.get(msg)
         if entry is None:
