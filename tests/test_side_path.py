@@ -7,6 +7,7 @@ handing its endpoint packets by hand); every test ends by showing the connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -270,3 +271,30 @@ async def test_a_path_that_loses_everything_closes_the_connection(
         sending = asyncio.ensure_future(p.a.send(p.b.node_id, wire.Cancel(7, "stop", 1)))
         await eventually(lambda: p.out.is_closed and sending.done())
         assert isinstance(sending.exception(), Exception) and p.got == []
+
+
+async def test_a_member_cannot_grow_the_reassembly_table() -> None:
+    """Fragments of messages that never complete, from a holder of the keys: at most WINDOW
+    messages are held, later ones are refused; the held ones complete when the rest comes."""
+    binding, got = os.urandom(32), list[wire.Message]()
+    packets: list[bytes] = []
+    sender = sidepath.SidePath(binding, True, 1200, packets.append, got.append, print)
+    receiver = sidepath.SidePath(binding, False, 1200, lambda _p: None, got.append, print)
+    for i in range(sidepath.WINDOW * 4):
+        sender.send(wire.encode(_step(i)), 0)
+    refused = 0
+    held_back = packets[1::3]  # a fragment of nearly every message
+    for packet in packets:
+        if packet in held_back:
+            continue
+        try:
+            receiver.receive(packet)
+        except sidepath.SideError:
+            refused += 1
+    assert len(receiver._incoming) <= sidepath.WINDOW and refused > 0
+    for packet in packets:  # now the held-back fragments (the rest are replays: refused)
+        with contextlib.suppress(sidepath.SideError):
+            receiver.receive(packet)
+    assert [m.position for m in got] == list(range(sidepath.WINDOW))  # type: ignore[attr-defined]
+    sender.close()
+    receiver.close()
