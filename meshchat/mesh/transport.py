@@ -239,7 +239,7 @@ class Connection(QuicConnectionProtocol):
                 self._quic.configuration.max_datagram_size,
                 self._send_side_packet,
                 self._on_side_message,
-                lambda reason: self.abort(reason, APP_ERROR_PROTOCOL),
+                self.abort,  # no acknowledgement for GIVE_UP seconds: a dead path
             )
             self.endpoint._side_tags[self.side.tag] = self
             self.side.stream_delivered(self._control_done)
