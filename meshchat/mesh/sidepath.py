@@ -21,7 +21,8 @@ is the AEAD's associated data), then the encrypted fragment and GCM's 16-byte ta
 - ack: how many of the peer's messages we have received in order (cumulative); every packet
   carries it, a lone ACK goes after ACK_DELAY if nothing else does (as the stream's ACK policy).
 - msg, index, count: message number (delivered in order, once) and its fragments, each fitting
-  the connection's QUIC datagram size (1472 on a LAN, 16384 on loopback).
+  one datagram: 16384 bytes on loopback, else 1200 (QUIC's minimum path MTU; a probe of that
+  size must be answered before the side path is used).
 - offset: bytes the sender had written to the control stream before this message. The receiver
   delivers it only once its control stream has delivered as much, and the sender writes nothing
   more to the stream until the message is acknowledged (asking with FLUSH): the order of all
@@ -159,10 +160,12 @@ class SidePath:
         return len(self._unacked) < WINDOW
 
     def probe(self) -> None:
+        """Ask the peer to answer; the probe is a full-size datagram, so an answer also
+        shows that the path carries our fragments."""
         now = self._loop.time()
         if now - self._probed_at >= PROBE_EVERY:
             self._probed_at = now
-            self._packet(Kind.PROBE)
+            self._packet(Kind.PROBE, payload=bytes(self._fragment))
 
     def send(self, frame: bytes, offset: int) -> None:
         """Send one message's frame (of at most MAX_MESSAGE bytes), written after `offset`
