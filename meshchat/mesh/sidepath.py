@@ -264,6 +264,8 @@ class SidePath:
     def _acked(self, ack: int) -> None:
         if ack > self._next_msg:
             raise SideError("acknowledges a message never sent")
+        if not self._unacked:
+            return
         for msg in [m for m in self._unacked if m < ack]:
             out = self._unacked.pop(msg)
             if out.timer is not None:
@@ -279,6 +281,17 @@ class SidePath:
             raise SideError("message beyond the window")
         if not 0 <= index < count <= MAX_FRAGMENTS:
             raise SideError("bad fragment numbers")
+        # The usual decode step: one datagram, next in order, nothing held.
+        if (
+            count == 1
+            and msg == self._expect
+            and offset <= self._stream_done
+            and not self._incoming
+        ):
+            self._expect += 1
+            self._ack_later()
+            self._deliver(decode_frame(plain))
+            return
         entry = self._incoming.get(msg)
         if entry is None:
             entry = self._incoming[msg] = _Incoming(count, offset, [None] * count)
@@ -306,13 +319,16 @@ class SidePath:
                 return
             del self._incoming[self._expect]
             self._expect += 1
-            if self._ack_timer is None:
-                self._ack_timer = self._loop.call_later(ACK_DELAY, self._lone_ack)
+            self._ack_later()
             frame = b"".join(p for p in entry.parts if p is not None)
             self._deliver(decode_frame(frame))
         if self._ack_asked and not self._incoming:
             self._ack_asked = False
             self._packet(Kind.ACK)
+
+    def _ack_later(self) -> None:
+        if self._ack_timer is None:
+            self._ack_timer = self._loop.call_later(ACK_DELAY, self._lone_ack)
 
     def _lone_ack(self) -> None:
         self._ack_timer = None
