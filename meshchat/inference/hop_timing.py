@@ -14,7 +14,8 @@ first layer), then the head again (order END). Marks, in path order:
   DEQUEUED  the stage's worker took the step off its queue
   COMPUTE / COMPUTED   the stage's llama.cpp call (head: its own stage) starts / ends
   FRAMED    the next message's frame bytes are built (hidden → bytes, header, join)
-  SENT      aioquic packetised and encrypted it: its last datagram goes to the kernel
+  SENT      aioquic (or the side path, mesh/sidepath.py) sealed it: its last datagram goes
+            to the kernel
   END       head: the step's future resolved and `forward` has the token
 
 Per hop (a decode token makes one hop per remote stage plus the one back to the head):
