@@ -298,3 +298,22 @@ async def test_a_member_cannot_grow_the_reassembly_table() -> None:
     assert [m.position for m in got] == list(range(sidepath.WINDOW))  # type: ignore[attr-defined]
     sender.close()
     receiver.close()
+
+
+async def test_a_key_holder_jumping_the_packet_number_costs_nothing() -> None:
+    """Packets numbered near 2**64 by a holder of the keys: the replay window moves without a
+    2**64-bit shift (before: the receiver built that integer and ran out of memory), and the
+    window still refuses a replay."""
+    binding, got = os.urandom(32), list[wire.Message]()
+    packets: list[bytes] = []
+    sender = sidepath.SidePath(binding, True, 1200, packets.append, got.append, print)
+    receiver = sidepath.SidePath(binding, False, 1200, lambda _p: None, got.append, print)
+    sender._seq = 2**64 - 100  # the largest numbers the header holds
+    sender.send(wire.encode(_step(0)), 0)
+    for packet in packets:
+        receiver.receive(packet)
+    assert [m.position for m in got] == [0]  # type: ignore[attr-defined]
+    with pytest.raises(sidepath.SideError, match="replayed"):
+        receiver.receive(packets[-1])
+    sender.close()
+    receiver.close()

@@ -256,7 +256,10 @@ class SidePath:
 
     def _mark(self, seq: int) -> None:
         if seq > self._top:
-            self._seen = (self._seen << (seq - self._top) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # A key holder may jump the packet number by 2**63: shift only within the window.
+            gap = seq - self._top
+            kept = self._seen << gap if gap < REPLAY_WINDOW else 0
+            self._seen = (kept | 1) & ((1 << REPLAY_WINDOW) - 1)
             self._top = seq
         else:
             self._seen |= 1 << (self._top - seq)
