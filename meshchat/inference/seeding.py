@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,12 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 ASSUMED_LINK_BYTES_PER_S = 30e6  # what a transfer estimate assumes (loopback measured ~30 MB/s)
+# The head waits for a stage's fetch as if it ran at this rate (a slow, busy LAN), plus the slack,
+# before its load timeout starts counting; a stalled source is caught sooner, by the fetcher's
+# per-request timeout (layer_transfer.REQUEST_TIMEOUT).
+SLOWEST_LINK_BYTES_PER_S = 2e6
+STATUS_EVERY_S = 1.0  # a transfer's progress goes to the members at most this often
+FETCH_SLACK_S = 60.0
 
 
 # -- the stage's side --------------------------------------------------------------------------
@@ -91,15 +98,23 @@ async def seed_for_plan(
     sources = [head, *(s.node for s in msg.stages), *node.connected()]
     sources = [s for s in dict.fromkeys(sources) if s != node.node_id]
     seeding = seeding_for(node)
+    shown = [0.0]  # when the members were last told
+    before = node.model
 
     def on_progress(progress: Progress) -> None:
         seeding.progress = progress
+        now = time.monotonic()
+        if now - shown[0] >= STATUS_EVERY_S or progress.done >= progress.total:
+            shown[0] = now  # the members' peers tables show it (meshchat.tui.mesh_view)
+            node.set_status(node.layers, {**(before or {}), "seeding": progress.to_json()})
 
     fetcher = LayerFetcher(node, msg.model, layers, store, sources, on_progress=on_progress)
     try:
         await fetcher.run()
     except SeedError as exc:
         raise MeshchatError(str(exc)) from None
+    finally:
+        node.set_status(node.layers, before)  # the transfer is over: rows show state again
     entry = store.find(msg.model.model, layers)
     if entry is None:
         raise MeshchatError(f"seeded layers {layers} vanished from {store.directory}")
@@ -152,6 +167,11 @@ class Transfer:
     @property
     def estimate_s(self) -> float:
         return self.bytes / ASSUMED_LINK_BYTES_PER_S
+
+    @property
+    def allowance_s(self) -> float:
+        """How long the head lets the fetch take, before (not within) the stage's load."""
+        return FETCH_SLACK_S + self.bytes / SLOWEST_LINK_BYTES_PER_S
 
     def note(self) -> str:
         return (
