@@ -25,6 +25,7 @@ from meshchat.mesh.layer_transfer import (
     LayerServer,
     Progress,
     SeedError,
+    SeedingReport,
     SeedPermits,
 )
 from meshchat.mesh.node import Node, Refused
@@ -304,3 +305,39 @@ def test_any_layer_data_body_decodes_or_is_a_protocol_error(body: bytes) -> None
     except wire.ProtocolError:
         return
     assert isinstance(msg, wire.LayerData) and msg.offset + len(msg.data) <= msg.total
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    layers=_JSON | st.lists(st.integers(), min_size=2, max_size=2),
+    done=_JSON,
+    total=_JSON,
+    rate=_JSON,
+    eta=_JSON,
+)
+def test_a_peers_seeding_report_is_shown_or_dropped_never_raises(
+    layers: object, done: object, total: object, rate: object, eta: object
+) -> None:
+    """A member's status is peer input: any shape gives a cell or None, never an exception."""
+    body = {"layers": layers, "bytes": done, "total": total, "rate_mb_s": rate, "eta_s": eta}
+    report = SeedingReport.from_json(body)
+    if report is not None:
+        assert report.cell().startswith(("getting [", "got ["))
+    assert SeedingReport.from_json([body]) is None
+
+
+def test_seeding_report_cell_text() -> None:
+    body = {"layers": [10, 20], "bytes": 50, "total": 200, "rate_mb_s": 21.4, "eta_s": 75.0}
+    report = SeedingReport.from_json(body)
+    assert report is not None and report.cell() == "getting [10,20) 25% 21 MB/s 1:15 left"
+    done = SeedingReport.from_json({**body, "bytes": 200, "eta_s": None})
+    assert done is not None and done.cell() == "got [10,20)"
+    for bad in ({"bytes": 201}, {"layers": [20, 10]}, {"rate_mb_s": float("nan")}, {"bytes": True}):
+        assert SeedingReport.from_json({**body, **bad}) is None
