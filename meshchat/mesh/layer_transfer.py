@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # 256 KiB x 4 in flight: 16-22 MB/s with decode hop p99 18-22 ms during a transfer, against
 # 14-15 MB/s and 20-39 ms for 1 MiB x 4 (scripts/bench_seed.py, a loaded 2-core VM; idle p99 6-12).
+# Later, on the current transport (load 2-3): 47-69 MB/s, hop p99 3-8 ms during a transfer, and
+# 8 in flight no better within the noise (44-69 MB/s); the fetcher waits in epoll most of a run.
 CHUNK = 256 << 10  # bytes per request (at most wire.MAX_LAYER_CHUNK)
 WINDOW = 4  # requests in flight per source: 1 MiB at most queued ahead of activations
 REQUEST_TIMEOUT = 30.0
