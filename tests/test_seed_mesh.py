@@ -182,3 +182,30 @@ def test_big_fetch_is_outside_the_load_timeout(smollm2: Path, tmp_path: Path) ->
         assert first.layers is not None and bare.layers is not None
     finally:
         cluster.close()
+
+
+def test_wrong_bytes_from_every_source_falls_back_to_the_holders(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    """Both holders' servers spoil the token embeddings (test hook): the bare worker names each
+    in one line, gives up on its range, and the head plans again without it; solo text."""
+    spoil = {CORRUPT_ENV: "token_embd"}
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.add(smollm2, spoil)
+        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+        cluster.workers.append(bare)
+        wait_for(bare.ready, what="bare worker ready")
+        cluster.wait_connected()
+        result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20", env=spoil)
+        assert result.returncode == 0, result.stderr + bare.log.read_text()
+        assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
+        why = [line for line in result.stderr.splitlines() if "planning again" in line]
+        assert len(why) == 1 and f"without node {bare.node_id[:8]}" in why[0], result.stderr
+        assert "no member can send layers" in why[0]
+        blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
+        assert len(blamed) == 2, blamed  # each holder named once
+        assert bare.layers is None
+        assert not list((bare.dir / "models" / "seeded").glob("*.gguf"))
+    finally:
+        cluster.close()
