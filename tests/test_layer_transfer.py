@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshchat.inference.seeding import seed_for_plan
 from meshchat.mesh import wire
 from meshchat.mesh.layer_transfer import (
     LayerFetcher,
@@ -28,12 +29,14 @@ from meshchat.mesh.layer_transfer import (
     SeedingReport,
     SeedPermits,
 )
-from meshchat.mesh.node import Node, Refused
+from meshchat.mesh.node import Node, NodeEvent, Refused
 from meshchat.model.fingerprint import Fingerprint, fingerprint_of
 from meshchat.model.gguf_file import GGUFHeader, read_header
 from meshchat.model.seeded import SeedStore
 from meshchat.model.slices import LayerRange, write_slice
-from tests.mesh_helpers import MeshNodes, mesh_nodes
+from meshchat.paths import DataDir
+from meshchat.tui.mesh_view import NodeMesh
+from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -341,3 +344,32 @@ def test_seeding_report_cell_text() -> None:
     assert done is not None and done.cell() == "got [10,20)"
     for bad in ({"bytes": 201}, {"layers": [20, 10]}, {"rate_mb_s": float("nan")}, {"bytes": True}):
         assert SeedingReport.from_json({**body, **bad}) is None
+
+
+async def test_members_see_a_transfer_in_their_peers_table_then_the_state_again(
+    mesh: MeshNodes, model: tuple[GGUFHeader, Fingerprint], tmp_path: Path
+) -> None:
+    """seed_for_plan tells the members how its fetch goes (status, at most once a second and at
+    the end); the sender's peers table shows it on the fetcher's row, then nothing once done."""
+    fp = model[1]
+    fetcher, [(seed, _)] = await _seeders(mesh, model, 1)
+    tail = await mesh.new("tail")  # the plan's last stage (not a source: it is not connected)
+    stages = (
+        wire.PlanStage(seed.node_id, 0, RANGE.first),
+        wire.PlanStage(fetcher.node_id, RANGE.first, RANGE.end),
+        wire.PlanStage(tail.node_id, RANGE.end, len(fp.layers)),
+    )
+    msg = wire.Plan("p1", stages, fp, 256, 1, wire.DType.F32, False)
+    view = NodeMesh(seed)
+    cells: list[str] = []
+
+    def on_event(event: NodeEvent) -> None:
+        if event.kind == "status" and event.node_id == fetcher.node_id:
+            cells.extend(r.seeding for r in view.peers() if r.key == str(fetcher.node_id))
+
+    seed.add_listener(on_event)
+    seeded = await seed_for_plan(fetcher, DataDir(tmp_path / "f"), 1 << 30, seed.node_id, msg)
+    assert seeded.held == RANGE
+    await eventually(lambda: bool(cells) and cells[-1] == "")
+    shown = [c for c in cells if c]
+    assert shown[0].startswith("getting [10,14) ") and shown[-1] == "got [10,14)", cells
