@@ -75,6 +75,8 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
     # The head said what the bare worker must fetch before the plan applied.
     assert "from the LAN first" in result.stderr
+    # ... and, from the worker's status while the plan applied, when its fetch was done.
+    assert f"node {bare.node_id[:8]}: got [" in result.stderr
     layers = bare.layers
     assert layers is not None
     seeded = list((bare.dir / "models" / "seeded").glob("*.gguf"))

@@ -27,7 +27,7 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost
 from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
 from meshchat.inference.profiling import DECODE_TIE
-from meshchat.inference.seeding import transfers, with_seedable
+from meshchat.inference.seeding import TransferWatch, transfers, with_seedable
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.layer_transfer import seeding_for
@@ -257,10 +257,12 @@ class MeshCoordinator:
     async def start(self, plan: Plan, **options: Any) -> MeshPipeline:
         """A pipeline running `plan` (nodes load their ranges now)."""
         pipeline = self.make_pipeline(**options)
-        for transfer in transfers(plan, list(self.caps.values()), self.needs):
+        fetching = transfers(plan, list(self.caps.values()), self.needs)
+        for transfer in fetching:
             self.notify(transfer.note())  # before the plan applies: the user sees the cost
         try:
-            await self._apply_within_memory(pipeline, plan)
+            with TransferWatch(self.node, {t.node for t in fetching}, self.notify):
+                await self._apply_within_memory(pipeline, plan)
         except BaseException:
             with contextlib.suppress(Exception):
                 await pipeline.close()
