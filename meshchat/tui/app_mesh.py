@@ -10,10 +10,9 @@ from textual import on, work
 
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
-from meshchat.mesh.layer_transfer import seeding_cell
 from meshchat.tui import messages as msg
 from meshchat.tui.app_base import AppBase, worker_error
-from meshchat.tui.mesh_view import NodeMesh, PeerRow
+from meshchat.tui.mesh_view import NodeMesh, PeerRow, own_seeding
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
 from meshchat.tui.split import SELF, SplitPlan
@@ -394,7 +393,7 @@ class MeshMixin(AppBase):
             state=state,
             member=True,
             model=self._model_label(),
-            seeding=seeding_cell(node) if mesh and (node := mesh.planning_node()) else "",
+            seeding=own_seeding(mesh),
         )
 
     def _shares(self) -> dict[str, str]:

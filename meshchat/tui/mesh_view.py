@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from meshchat.errors import MeshchatError
 from meshchat.headless import DEFAULT_PORT
 from meshchat.mesh.identity import NodeId
-from meshchat.mesh.layer_transfer import SeedingReport
+from meshchat.mesh.layer_transfer import SeedingReport, seeding_cell
 from meshchat.mesh.node import Node, PeerState
 from meshchat.paths import DataDir
 from meshchat.tui.split import SELF
@@ -72,6 +72,12 @@ class MeshView(Protocol):
     def planning_node(self) -> Node | None:
         """The real mesh node, for the planner (None: this mesh cannot run stages)."""
         ...
+
+
+def own_seeding(mesh: MeshView | None) -> str:
+    """This node's own layer transfer, for its row ("" when none, or no real node)."""
+    node = mesh.planning_node() if mesh is not None else None
+    return seeding_cell(node) if node is not None else ""
 
 
 def _seeding_cell(report: object) -> str:
