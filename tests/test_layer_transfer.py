@@ -19,20 +19,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshchat.inference.seeding import seed_for_plan
 from meshchat.mesh import wire
 from meshchat.mesh.layer_transfer import (
     LayerFetcher,
     LayerServer,
     Progress,
     SeedError,
+    SeedingReport,
     SeedPermits,
 )
-from meshchat.mesh.node import Node, Refused
+from meshchat.mesh.node import Node, NodeEvent, Refused
 from meshchat.model.fingerprint import Fingerprint, fingerprint_of
 from meshchat.model.gguf_file import GGUFHeader, read_header
 from meshchat.model.seeded import SeedStore
 from meshchat.model.slices import LayerRange, write_slice
-from tests.mesh_helpers import MeshNodes, mesh_nodes
+from meshchat.paths import DataDir
+from meshchat.tui.mesh_view import NodeMesh
+from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -304,3 +308,68 @@ def test_any_layer_data_body_decodes_or_is_a_protocol_error(body: bytes) -> None
     except wire.ProtocolError:
         return
     assert isinstance(msg, wire.LayerData) and msg.offset + len(msg.data) <= msg.total
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    layers=_JSON | st.lists(st.integers(), min_size=2, max_size=2),
+    done=_JSON,
+    total=_JSON,
+    rate=_JSON,
+    eta=_JSON,
+)
+def test_a_peers_seeding_report_is_shown_or_dropped_never_raises(
+    layers: object, done: object, total: object, rate: object, eta: object
+) -> None:
+    """A member's status is peer input: any shape gives a cell or None, never an exception."""
+    body = {"layers": layers, "bytes": done, "total": total, "rate_mb_s": rate, "eta_s": eta}
+    report = SeedingReport.from_json(body)
+    if report is not None:
+        assert report.cell().startswith(("getting [", "got ["))
+    assert SeedingReport.from_json([body]) is None
+
+
+def test_seeding_report_cell_text() -> None:
+    body = {"layers": [10, 20], "bytes": 50, "total": 200, "rate_mb_s": 21.4, "eta_s": 75.0}
+    report = SeedingReport.from_json(body)
+    assert report is not None and report.cell() == "getting [10,20) 25% 21 MB/s 1:15 left"
+    done = SeedingReport.from_json({**body, "bytes": 200, "eta_s": None})
+    assert done is not None and done.cell() == "got [10,20)"
+    for bad in ({"bytes": 201}, {"layers": [20, 10]}, {"rate_mb_s": float("nan")}, {"bytes": True}):
+        assert SeedingReport.from_json({**body, **bad}) is None
+
+
+async def test_members_see_a_transfer_in_their_peers_table_then_the_state_again(
+    mesh: MeshNodes, model: tuple[GGUFHeader, Fingerprint], tmp_path: Path
+) -> None:
+    """seed_for_plan tells the members how its fetch goes (status, at most once a second and at
+    the end); the sender's peers table shows it on the fetcher's row, then nothing once done."""
+    fp = model[1]
+    fetcher, [(seed, _)] = await _seeders(mesh, model, 1)
+    tail = await mesh.new("tail")  # the plan's last stage (not a source: it is not connected)
+    stages = (
+        wire.PlanStage(seed.node_id, 0, RANGE.first),
+        wire.PlanStage(fetcher.node_id, RANGE.first, RANGE.end),
+        wire.PlanStage(tail.node_id, RANGE.end, len(fp.layers)),
+    )
+    msg = wire.Plan("p1", stages, fp, 256, 1, wire.DType.F32, False)
+    view = NodeMesh(seed)
+    cells: list[str] = []
+
+    def on_event(event: NodeEvent) -> None:
+        if event.kind == "status" and event.node_id == fetcher.node_id:
+            cells.extend(r.seeding for r in view.peers() if r.key == str(fetcher.node_id))
+
+    seed.add_listener(on_event)
+    seeded = await seed_for_plan(fetcher, DataDir(tmp_path / "f"), 1 << 30, seed.node_id, msg)
+    assert seeded.held == RANGE
+    await eventually(lambda: bool(cells) and cells[-1] == "")
+    shown = [c for c in cells if c]
+    assert shown[0].startswith("getting [10,14) ") and shown[-1] == "got [10,14)", cells

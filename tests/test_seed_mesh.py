@@ -5,13 +5,17 @@ text equals the solo text."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshchat.inference.mesh_pipeline import LOAD_TIMEOUT_ENV
 from meshchat.mesh.layer_transfer import CORRUPT_ENV
+from meshchat.model.gguf_file import read_header
+from meshchat.model.synthetic import synthetic_model
 from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, solo_text, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -71,6 +75,8 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
     # The head said what the bare worker must fetch before the plan applied.
     assert "from the LAN first" in result.stderr
+    # ... and, from the worker's status while the plan applied, when its fetch was done.
+    assert f"node {bare.node_id[:8]}: got [" in result.stderr
     layers = bare.layers
     assert layers is not None
     seeded = list((bare.dir / "models" / "seeded").glob("*.gguf"))
@@ -121,3 +127,87 @@ def test_corrupt_sender_is_caught_and_another_member_sends(
     origin = json.loads(entry.read_text())["origin"]
     # An honest holder sent the embeddings (the head sent the header, which was fine).
     assert {w.node_id for w in cluster.workers[:2]} & set(origin)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_at_plan_time_falls_back_to_the_holders(
+    cluster: Cluster, smollm2: Path, tmp_path: Path
+) -> None:
+    """The bare worker's store is a 4 MiB tmpfs: its fetch fails with one line, the head plans
+    again without it over the nodes that hold the layers, and the text is still solo's."""
+    seeded = tmp_path / "bare" / "models" / "seeded"
+    seeded.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(seeded)], check=True)
+    try:
+        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+        cluster.workers.append(bare)
+        wait_for(bare.ready, what="bare worker ready")
+        cluster.wait_connected()
+        result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
+        assert result.returncode == 0, result.stderr + bare.log.read_text()
+        assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
+        why = [line for line in result.stderr.splitlines() if "planning again" in line]
+        assert len(why) == 1, result.stderr
+        assert f"node {bare.node_id[:8]}" in why[0] and "could not get layers" in why[0]
+        assert f"without node {bare.node_id[:8]}" in why[0] and "disk" in why[0]
+        assert bare.layers is None  # it serves nothing; the two holders run the model
+        assert list(seeded.iterdir()) in ([], [seeded / "partial"]) and not any(
+            seeded.rglob("*.gguf")
+        )
+    finally:
+        cluster.close()
+        subprocess.run(["umount", "-l", str(seeded)], check=False)
+
+
+def test_big_fetch_is_outside_the_load_timeout(smollm2: Path, tmp_path: Path) -> None:
+    """The head's load timeout is cut to 3 s (test hook) while the bare worker's slice of a
+    synthetic model takes longer than that to fetch: the fetch has its own allowance (from its
+    size), before the load, so the plan applies and the text is solo's."""
+    model = synthetic_model("600M", smollm2, tmp_path / "cache")
+    header = read_header(model)
+    n_layers = int(header.get(f"{header.arch}.block_count", 0))
+    cluster = Cluster(tmp_path)
+    try:
+        first = cluster.add(model)
+        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "2G")
+        cluster.workers.append(bare)
+        wait_for(bare.ready, what="bare worker ready")
+        cluster.wait_connected()
+        split = ("--max-tokens", "16", "--split", f"{n_layers // 3},{2 * n_layers // 3}")
+        result = _generate(cluster, model, *split, env={LOAD_TIMEOUT_ENV: "3"})
+        assert result.returncode == 0, result.stderr + bare.log.read_text()
+        assert result.stdout == solo_text(model, tmp_path, PROMPT, "16")
+        status = read_json(bare.status)["seeding"]
+        assert status["bytes"] == status["total"] > 0
+        # The fetch alone took longer than the whole load timeout: it was not inside it.
+        assert status["elapsed_s"] > 3.0, status
+        assert first.layers is not None and bare.layers is not None
+    finally:
+        cluster.close()
+
+
+def test_wrong_bytes_from_every_source_falls_back_to_the_holders(
+    smollm2: Path, tmp_path: Path
+) -> None:
+    """Both holders' servers spoil the token embeddings (test hook): the bare worker names each
+    in one line, gives up on its range, and the head plans again without it; solo text."""
+    spoil = {CORRUPT_ENV: "token_embd"}
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.add(smollm2, spoil)
+        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
+        cluster.workers.append(bare)
+        wait_for(bare.ready, what="bare worker ready")
+        cluster.wait_connected()
+        result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20", env=spoil)
+        assert result.returncode == 0, result.stderr + bare.log.read_text()
+        assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
+        why = [line for line in result.stderr.splitlines() if "planning again" in line]
+        assert len(why) == 1 and f"without node {bare.node_id[:8]}" in why[0], result.stderr
+        assert "no member can send layers" in why[0]
+        blamed = [line for line in bare.log.read_text().splitlines() if "not used again" in line]
+        assert len(blamed) == 2, blamed  # each holder named once
+        assert bare.layers is None
+        assert not list((bare.dir / "models" / "seeded").glob("*.gguf"))
+    finally:
+        cluster.close()

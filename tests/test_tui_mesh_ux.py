@@ -13,6 +13,7 @@ from textual.widgets import Input, Static
 from meshchat.config import Config
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
+from meshchat.mesh.layer_transfer import SeedingReport
 from meshchat.paths import DataDir
 from meshchat.tui.app_base import worker_error
 from meshchat.tui.screens.dialogs import AskText, Pick
@@ -211,3 +212,22 @@ async def test_model_choice_in_the_app_from_the_store_and_a_path(
         # The split editor shows the new model's layers (8), on this node.
         assert app.split.applied is not None and app.split.applied.n_layers == 8
         assert await ask(pilot, "Hi") is not None
+
+
+async def test_a_members_layer_transfer_shows_in_its_state_cell(tmp_path: Path) -> None:
+    """A member fetching its layers (its status says so; NodeMesh turns that into the row's
+    `seeding` text) shows progress, rate and time left next to its state, then its state alone."""
+    mesh = two_peers()
+    app = make_app(tmp_path, None, mesh=mesh, model_error=NO_MODEL)
+    report = {"layers": [0, 15], "bytes": 45, "total": 100, "rate_mb_s": 21.4, "eta_s": 12.2}
+    seeding = SeedingReport.from_json(report)
+    assert seeding is not None
+    async with app.run_test(size=(140, 34)) as pilot:
+        await ready(pilot)
+        table = app.peers_table
+        mesh.rows[0] = replace(mesh.rows[0], seeding=seeding.cell())
+        want = "idle · getting [0,15) 45% 21 MB/s 0:12 left"
+        await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == want, 5, "cell")
+        mesh.rows[0] = replace(mesh.rows[0], seeding="")
+        await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == "idle", 5, "idle")
+        assert app._peer_states.get(PEER_A) == "idle"  # the transfer is not a state change

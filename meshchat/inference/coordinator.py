@@ -27,7 +27,7 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost
 from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
 from meshchat.inference.profiling import DECODE_TIE
-from meshchat.inference.seeding import transfers, with_seedable
+from meshchat.inference.seeding import TransferWatch, transfers, with_seedable
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.layer_transfer import seeding_for
@@ -38,6 +38,8 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 MAX_MEMORY_REFUSALS = 8  # nodes left out for their memory before a start gives up
+# Refusals after which a start plans again without the node (the others hold their layers).
+LEAVE_OUT = (wire.FaultCode.MEMORY, wire.FaultCode.SEED)
 CAPS_TIMEOUT_S = 150.0  # a peer may be calibrating on first start
 
 
@@ -241,17 +243,26 @@ class MeshCoordinator:
             max_sessions=max(self.sessions, 1),
             replanner=self.replan,
             notify=self.notify,
+            fetch_allowance=self.fetch_allowance,
             **options,
         )
         return self.pipeline
 
+    def fetch_allowance(self, plan: Plan) -> dict[str, float]:
+        """Seconds each node of `plan` that must fetch its layers may spend on that."""
+        return {
+            t.node: t.allowance_s for t in transfers(plan, list(self.caps.values()), self.needs)
+        }
+
     async def start(self, plan: Plan, **options: Any) -> MeshPipeline:
         """A pipeline running `plan` (nodes load their ranges now)."""
         pipeline = self.make_pipeline(**options)
-        for transfer in transfers(plan, list(self.caps.values()), self.needs):
+        fetching = transfers(plan, list(self.caps.values()), self.needs)
+        for transfer in fetching:
             self.notify(transfer.note())  # before the plan applies: the user sees the cost
         try:
-            await self._apply_within_memory(pipeline, plan)
+            with TransferWatch(self.node, {t.node for t in fetching}, self.notify):
+                await self._apply_within_memory(pipeline, plan)
         except BaseException:
             with contextlib.suppress(Exception):
                 await pipeline.close()
@@ -260,21 +271,29 @@ class MeshCoordinator:
 
     async def _apply_within_memory(self, pipeline: MeshPipeline, plan: Plan) -> None:
         """Install `plan`; a node whose stage measured over its budget after loading refuses
-        it (wire.FaultCode.MEMORY), and the plan is made again without that node."""
+        it (wire.FaultCode.MEMORY), as does one that could not fetch its layers from the
+        members (SEED: full disk, no source left, wrong bytes from every source); the plan is
+        made again without that node, so it falls back to the nodes that hold the layers."""
         left_out: set[str] = set()
         while True:
             try:
                 await pipeline.apply(plan)
                 return
             except StageLost as lost:
-                if lost.code is not wire.FaultCode.MEMORY or lost.node is None:
+                if lost.code not in LEAVE_OUT or lost.node is None:
                     raise
                 if lost.node in left_out or len(left_out) >= MAX_MEMORY_REFUSALS:
                     raise
                 left_out.add(lost.node)
-                self.notify(f"{lost}; planning again without node {lost.node[:8]}")
+                self.notify(f"{_refusal_line(lost)}; planning again without node {lost.node[:8]}")
                 plan = await self.replan(left_out)
                 self.notify(f"new plan: {plan.describe(str(self.node.node_id))}")
+
+
+def _refusal_line(lost: StageLost) -> str:
+    """The stage's own reason, without the transport's "peer X refused PLAN:" prefix."""
+    text = str(lost)
+    return text.split(": ", 1)[1] if text.startswith("peer ") and ": " in text else text
 
 
 def choose_flash(decode_s: dict[bool, float], own: bool) -> bool:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -53,7 +54,8 @@ T = TypeVar("T")
 Replanner = Callable[[set[str]], Awaitable[Plan]]
 
 OP_TIMEOUT_S = 30.0
-LOAD_TIMEOUT_S = 300.0
+LOAD_TIMEOUT_ENV = "MESHCHAT_TEST_LOAD_TIMEOUT"  # test hook: a tiny load timeout
+LOAD_TIMEOUT_S = float(os.environ.get(LOAD_TIMEOUT_ENV, 300.0))
 STEP_TIMEOUT_S = 60.0  # plus a generous per-token allowance for long prompts
 MAX_FAILOVERS = 4
 
@@ -168,6 +170,7 @@ class MeshPipeline:
         prefill_chunk: int = 256,
         replanner: Replanner | None = None,
         notify: Callable[[str], None] = lambda _m: None,
+        fetch_allowance: Callable[[Plan], dict[str, float]] | None = None,
     ) -> None:
         self.node = node
         self.model = model
@@ -179,6 +182,9 @@ class MeshPipeline:
         self.dtype = wire.DType.F16 if transport_dtype == "f16" else wire.DType.F32
         self.replanner = replanner
         self.notify = notify
+        # Seconds each stage that fetches its layers first may take for that, on top of the
+        # load's own LOAD_TIMEOUT_S: a multi-GB slice is not cut off by the load's timeout.
+        self.fetch_allowance = fetch_allowance or (lambda _plan: {})
         self._n_ctx = n_ctx
         self._me = str(node.node_id)
         self._plan: Plan | None = None
@@ -261,16 +267,21 @@ class MeshPipeline:
         dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
         for text in dropped:
             self._background(self._quiet_request(NodeId.parse(text), msg))
+        fetch_s = self.fetch_allowance(plan)
         results = await asyncio.gather(
-            *(self._assign(n, msg) for n in self._remote), return_exceptions=True
+            *(
+                self._assign(n, msg, LOAD_TIMEOUT_S + fetch_s.get(str(n), 0.0))
+                for n in self._remote
+            ),
+            return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _assign(self, node: NodeId, msg: wire.Plan) -> None:
+    async def _assign(self, node: NodeId, msg: wire.Plan, timeout: float) -> None:
         try:
-            reply = await self.node.request(node, msg, timeout=LOAD_TIMEOUT_S)
+            reply = await self.node.request(node, msg, timeout=timeout)
         except ConnectionLost as exc:
             raise StageLost(
                 str(node), f"node {node.short} did not take its layers: {exc}"

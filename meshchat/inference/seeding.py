@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,8 +26,14 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import ModelNeeds, Plan
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
-from meshchat.mesh.layer_transfer import LayerFetcher, Progress, SeedError, seeding_for
-from meshchat.mesh.node import Node
+from meshchat.mesh.layer_transfer import (
+    LayerFetcher,
+    Progress,
+    SeedError,
+    SeedingReport,
+    seeding_for,
+)
+from meshchat.mesh.node import Node, NodeEvent
 from meshchat.model.gguf_file import read_header
 from meshchat.model.seeded import SeededSlice, SeedStore
 from meshchat.model.slices import LayerRange
@@ -35,6 +43,13 @@ from meshchat.paths import DataDir
 log = logging.getLogger(__name__)
 
 ASSUMED_LINK_BYTES_PER_S = 30e6  # what a transfer estimate assumes (loopback measured ~30 MB/s)
+# The head waits for a stage's fetch as if it ran at this rate (a slow, busy LAN), plus the slack,
+# before its load timeout starts counting; a stalled source is caught sooner, by the fetcher's
+# per-request timeout (layer_transfer.REQUEST_TIMEOUT).
+SLOWEST_LINK_BYTES_PER_S = 2e6
+STATUS_EVERY_S = 1.0  # a transfer's progress goes to the members at most this often
+WATCH_EVERY_S = 5.0  # the head tells its user how a member's fetch goes at most this often
+FETCH_SLACK_S = 60.0
 
 
 # -- the stage's side --------------------------------------------------------------------------
@@ -91,15 +106,23 @@ async def seed_for_plan(
     sources = [head, *(s.node for s in msg.stages), *node.connected()]
     sources = [s for s in dict.fromkeys(sources) if s != node.node_id]
     seeding = seeding_for(node)
+    shown = [0.0]  # when the members were last told
+    before = node.model
 
     def on_progress(progress: Progress) -> None:
         seeding.progress = progress
+        now = time.monotonic()
+        if now - shown[0] >= STATUS_EVERY_S or progress.done >= progress.total:
+            shown[0] = now  # the members' peers tables show it (meshchat.tui.mesh_view)
+            node.set_status(node.layers, {**(before or {}), "seeding": progress.to_json()})
 
     fetcher = LayerFetcher(node, msg.model, layers, store, sources, on_progress=on_progress)
     try:
         await fetcher.run()
     except SeedError as exc:
         raise MeshchatError(str(exc)) from None
+    finally:
+        node.set_status(node.layers, before)  # the transfer is over: rows show state again
     entry = store.find(msg.model.model, layers)
     if entry is None:
         raise MeshchatError(f"seeded layers {layers} vanished from {store.directory}")
@@ -153,6 +176,11 @@ class Transfer:
     def estimate_s(self) -> float:
         return self.bytes / ASSUMED_LINK_BYTES_PER_S
 
+    @property
+    def allowance_s(self) -> float:
+        """How long the head lets the fetch take, before (not within) the stage's load."""
+        return FETCH_SLACK_S + self.bytes / SLOWEST_LINK_BYTES_PER_S
+
     def note(self) -> str:
         return (
             f"node {self.node[:8]} gets layers [{self.first},{self.end}) from the LAN first: "
@@ -177,3 +205,40 @@ def transfers(plan: Plan, caps: list[NodeCaps], needs: ModelNeeds) -> list[Trans
         # fingerprint): counted as the output matrix, which is the embeddings when tied.
         found.append(Transfer(s.node, s.first, s.end, needs.weights(s.first, s.end, True)))
     return found
+
+
+class TransferWatch:
+    """While a plan applies, the head tells its user how each member's fetch goes (from the
+    member's status), at most every WATCH_EVERY_S per node, and once when it is done."""
+
+    def __init__(self, node: Node, fetching: set[str], notify: Callable[[str], None]) -> None:
+        self.node = node
+        self.fetching = fetching
+        self.notify = notify
+        self._told: dict[str, float] = {}
+        self._done: set[str] = set()
+
+    def __enter__(self) -> TransferWatch:
+        if self.fetching:
+            self.node.add_listener(self._on_event)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.node.remove_listener(self._on_event)
+
+    def _on_event(self, event: NodeEvent) -> None:
+        key = str(event.node_id)
+        if event.kind != "status" or key not in self.fetching or key in self._done:
+            return
+        peer = self.node.peer(event.node_id)
+        model = peer.model if peer is not None else None
+        report = SeedingReport.from_json(model.get("seeding") if isinstance(model, dict) else None)
+        if report is None or report.total == 0:
+            return
+        now = time.monotonic()
+        if report.done >= report.total:
+            self._done.add(key)
+        elif now - self._told.get(key, -WATCH_EVERY_S) < WATCH_EVERY_S:
+            return
+        self._told[key] = now
+        self.notify(f"node {key[:8]}: {report.cell()}")

@@ -296,7 +296,8 @@ class StageService:
             try:
                 model = await seed_for_plan(self.node, self.data, self.accept_layers, head, msg)
             except MeshchatError as exc:
-                return wire.Error(Code.LOAD, f"node {me.short}: {exc}")
+                got = f"layers [{stage_msg.first},{stage_msg.end})"
+                return wire.Error(Code.SEED, f"node {me.short} could not get {got}: {exc}")
         if model is None:
             return wire.Error(Code.NO_MODEL, f"node {me.short} has no model file")
         try:

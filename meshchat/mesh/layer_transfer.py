@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # 256 KiB x 4 in flight: 16-22 MB/s with decode hop p99 18-22 ms during a transfer, against
 # 14-15 MB/s and 20-39 ms for 1 MiB x 4 (scripts/bench_seed.py, a loaded 2-core VM; idle p99 6-12).
+# Later, on the current transport (load 2-3): 47-69 MB/s, hop p99 3-8 ms during a transfer, and
+# 8 in flight no better within the noise (44-69 MB/s); the fetcher waits in epoll most of a run.
 CHUNK = 256 << 10  # bytes per request (at most wire.MAX_LAYER_CHUNK)
 WINDOW = 4  # requests in flight per source: 1 MiB at most queued ahead of activations
 REQUEST_TIMEOUT = 30.0
@@ -191,12 +193,17 @@ class Progress:
     done: int = 0
     fetched: int = 0  # bytes received in this run (resumed bytes are in `done`, not here)
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None  # when the run stopped (its rate stays what it was)
     sources: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
 
     @property
     def rate(self) -> float:
         """Bytes per second received in this run."""
-        return self.fetched / max(time.monotonic() - self.started, 1e-6)
+        return self.fetched / max(self.elapsed_s, 1e-6)
 
     @property
     def eta_s(self) -> float | None:
@@ -213,7 +220,59 @@ class Progress:
             "rate_mb_s": round(self.rate / 1e6, 2),
             "eta_s": None if eta is None else round(eta, 1),
             "sources": self.sources,
+            "elapsed_s": round(self.elapsed_s, 1),
         }
+
+
+MAX_SHOWN_LAYER = 1 << 20  # a peer's report naming layers past this is junk, not shown
+
+
+@dataclass(frozen=True)
+class SeedingReport:
+    """A member's transfer as its status says (Progress.to_json), for its row in the peers
+    table. Built from peer input: `from_json` gives None for anything malformed."""
+
+    first: int
+    end: int
+    done: int
+    total: int
+    rate_mb_s: float
+    eta_s: float | None
+
+    @classmethod
+    def from_json(cls, body: object) -> SeedingReport | None:
+        if not isinstance(body, dict):
+            return None
+        layers, done, total = body.get("layers"), body.get("bytes"), body.get("total")
+        rate, eta = body.get("rate_mb_s"), body.get("eta_s")
+        ints = (done, total, *(layers if isinstance(layers, list) else ()))
+        if not (
+            isinstance(layers, list)
+            and len(layers) == 2
+            and all(type(v) is int for v in ints)
+            and isinstance(rate, int | float)
+            and (eta is None or isinstance(eta, int | float))
+        ):
+            return None
+        first, end = layers
+        assert isinstance(done, int) and isinstance(total, int)
+        if not (0 <= first < end <= MAX_SHOWN_LAYER and 0 <= done <= total):
+            return None
+        if not (0 <= rate < 1e9 and (eta is None or 0 <= eta < 1e9)):  # also rejects NaN
+            return None
+        return cls(first, end, done, total, float(rate), None if eta is None else float(eta))
+
+    def cell(self) -> str:
+        """ "getting [0,15) 45% 21 MB/s 0:12 left" while it runs, "got [0,15)" once done."""
+        layers = f"[{self.first},{self.end})"
+        if self.total and self.done >= self.total:
+            return f"got {layers}"
+        pct = 100 * self.done // self.total if self.total else 0
+        left = ""
+        if self.eta_s is not None:
+            minutes, seconds = divmod(round(self.eta_s), 60)
+            left = f" {minutes}:{seconds:02d} left"
+        return f"getting {layers} {pct}% {self.rate_mb_s:.0f} MB/s{left}"
 
 
 class _BadSource(Exception):
@@ -279,6 +338,7 @@ class LayerFetcher:
             raise SeedError(f"{exc}; partial file removed") from None
         finally:
             self._close()
+            self.progress.ended = time.monotonic()
 
     async def _run(self) -> Path:
         self.mirror.parent.mkdir(parents=True, exist_ok=True)
@@ -560,6 +620,12 @@ def seeding_for(node: Node) -> Seeding:
     if seeding is None:
         seeding = _SEEDING[node] = Seeding(node)
     return seeding
+
+
+def seeding_cell(node: Node) -> str:
+    """This node's own transfer as the peers table shows it ("" when there is none)."""
+    report = SeedingReport.from_json(seeding_progress(node))
+    return report.cell() if report else ""
 
 
 def seeding_progress(node: Node) -> dict[str, Any] | None:

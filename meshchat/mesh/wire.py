@@ -366,6 +366,7 @@ class FaultCode(enum.StrEnum):
     FINGERPRINT = "fingerprint"
     MEMORY = "memory"  # the plan's KV caches and weights exceed this node's free memory
     LOAD = "load"
+    SEED = "seed"  # the node could not fetch its layers from the members (disk, sources)
     OVERLOAD = "overload"
     UNKNOWN_SESSION = "unknown-session"
     BAD_INPUT = "bad-input"

@@ -125,7 +125,7 @@ class SeedStore:
         free = shutil.disk_usage(self.directory).free
         if need > free:
             raise SeedStoreError(
-                f"seeding needs {_mib(need)} MiB, the disk at {self.directory} has {_mib(free)}"
+                f"seeding needs {_mib(need)} MiB, the disk at {self.directory} has {_mib(free)} MiB"
             )
         if self.budget is not None and self.used() + need > self.budget:
             raise SeedStoreError(

@@ -13,7 +13,7 @@ from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.inference.serving import clearly_better
 from meshchat.tui import messages as msg
 from meshchat.tui.app_base import AppBase, worker_error
-from meshchat.tui.mesh_view import NodeMesh, PeerRow
+from meshchat.tui.mesh_view import NodeMesh, PeerRow, own_seeding
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
 from meshchat.tui.split import SELF, SplitPlan, layout_label
@@ -398,6 +398,7 @@ class MeshMixin(AppBase):
             state=state,
             member=True,
             model=self._model_label(),
+            seeding=own_seeding(mesh),
         )
 
     def _shares(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from meshchat.errors import MeshchatError
 from meshchat.headless import DEFAULT_PORT
 from meshchat.mesh.identity import NodeId
+from meshchat.mesh.layer_transfer import SeedingReport, seeding_cell
 from meshchat.mesh.node import Node, PeerState
 from meshchat.paths import DataDir
 from meshchat.tui.split import SELF
@@ -35,6 +36,7 @@ class PeerRow:
     member: bool
     model: str = ""  # the model file the node runs (name), if it said
     memory: str = ""  # "used/offer MiB": its stage's measured use and what it offers the mesh
+    seeding: str = ""  # its layer transfer, if one runs: "getting [0,15) 45% 21 MB/s 0:12 left"
 
 
 @dataclass
@@ -83,6 +85,17 @@ class MeshView(Protocol):
     def planning_node(self) -> Node | None:
         """The real mesh node, for the planner (None: this mesh cannot run stages)."""
         ...
+
+
+def own_seeding(mesh: MeshView | None) -> str:
+    """This node's own layer transfer, for its row ("" when none, or no real node)."""
+    node = mesh.planning_node() if mesh is not None else None
+    return seeding_cell(node) if node is not None else ""
+
+
+def _seeding_cell(report: object) -> str:
+    seeding = SeedingReport.from_json(report)  # a peer's word: junk shows nothing
+    return seeding.cell() if seeding else ""
 
 
 def memory_cell(offer: int, used: int) -> str:
@@ -145,6 +158,7 @@ class NodeMesh:
                     member=peer.state is not PeerState.NEARBY,
                     model=str(model.get("name") or model.get("path") or ""),
                     memory=memory_cell(peer.memory.offer, peer.memory.used) if peer.memory else "",
+                    seeding=_seeding_cell(model.get("seeding")),
                 )
             )
         return rows

@@ -72,7 +72,8 @@ class PeersTable(DataTable[Text]):
     def _cells_for(self, row: PeerRow, share: str) -> tuple[str, ...]:
         layers = f"[{row.layers[0]},{row.layers[1]})" if row.layers else "—"
         via = row.via if row.member else f"{row.via}, not a member"
-        cells = (row.name, _rtt(row.rtt_ms), layers, row.state, share, row.address or "—", via)
+        state = f"{row.state} · {row.seeding}" if row.seeding else row.state
+        cells = (row.name, _rtt(row.rtt_ms), layers, state, share, row.address or "—", via)
         return (*cells, row.memory or "—")
 
     def sync(self, rows: Sequence[PeerRow], shares: Mapping[str, str] | None = None) -> None:
