@@ -19,6 +19,7 @@ from meshchat.engine.profile import EngineProfile
 from meshchat.engine.stage import StageOptions
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference import profiling
+from meshchat.inference.host import HOST_ID_CHARS, host_cpus, host_id
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.profiling import Calibration, Notify, Speed
 from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
@@ -49,6 +50,10 @@ class NodeCaps:
     # gives to layers fetched from peers; 0: it takes no layers over the network.
     layer_files: tuple[LayerFile, ...] = ()
     accept_layers: int = 0
+    # The machine it runs on (meshchat.inference.host: a hash, "" unknown) and that machine's
+    # CPUs (0 unknown): stages on one host share its cores (Planner.share_charges).
+    host: str = ""
+    cpus: int = 0
 
     def offers(self, model: str, first: int, end: int) -> bool:
         """Whether this node can send layers [first, end) of `model` as a file."""
@@ -82,6 +87,8 @@ class NodeCaps:
             },
             "layer_files": [[f.model, f.first, f.end] for f in self.layer_files],
             "accept_layers": self.accept_layers,
+            "host": self.host,
+            "cpus": self.cpus,
         }
 
     @classmethod
@@ -92,6 +99,8 @@ class NodeCaps:
             decode = float(data["decode_s_per_byte"])
             prefill = float(data["prefill_s_per_byte"])
             threads = int(data.get("threads", 1))
+            if not 1 <= threads <= MAX_THREADS:
+                raise ValueError(f"threads must be 1..{MAX_THREADS}")
             rtts = {
                 str(k): float(v)
                 for k, v in dict(data.get("rtt_ms") or {}).items()
@@ -117,6 +126,8 @@ class NodeCaps:
             flash_speeds=flash_speeds,
             layer_files=_parse_layer_files(node_id, data.get("layer_files")),
             accept_layers=_parse_budget(node_id, data.get("accept_layers", 0)),
+            host=_parse_host(node_id, data.get("host", "")),
+            cpus=_parse_cpus(node_id, data.get("cpus", 0)),
         )
 
 
@@ -156,6 +167,22 @@ def _parse_layer_files(node_id: str, raw: Any) -> tuple[LayerFile, ...]:
 def _parse_budget(node_id: str, raw: Any) -> int:
     if type(raw) is not int or not 0 <= raw < 1 << 60:
         raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad accept_layers")
+    return raw
+
+
+MAX_THREADS = 4096  # threads or CPUs one node may claim
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_host(node_id: str, raw: Any) -> str:
+    if not (isinstance(raw, str) and len(raw) <= HOST_ID_CHARS and set(raw) <= _HEX):
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad host")
+    return raw
+
+
+def _parse_cpus(node_id: str, raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw <= MAX_THREADS:
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad cpus")
     return raw
 
 
@@ -290,6 +317,8 @@ def local_caps(
         flash_speeds=_flash_speeds(calib) if calib else {},
         layer_files=layer_files,
         accept_layers=accept_layers,
+        host=host_id(),
+        cpus=host_cpus(),
     )
 
 
