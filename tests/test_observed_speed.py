@@ -1,17 +1,19 @@
-"""The cost model's newer terms: cores shared by nodes on one host, the context term, and
-speeds learned from observed stage compute (with hostile figures bounded)."""
+"""The cost model's newer terms: cores shared by nodes on one host, the context term, speeds
+learned from observed stage compute (with hostile figures bounded), calibrations under load."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshchat.errors import MeshchatError
-from meshchat.inference import observed_speed
+from meshchat.inference import observed_speed, profiling
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.host import host_id
 from meshchat.inference.observed_speed import CLAMP, MAX_NODES, MIN_SAMPLES, ObservedSpeeds
@@ -23,6 +25,7 @@ from meshchat.inference.planner import (
     StagePlan,
     extra_context,
 )
+from tests.test_engine_profile import _calibrate
 from tests.test_planner import N_LAYERS, NEEDS, SPEED, caps, split_mib
 
 
@@ -208,3 +211,34 @@ def test_the_table_of_observed_nodes_is_bounded() -> None:
     assert len(seen._ratios) == MAX_NODES
     assert seen.samples(names[0]) == 0 and seen.samples(names[-1]) == 1
     assert observed_speed.WINDOW >= MIN_SAMPLES
+
+
+# -- calibration under load ------------------------------------------------------------------
+
+
+def test_a_calibration_taken_under_load_is_measured_again_once_quiet(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_models["llama"]
+    probes: list[int] = []
+    real_trials = profiling.run_trials
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        probes.append(1)
+        return real_trials(*args, **kw)
+
+    monkeypatch.setattr(profiling, "run_trials", counted)
+    monkeypatch.setattr(profiling, "load_per_cpu", lambda: 0.9)
+    busy = _calibrate(model, tmp_path, monkeypatch)
+    assert busy.load_per_cpu == 0.9 and probes == [1]
+    assert _calibrate(model, tmp_path, monkeypatch) == busy and probes == [1]  # still busy
+    monkeypatch.setattr(profiling, "load_per_cpu", lambda: 0.1)
+    quiet = _calibrate(model, tmp_path, monkeypatch)
+    assert quiet.load_per_cpu == 0.1 and probes == [1, 1]
+    assert _calibrate(model, tmp_path, monkeypatch) == quiet and probes == [1, 1]
+    # Records from before the load was recorded stay valid.
+    record = quiet.to_json()
+    del record["load_per_cpu"]
+    assert profiling.Calibration.from_json(record).load_per_cpu is None
+    with pytest.raises(ValueError):
+        profiling.Calibration.from_json({**quiet.to_json(), "load_per_cpu": -1})

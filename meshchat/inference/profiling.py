@@ -57,6 +57,12 @@ DECODE_TIE = 0.03
 # Output further than this (times the safe profile's largest value) from the safe profile's
 # is nonsense. Flash attention moves SmolLM2's logits by 1.3% of their largest value.
 NONSENSE_DISTANCE = 0.1
+# A calibration taken while the machine ran more than LOADED runnable threads per CPU (the
+# 1-minute load average) measured other programs as much as llama.cpp: once the machine is
+# down to QUIET, it is measured again. A calibration taken under load stays in use while the
+# load lasts (measuring again then would measure the same load).
+LOADED = 0.75
+QUIET = 0.4
 
 
 Notify = Callable[[str], None]
@@ -118,6 +124,7 @@ class Calibration:
     trials: tuple[Trial, ...]
     measured_layers: tuple[int, int]  # the model, or a prefix of it that fits memory
     system_info: str  # llama.cpp's line for this build and CPU
+    load_per_cpu: float | None = None  # the machine's load when measured (None: not recorded)
 
     @property
     def threads(self) -> int:
@@ -158,19 +165,48 @@ class Calibration:
             "trials": [t.to_json() for t in self.trials],
             "measured_layers": list(self.measured_layers),
             "system_info": self.system_info,
+            "load_per_cpu": self.load_per_cpu,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> Calibration:
         trials = tuple(Trial.from_json(t) for t in data["trials"])
         first, end = (int(x) for x in data["measured_layers"])
+        load = data.get("load_per_cpu")
         calibration = cls(
-            EngineProfile.from_json(data["profile"]), trials, (first, end), str(data["system_info"])
+            EngineProfile.from_json(data["profile"]),
+            trials,
+            (first, end),
+            str(data["system_info"]),
+            None if load is None else _load(load),
         )
         best = calibration.best_trial()
         if best is None or best.profile != calibration.profile:
             raise ValueError("the recorded profile is not the best of its trials")
         return calibration
+
+
+def _load(value: Any) -> float:
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"not a load: {value!r}")
+    return number
+
+
+def load_per_cpu() -> float | None:
+    """Runnable threads per CPU over the last minute (None where the OS does not tell)."""
+    try:
+        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+    except OSError:
+        return None
+
+
+def measured_under_load(calibration: Calibration, load_now: float | None) -> bool:
+    """Whether `calibration` was taken while the machine was busy and it is quiet now."""
+    then = calibration.load_per_cpu
+    if then is None or load_now is None:
+        return False
+    return then > LOADED and load_now < QUIET
 
 
 def _best(trials: list[Trial]) -> Trial | None:
@@ -437,7 +473,8 @@ def calibration(
     cache_dir: Path | None = None,
     notify: Notify | None = None,
 ) -> Calibration:
-    """This machine's calibration for `model` at `threads`, measured once and cached.
+    """This machine's calibration for `model` at `threads`, measured once and cached (again
+    if it was taken under load and the machine is quiet now: `measured_under_load`).
 
     Nodes that start together on one machine take turns (a file lock), so the second reads the
     first's result instead of measuring while the first does. MeshchatError if no profile runs.
@@ -445,8 +482,11 @@ def calibration(
     path = cache_file(model, threads, cache_dir)
     with _locked(path):
         cached = None if remeasure else read_cached(path, threads)
-        if cached is not None:
+        load = load_per_cpu()
+        if cached is not None and not measured_under_load(cached, load):
             return cached
+        if cached is not None:
+            log.info("engine profile measured under load %.2f a CPU: measuring again", load)
         if notify is not None:
             notify(
                 f"measuring which llama.cpp settings run {model.path.name} best on this machine "
@@ -460,7 +500,9 @@ def calibration(
             failure = f"llama.cpp cannot run {model.path.name} here with any setting ({reasons})"
             _write(path, threads, None, failure)
             raise MeshchatError(failure)
-        result = Calibration(best.profile, tuple(trials), (target.first, target.end), system_info())
+        result = Calibration(
+            best.profile, tuple(trials), (target.first, target.end), system_info(), load
+        )
         log.info("engine profile for %s: %s", model.path.name, best.profile.label)
         _write(path, threads, result, "")
         return result
