@@ -16,6 +16,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference import observed_speed, profiling
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.host import host_id
+from meshchat.inference.local_model import LocalModel
 from meshchat.inference.observed_speed import CLAMP, MAX_NODES, MIN_SAMPLES, ObservedSpeeds
 from meshchat.inference.planner import (
     SHARE_COST,
@@ -25,6 +26,7 @@ from meshchat.inference.planner import (
     StagePlan,
     extra_context,
 )
+from meshchat.paths import DataDir
 from tests.test_engine_profile import _calibrate
 from tests.test_planner import N_LAYERS, NEEDS, SPEED, caps, split_mib
 
@@ -119,6 +121,47 @@ def test_the_context_term_grows_a_stage_with_its_kv_cache() -> None:
     assert p.predict(Plan((StagePlan("head", 0, N_LAYERS),))).compute_s == pytest.approx(
         cost.seconds(p.extra_context)
     )
+
+
+def test_a_measured_context_term_replaces_the_kv_bytes() -> None:
+    """A node whose calibration decoded 7% slower 384 tokens further on (the 1B synthetic
+    model's figure) is predicted that much slower there, whatever its KV cache's bytes."""
+    rate = 0.07 / 384 * SPEED
+    p = Planner(NEEDS, [replace(caps("head"), context_s_per_byte=rate)], "head", n_ctx=1024)
+    (cost,) = p.stage_costs(Plan((StagePlan("head", 0, N_LAYERS),)))
+    near, far = cost.seconds(0) - STAGE_OVERHEAD_S, cost.seconds(384) - STAGE_OVERHEAD_S
+    assert far / near == pytest.approx(1.07)
+
+
+def test_context_terms_travel_in_capabilities_and_bad_ones_are_refused() -> None:
+    speed = profiling.Speed(SPEED, SPEED / 10, 1e-14)
+    node = replace(caps("b"), context_s_per_byte=1e-14, flash_speeds={False: speed})
+    back = NodeCaps.from_json("b", node.to_json())
+    assert back.context_s_per_byte == 1e-14 and back.flash_speeds == {False: speed}
+    assert back.for_flash(False) == back
+    # A node from before the context term: two figures a setting, none at the top level.
+    old = {**node.to_json(), "flash_speeds": {"off": [SPEED, SPEED / 10]}}
+    del old["context_s_per_byte"]
+    parsed = NodeCaps.from_json("b", old)
+    assert parsed.context_s_per_byte == 0 and parsed.flash_speeds[False].context_s_per_byte == 0
+    bads = [{"context_s_per_byte": -1.0}, {"context_s_per_byte": math.nan},
+            {"context_s_per_byte": math.inf}, {"flash_speeds": {"off": [SPEED, SPEED, -1.0]}},
+            {"flash_speeds": {"off": [SPEED, SPEED, 1.0, 1.0]}}]  # fmt: skip
+    for bad in bads:
+        with pytest.raises(MeshchatError, match="malformed capabilities"):
+            NodeCaps.from_json("b", {**node.to_json(), **bad})
+
+
+def test_the_probe_decodes_again_far_into_the_context(
+    smollm2: Path, tmp_path: Path, data_dir: DataDir
+) -> None:
+    model = LocalModel.open(smollm2, data_dir)
+    target = profiling.probe_target(model, data_dir, 8 << 30)
+    (trial,) = profiling.run_trials(target, profiling.candidates(1)[:1], rounds=1)
+    assert trial.speed is not None
+    assert 0 <= trial.speed.context_s_per_byte < math.inf
+    record = profiling.Trial.from_json(trial.to_json())
+    assert record.speed == trial.speed
 
 
 # -- learning from observation ---------------------------------------------------------------

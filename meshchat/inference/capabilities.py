@@ -54,6 +54,7 @@ class NodeCaps:
     # CPUs (0 unknown): stages on one host share its cores (Planner.share_charges).
     host: str = ""
     cpus: int = 0
+    context_s_per_byte: float = 0.0  # Speed.context_s_per_byte (0: the planner counts KV bytes)
 
     def offers(self, model: str, first: int, end: int) -> bool:
         """Whether this node can send layers [first, end) of `model` as a file."""
@@ -68,6 +69,7 @@ class NodeCaps:
             self,
             decode_s_per_byte=speed.decode_s_per_byte,
             prefill_s_per_byte=speed.prefill_s_per_byte,
+            context_s_per_byte=speed.context_s_per_byte,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -82,13 +84,18 @@ class NodeCaps:
             "model_path": self.model_path,
             "peers": list(self.peers),
             "flash_speeds": {
-                _FLASH_KEYS[flash]: [speed.decode_s_per_byte, speed.prefill_s_per_byte]
+                _FLASH_KEYS[flash]: [
+                    speed.decode_s_per_byte,
+                    speed.prefill_s_per_byte,
+                    speed.context_s_per_byte,
+                ]
                 for flash, speed in self.flash_speeds.items()
             },
             "layer_files": [[f.model, f.first, f.end] for f in self.layer_files],
             "accept_layers": self.accept_layers,
             "host": self.host,
             "cpus": self.cpus,
+            "context_s_per_byte": self.context_s_per_byte,
         }
 
     @classmethod
@@ -98,6 +105,9 @@ class NodeCaps:
             free = data["free_memory"]
             decode = float(data["decode_s_per_byte"])
             prefill = float(data["prefill_s_per_byte"])
+            context = float(data.get("context_s_per_byte", 0.0))
+            if not 0 <= context < math.inf:
+                raise ValueError("context_s_per_byte must be finite and not negative")
             threads = int(data.get("threads", 1))
             if not 1 <= threads <= MAX_THREADS:
                 raise ValueError(f"threads must be 1..{MAX_THREADS}")
@@ -128,6 +138,7 @@ class NodeCaps:
             accept_layers=_parse_budget(node_id, data.get("accept_layers", 0)),
             host=_parse_host(node_id, data.get("host", "")),
             cpus=_parse_cpus(node_id, data.get("cpus", 0)),
+            context_s_per_byte=context,
         )
 
 
@@ -190,17 +201,23 @@ _FLASH_KEYS = {True: "on", False: "off"}
 
 
 def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
-    """{"on": [decode, prefill], "off": [...]} → speeds by flash setting; bad figures refused."""
+    """{"on": [decode, prefill(, context)], "off": [...]} → speeds by flash setting; bad
+    figures refused."""
     if raw is None:
         return {}
     speeds: dict[bool, Speed] = {}
     try:
         for flash, key in _FLASH_KEYS.items():
             if key in raw:
-                decode, prefill = (float(x) for x in raw[key])
+                figures = [float(x) for x in raw[key]]
+                if len(figures) == 2:  # from a node that does not measure the context term
+                    figures.append(0.0)
+                decode, prefill, context = figures
                 if not (0 < decode < math.inf and 0 < prefill < math.inf):
                     raise ValueError("speeds must be positive and finite")
-                speeds[flash] = Speed(decode, prefill)
+                if not 0 <= context < math.inf:
+                    raise ValueError("the context term must be finite and not negative")
+                speeds[flash] = Speed(decode, prefill, context)
     except (TypeError, ValueError, AttributeError) as exc:
         raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
     return speeds
@@ -310,6 +327,7 @@ def local_caps(
         fingerprint=model.fingerprint if model else None,
         decode_s_per_byte=calib.decode_s_per_byte if calib else 0.0,
         prefill_s_per_byte=calib.prefill_s_per_byte if calib else 0.0,
+        context_s_per_byte=calib.context_s_per_byte if calib else 0.0,
         threads=calib.threads if calib else 1,
         rtt_ms=dict(rtt_ms or {}),
         model_path=str(model.path) if model else "",

@@ -83,7 +83,11 @@ class ObservedSpeeds:
         factor = self.factor(caps.node_id)
         if factor == 1.0:
             return caps
-        return replace(caps, decode_s_per_byte=caps.decode_s_per_byte * factor)
+        return replace(
+            caps,
+            decode_s_per_byte=caps.decode_s_per_byte * factor,
+            context_s_per_byte=caps.context_s_per_byte * factor,
+        )
 
     def forget(self, node: str) -> None:
         self._ratios.pop(node, None)

@@ -165,11 +165,20 @@ class StageCost:
     kv_bytes_per_token: int  # KV cache its layers read per token of context
     s_per_byte: float  # the node's calibrated decode speed
     charge: float  # for sharing its host's cores (Planner.share_charges)
+    context_s_per_byte: float = 0.0  # the node's measured context term (0: not measured)
 
     def seconds(self, extra_context: int) -> float:
-        """Predicted compute at `extra_context` tokens beyond the calibration's own."""
-        read = self.weight_bytes + self.kv_bytes_per_token * max(0, extra_context)
-        return read * self.s_per_byte * self.charge + STAGE_OVERHEAD_S
+        """Predicted compute at `extra_context` tokens beyond the calibration's own: the
+        node's measured context term if it has one, else its KV cache's bytes read at its
+        decode speed (SmolLM2 decodes 9-17% slower at position 600 than at 128, its KV bytes
+        say 11%; the 1B synthetic model 7% slower at 512, its KV bytes say 1%)."""
+        context = max(0, extra_context)
+        if self.context_s_per_byte > 0:
+            per_byte = self.s_per_byte + self.context_s_per_byte * context
+            compute = self.weight_bytes * per_byte
+        else:
+            compute = (self.weight_bytes + self.kv_bytes_per_token * context) * self.s_per_byte
+        return compute * self.charge + STAGE_OVERHEAD_S
 
 
 @dataclass(frozen=True)
@@ -206,8 +215,8 @@ class Planner:
         self.n_ctx = n_ctx
         self.sessions = sessions
         # Decode reads the KV cache as well as the weights: at a typical position (half the
-        # context) beyond the one the calibration decoded at, which its speed already holds.
-        # SmolLM2 decodes 9-17% slower at position 600 than at 128, its KV bytes say 11%.
+        # context) beyond the one the calibration decoded at, which its speed already holds
+        # (StageCost.seconds).
         self.extra_context = extra_context(n_ctx // 2)
         self.nodes: dict[str, NodeCaps] = {}
         for caps in nodes:
@@ -259,14 +268,24 @@ class Planner:
         rtt = DEFAULT_RTT_MS if rtt is None else rtt
         return rtt / 2000 + HOP_OVERHEAD_S + self.needs.hidden_bytes / LINK_BYTES_PER_S
 
-    def _stage_s(self, node: str, first: int, end: int, per_byte: float, context: int = 0) -> float:
+    def _stage_s(self, node: str, first: int, end: int, per_byte: float) -> float:
+        """A prompt chunk's stage time (per token) at `per_byte`."""
         last = end == self.needs.n_layers
-        kv = self.needs.kv_bytes_per_token_layer * (end - first) * context
-        return (self.needs.weights(first, end, last) + kv) * per_byte + STAGE_OVERHEAD_S
+        return self.needs.weights(first, end, last) * per_byte + STAGE_OVERHEAD_S
 
     def _decode_s(self, node: str, first: int, end: int, charge: float = 1.0) -> float:
-        per_byte = self.nodes[node].decode_s_per_byte * charge
-        return self._stage_s(node, first, end, per_byte, self.extra_context)
+        return self._cost(node, first, end, charge).seconds(self.extra_context)
+
+    def _cost(self, node: str, first: int, end: int, charge: float) -> StageCost:
+        caps = self.nodes[node]
+        return StageCost(
+            node=node,
+            weight_bytes=self.needs.weights(first, end, end == self.needs.n_layers),
+            kv_bytes_per_token=self.needs.kv_bytes_per_token_layer * (end - first),
+            s_per_byte=caps.decode_s_per_byte,
+            charge=charge,
+            context_s_per_byte=caps.context_s_per_byte,
+        )
 
     def share_charges(self, nodes: Iterable[str]) -> dict[str, float]:
         """What each of `nodes` (one plan's) pays for sharing its host's cores with the others
@@ -289,19 +308,7 @@ class Planner:
         """The model behind `predict` for each stage of `plan`, at any context length: what
         an observed stage compute is compared with (meshchat.inference.observed_speed)."""
         charges = self.share_charges(plan.nodes)
-        costs = []
-        for s in plan.stages:
-            last = s.end == self.needs.n_layers
-            costs.append(
-                StageCost(
-                    node=s.node,
-                    weight_bytes=self.needs.weights(s.first, s.end, last),
-                    kv_bytes_per_token=self.needs.kv_bytes_per_token_layer * (s.end - s.first),
-                    s_per_byte=self.nodes[s.node].decode_s_per_byte,
-                    charge=charges[s.node],
-                )
-            )
-        return costs
+        return [self._cost(s.node, s.first, s.end, charges[s.node]) for s in plan.stages]
 
     def predict(self, plan: Plan) -> Prediction:
         charges = self.share_charges(plan.nodes)
