@@ -44,7 +44,7 @@ _COMPUTE_SLACK = 4 * _MIB  # graph bookkeeping beyond the widest tensors (measur
 # and three processes' event loops wake on the same cores. Each stage on such a host costs
 # 1 + SHARE_COST x (threads - cores) / cores times its calibrated compute. Fitted on the 1B
 # bench (2 vCPUs, 2 threads a node): mesh3's stage compute was 35.5 ms against 29.1 predicted
-# without it, 34.9 with it (test_planner.py::test_the_mesh3_bench_row_is_charged_for_sharing).
+# without it, 34.9 with it (test_observed_speed.py::test_the_mesh3_bench_row_is_charged_...).
 SHARE_COST = 0.1
 MAX_SHARE_CHARGE = 4.0  # whatever nodes claim about their host, no stage costs more than this
 
