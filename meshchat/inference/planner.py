@@ -170,8 +170,8 @@ class StageCost:
     def seconds(self, extra_context: int) -> float:
         """Predicted compute at `extra_context` tokens beyond the calibration's own: the
         node's measured context term if it has one, else its KV cache's bytes read at its
-        decode speed (SmolLM2 decodes 9-17% slower at position 600 than at 128, its KV bytes
-        say 11%; the 1B synthetic model 7% slower at 512, its KV bytes say 1%)."""
+        decode speed (the probe: SmolLM2 decodes 16-17% slower at 512 than near 152, its KV
+        bytes say 11%; the 1B synthetic model 5% slower, its KV bytes say 1%)."""
         context = max(0, extra_context)
         if self.context_s_per_byte > 0:
             per_byte = self.s_per_byte + self.context_s_per_byte * context

@@ -48,8 +48,9 @@ PROFILE_FORMAT = 2  # 2: with the context term and the load (older records are m
 PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
 DECODE_TOKENS = 24
 # Decode is timed again from here: the context term from two points (the KV cache's bytes alone
-# said 1% slower at 512 than at 140 on the 1B synthetic model; its decode took 7% longer).
+# said 1% slower at 512 than at 140 on the 1B synthetic model; its decode took 5% longer).
 FAR_POSITION = 512
+MAX_CONTEXT_SLOWDOWN = 2.0  # decode at FAR_POSITION at most 3 times as long as near the start
 # A probe that takes longer than this has hung: generous, since a slow disk pages in the
 # weights first (SmolLM2's probe takes about 1 s here).
 PROBE_BASE_TIMEOUT_S = 60.0
@@ -338,16 +339,17 @@ def _probe(target: ProbeTarget, profile: EngineProfile, output: Path) -> Trial:
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         decode_s, prefill_s = _positive(result["decode_s"]), _positive(result["prefill_s"])
-        far_s = result.get("decode_far_s")
-        far_s = decode_s if far_s is None else _positive(far_s)
+        context_s = _non_negative(result.get("context_s") or 0.0)
         finite = result["finite"] is True
     except (ValueError, KeyError, IndexError, TypeError):
         return Trial(profile, TrialOutcome.NONSENSE, None, "unreadable answer")
     if not finite or not output.exists():
         return Trial(profile, TrialOutcome.NONSENSE, None, "non-finite output")
     bytes_ = max(target.weight_bytes, 1)
-    context = max(0.0, far_s - decode_s) / (FAR_POSITION - PREFILL_TOKENS) / bytes_
-    return Trial(profile, TrialOutcome.OK, Speed(decode_s / bytes_, prefill_s / bytes_, context))
+    # At most MAX_CONTEXT_SLOWDOWN slower at FAR_POSITION: a figure beyond is the load's.
+    context = min(context_s, MAX_CONTEXT_SLOWDOWN * decode_s / (FAR_POSITION - PREFILL_TOKENS))
+    speed = Speed(decode_s / bytes_, prefill_s / bytes_, context / bytes_)
+    return Trial(profile, TrialOutcome.OK, speed)
 
 
 def _run_child(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str] | None:
