@@ -44,7 +44,7 @@ from meshchat.paths import DataDir, machine_cache_dir
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 2  # 2: with the context term and the load (older records are measured again)
+PROFILE_FORMAT = 3  # 3: the context term measured in turns, and the load (older: measured again)
 PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
 DECODE_TOKENS = 24
 # Decode is timed again from here: the context term from two points (the KV cache's bytes alone
