@@ -24,7 +24,7 @@ from meshchat.engine.sampling import SamplingParams
 from meshchat.engine.stage import Stage
 from meshchat.engine.tokenizer import Tokenizer
 from meshchat.inference.local import LocalPipeline
-from meshchat.inference.profiling import Calibration
+from meshchat.inference.profiling import FAR_POSITION, PREFILL_TOKENS, Calibration
 from meshchat.model.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -315,6 +315,9 @@ def engine_report(calibration: Calibration) -> dict[str, object]:
         if trial.speed is not None:
             entry["decode_s_per_gb"] = round(trial.speed.decode_s_per_byte * 1e9, 4)
             entry["prefill_s_per_gb"] = round(trial.speed.prefill_s_per_byte * 1e9, 4)
+            # How much slower a token decodes at the probe's far position than near its start.
+            far = (FAR_POSITION - PREFILL_TOKENS) * trial.speed.context_s_per_byte
+            entry["decode_slower_far"] = round(far / trial.speed.decode_s_per_byte, 3)
         if trial.detail:
             entry["detail"] = trial.detail
         trials.append(entry)
@@ -323,6 +326,7 @@ def engine_report(calibration: Calibration) -> dict[str, object]:
         "label": calibration.profile.label,
         "system_info": calibration.system_info,
         "measured_layers": list(calibration.measured_layers),
+        "load_per_cpu": calibration.load_per_cpu,
         "trials": trials,
     }
 

@@ -57,6 +57,9 @@ def test_bench_json_on_a_tiny_synthetic_model(smollm2: Path, tmp_path: Path) -> 
         assert report[f"{mesh}_failovers"] == 0
         assert report[f"{mesh}_predicted_decode_tok_s"] > 0
         assert f"{mesh}_prediction_error" in report
+        # Predicted again with the speeds the row's stages showed (observed_speed).
+        assert report[f"{mesh}_observed_predicted_decode_tok_s"] > 0
+        assert f"{mesh}_observed_prediction_error" in report
     assert 0 < report["hop_latency_ms_p50"] <= report["hop_latency_ms_p99"]
     # mesh2's decode tokens make 2 hops, mesh3's 3 (whose workers' marks may not all be on
     # disk when the head reads them); the parts are medians of >= 0 spans.

@@ -19,6 +19,7 @@ from meshchat.engine.profile import EngineProfile
 from meshchat.engine.stage import StageOptions
 from meshchat.errors import MeshchatError, UsageError
 from meshchat.inference import profiling
+from meshchat.inference.host import HOST_ID_CHARS, host_cpus, host_id
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.profiling import Calibration, Notify, Speed
 from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
@@ -49,6 +50,11 @@ class NodeCaps:
     # gives to layers fetched from peers; 0: it takes no layers over the network.
     layer_files: tuple[LayerFile, ...] = ()
     accept_layers: int = 0
+    # The machine it runs on (meshchat.inference.host: a hash, "" unknown) and that machine's
+    # CPUs (0 unknown): stages on one host share its cores (Planner.share_charges).
+    host: str = ""
+    cpus: int = 0
+    context_s_per_byte: float = 0.0  # Speed.context_s_per_byte (0: the planner counts KV bytes)
 
     def offers(self, model: str, first: int, end: int) -> bool:
         """Whether this node can send layers [first, end) of `model` as a file."""
@@ -63,6 +69,7 @@ class NodeCaps:
             self,
             decode_s_per_byte=speed.decode_s_per_byte,
             prefill_s_per_byte=speed.prefill_s_per_byte,
+            context_s_per_byte=speed.context_s_per_byte,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -77,11 +84,18 @@ class NodeCaps:
             "model_path": self.model_path,
             "peers": list(self.peers),
             "flash_speeds": {
-                _FLASH_KEYS[flash]: [speed.decode_s_per_byte, speed.prefill_s_per_byte]
+                _FLASH_KEYS[flash]: [
+                    speed.decode_s_per_byte,
+                    speed.prefill_s_per_byte,
+                    speed.context_s_per_byte,
+                ]
                 for flash, speed in self.flash_speeds.items()
             },
             "layer_files": [[f.model, f.first, f.end] for f in self.layer_files],
             "accept_layers": self.accept_layers,
+            "host": self.host,
+            "cpus": self.cpus,
+            "context_s_per_byte": self.context_s_per_byte,
         }
 
     @classmethod
@@ -91,7 +105,12 @@ class NodeCaps:
             free = data["free_memory"]
             decode = float(data["decode_s_per_byte"])
             prefill = float(data["prefill_s_per_byte"])
+            context = float(data.get("context_s_per_byte", 0.0))
+            if not 0 <= context < math.inf:
+                raise ValueError("context_s_per_byte must be finite and not negative")
             threads = int(data.get("threads", 1))
+            if not 1 <= threads <= MAX_THREADS:
+                raise ValueError(f"threads must be 1..{MAX_THREADS}")
             rtts = {
                 str(k): float(v)
                 for k, v in dict(data.get("rtt_ms") or {}).items()
@@ -117,6 +136,9 @@ class NodeCaps:
             flash_speeds=flash_speeds,
             layer_files=_parse_layer_files(node_id, data.get("layer_files")),
             accept_layers=_parse_budget(node_id, data.get("accept_layers", 0)),
+            host=_parse_host(node_id, data.get("host", "")),
+            cpus=_parse_cpus(node_id, data.get("cpus", 0)),
+            context_s_per_byte=context,
         )
 
 
@@ -159,21 +181,43 @@ def _parse_budget(node_id: str, raw: Any) -> int:
     return raw
 
 
+MAX_THREADS = 4096  # threads or CPUs one node may claim
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_host(node_id: str, raw: Any) -> str:
+    if not (isinstance(raw, str) and len(raw) <= HOST_ID_CHARS and set(raw) <= _HEX):
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad host")
+    return raw
+
+
+def _parse_cpus(node_id: str, raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw <= MAX_THREADS:
+        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad cpus")
+    return raw
+
+
 _FLASH_KEYS = {True: "on", False: "off"}
 
 
 def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
-    """{"on": [decode, prefill], "off": [...]} → speeds by flash setting; bad figures refused."""
+    """{"on": [decode, prefill(, context)], "off": [...]} → speeds by flash setting; bad
+    figures refused."""
     if raw is None:
         return {}
     speeds: dict[bool, Speed] = {}
     try:
         for flash, key in _FLASH_KEYS.items():
             if key in raw:
-                decode, prefill = (float(x) for x in raw[key])
+                figures = [float(x) for x in raw[key]]
+                if len(figures) == 2:  # from a node that does not measure the context term
+                    figures.append(0.0)
+                decode, prefill, context = figures
                 if not (0 < decode < math.inf and 0 < prefill < math.inf):
                     raise ValueError("speeds must be positive and finite")
-                speeds[flash] = Speed(decode, prefill)
+                if not 0 <= context < math.inf:
+                    raise ValueError("the context term must be finite and not negative")
+                speeds[flash] = Speed(decode, prefill, context)
     except (TypeError, ValueError, AttributeError) as exc:
         raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
     return speeds
@@ -283,6 +327,7 @@ def local_caps(
         fingerprint=model.fingerprint if model else None,
         decode_s_per_byte=calib.decode_s_per_byte if calib else 0.0,
         prefill_s_per_byte=calib.prefill_s_per_byte if calib else 0.0,
+        context_s_per_byte=calib.context_s_per_byte if calib else 0.0,
         threads=calib.threads if calib else 1,
         rtt_ms=dict(rtt_ms or {}),
         model_path=str(model.path) if model else "",
@@ -290,6 +335,8 @@ def local_caps(
         flash_speeds=_flash_speeds(calib) if calib else {},
         layer_files=layer_files,
         accept_layers=accept_layers,
+        host=host_id(),
+        cpus=host_cpus(),
     )
 
 

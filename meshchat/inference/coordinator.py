@@ -24,8 +24,17 @@ from meshchat.inference.capabilities import (
     local_caps,
 )
 from meshchat.inference.local_model import LocalModel
-from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost
-from meshchat.inference.planner import ModelNeeds, Plan, PlanChoice, PlanError, Planner
+from meshchat.inference.mesh_pipeline import MeshPipeline, StageLost, StepTiming
+from meshchat.inference.observed_speed import ObservedSpeeds
+from meshchat.inference.planner import (
+    ModelNeeds,
+    Plan,
+    PlanChoice,
+    PlanError,
+    Planner,
+    StageCost,
+    extra_context,
+)
 from meshchat.inference.profiling import DECODE_TIE
 from meshchat.inference.seeding import TransferWatch, transfers, with_seedable
 from meshchat.mesh import wire
@@ -73,6 +82,9 @@ class MeshCoordinator:
         self.seeding = seeding_for(node)
         self.seeding.server.offer(model.fingerprint, model.header)
         self.pipeline: MeshPipeline | None = None  # the last one `make_pipeline()` made
+        # Each node's decode speed as the running plans show it; plans use it (see planner()).
+        self.observed = ObservedSpeeds()
+        self._costs: tuple[str, list[StageCost]] | None = None  # by plan_id, for `observe`
 
     def _own_stage_memory(self) -> int:
         """Bytes the head's own stage of the running plan holds (freed by the next plan)."""
@@ -184,9 +196,27 @@ class MeshCoordinator:
         flash = self.flash_attn if self.flash_attn is not None else self._best_flash(caps)
         return self._planner_for(caps, flash)
 
-    def _planner_for(self, caps: list[NodeCaps], flash_attn: bool) -> Planner:
+    def _planner_for(
+        self, caps: list[NodeCaps], flash_attn: bool, observed: bool = True
+    ) -> Planner:
+        """`observed`: each node's decode speed corrected by what its stages showed."""
         offers = [offer for c in caps if (offer := c.for_flash(flash_attn)) is not None]
+        if observed:
+            offers = [self.observed.corrected(offer) for offer in offers]
         return Planner(self.needs, offers, self.head, self.n_ctx, self.sessions)
+
+    def observe(self, plan: Plan, position: int, step: StepTiming) -> None:
+        """Learn each stage's speed from one decode step of `plan` (MeshPipeline reports it)."""
+        if self._costs is None or self._costs[0] != plan.plan_id:
+            caps = [self.caps[n] for n in plan.nodes if n in self.caps]
+            if len(caps) != len(plan.stages):
+                return  # a node we have no capabilities of: nothing to compare with
+            raw = self._planner_for(caps, bool(self.flash_attn), observed=False)
+            if any(n not in raw.nodes for n in plan.nodes):
+                return
+            self._costs = (plan.plan_id, raw.stage_costs(plan))
+        costs = self._costs[1]
+        self.observed.observe(costs, extra_context(position), step.wall_s, step.stage_compute_s)
 
     def _best_flash(self, caps: list[NodeCaps]) -> bool:
         """The flash setting for this head's plans (see `choose_flash`)."""
@@ -246,6 +276,7 @@ class MeshCoordinator:
             fetch_allowance=self.fetch_allowance,
             **options,
         )
+        self.pipeline.on_decode_step = self.observe
         return self.pipeline
 
     def fetch_allowance(self, plan: Plan) -> dict[str, float]:

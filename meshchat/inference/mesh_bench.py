@@ -97,6 +97,8 @@ class MeshRows:
         self.fits_one_node: dict[str, bool] = {}  # the planner's view, under those budgets
         self.predicted: dict[str, Prediction] = {}  # the planner's figures for each row
         self.predicted_solo: Prediction | None = None  # the whole model on the head
+        # What each row's planner sees, to predict again with the speeds its stages showed.
+        self._planning: dict[str, tuple[MeshCoordinator, list[NodeCaps], Plan]] = {}
         self._measured: dict[str, list[float]] = {}
         # Per decode step: the stages' compute (as they report it) and the rest of the wall time.
         self._compute_s: dict[str, list[float]] = {}
@@ -199,6 +201,7 @@ class MeshRows:
                 solo = Plan((StagePlan(nodes[0], 0, model.n_layers),))
                 self.predicted_solo = whole.predict(solo)
             self.predicted[name] = planner.predict(plan)
+            self._planning[name] = (coordinator, offers, plan)
             self.fits_one_node[name] = bool(planner.search(1))
             self._pipelines[name] = await coordinator.start(plan)
 
@@ -271,6 +274,16 @@ class MeshRows:
                     predicted.decode_tok_s / measured - 1, 3
                 )
                 accuracy[f"{name}_predicted_compute_ms"] = round(predicted.compute_s * 1000, 3)
+                # The same plan predicted again with each node's speed as its stages showed it
+                # in this row's runs (observed_speed): what the next plan would be told.
+                coordinator, offers, plan = self._planning[name]
+                observed = coordinator.planner(offers).predict(plan)
+                accuracy[f"{name}_observed_predicted_decode_tok_s"] = round(
+                    observed.decode_tok_s, 1
+                )
+                accuracy[f"{name}_observed_prediction_error"] = round(
+                    observed.decode_tok_s / measured - 1, 3
+                )
                 accuracy[f"{name}_predicted_network_ms"] = round(predicted.network_s * 1000, 3)
                 accuracy[f"{name}_compute_ms"] = _median_ms(self._compute_s[name])
                 accuracy[f"{name}_network_ms"] = _median_ms(self._network_s[name])

@@ -203,6 +203,9 @@ class MeshPipeline:
         self.wire_bytes = 0  # activation frame bytes the head sent (one hop)
         self.wire_tokens = 0
         self.failovers = 0
+        # Told of every decode step's stage compute (the plan, the token's position, the
+        # timing): the coordinator learns each node's speed from it (observed_speed).
+        self.on_decode_step: Callable[[Plan, int, StepTiming], None] | None = None
         hop_timing.enable_from_env()
         self.on_failover: Callable[[FailoverNote], None] | None = None  # set by a UI
         node.on_arrival(wire.Token, self._on_token)
@@ -440,6 +443,8 @@ class MeshPipeline:
             )
             self.last_step = StepTiming(time.perf_counter() - started, [micros / 1e6])
             self.totals.add(self.last_step)
+            if n_tokens == 1:
+                self._report_step(position)
             return token
         last_position = position + sum(len(c) for c in chunks[:-1])
         key = (s.wire_id, last_position)
@@ -469,7 +474,12 @@ class MeshPipeline:
         if decode:
             # Decode: one hop per remote stage, and one back to the head.
             self.hop_samples.append(self.last_step.network_s / (len(self._remote) + 1))
+            self._report_step(last_position)
         return int(token)
+
+    def _report_step(self, position: int) -> None:
+        if self.on_decode_step is not None and self._plan is not None:
+            self.on_decode_step(self._plan, position, self.last_step)
 
     def _local_only(self, local_id: str, position: int, chunks: list[list[int]]) -> tuple[int, int]:
         """(Worker thread.) The whole model runs here: the same calls a remote chain would get."""

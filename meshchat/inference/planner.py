@@ -39,6 +39,19 @@ MAX_STAGES = 8  # the most stages a plan has (more hops cost more than they save
 # buffers: 2 x 96 MiB for SmolLM2 at 512 rows).
 STAGE_BATCH = 256
 _COMPUTE_SLACK = 4 * _MIB  # graph bookkeeping beyond the widest tensors (measured 1-3.4 MiB)
+# Stages whose nodes share one host and, together, run more threads than it has cores pay
+# for it even though a chain computes one stage at a time: idle llama.cpp threads still spin
+# and three processes' event loops wake on the same cores. Each stage on such a host costs
+# 1 + SHARE_COST x (threads - cores) / cores times its calibrated compute. Fitted on the 1B
+# bench (2 vCPUs, 2 threads a node): mesh3's stage compute was 35.5 ms against 29.1 predicted
+# without it, 34.9 with it (test_observed_speed.py::test_the_mesh3_bench_row_is_charged_...).
+SHARE_COST = 0.1
+MAX_SHARE_CHARGE = 4.0  # whatever nodes claim about their host, no stage costs more than this
+
+
+def extra_context(position: int) -> int:
+    """Tokens of context at `position` beyond those the calibration decoded with."""
+    return max(0, position - (PROBE_PREFILL + PROBE_DECODE // 2))
 
 
 class PlanError(MeshchatError):
@@ -144,6 +157,31 @@ class ModelNeeds:
 
 
 @dataclass(frozen=True)
+class StageCost:
+    """The planner's decode cost of one stage of a plan, before any observed correction."""
+
+    node: str
+    weight_bytes: int  # its layers' weights (and the output matrix if last)
+    kv_bytes_per_token: int  # KV cache its layers read per token of context
+    s_per_byte: float  # the node's calibrated decode speed
+    charge: float  # for sharing its host's cores (Planner.share_charges)
+    context_s_per_byte: float = 0.0  # the node's measured context term (0: not measured)
+
+    def seconds(self, extra_context: int) -> float:
+        """Predicted compute at `extra_context` tokens beyond the calibration's own: the
+        node's measured context term if it has one, else its KV cache's bytes read at its
+        decode speed (the probe: SmolLM2 decodes 16-17% slower at 512 than near 152, its KV
+        bytes say 11%; the 1B synthetic model 5% slower, its KV bytes say 1%)."""
+        context = max(0, extra_context)
+        if self.context_s_per_byte > 0:
+            per_byte = self.s_per_byte + self.context_s_per_byte * context
+            compute = self.weight_bytes * per_byte
+        else:
+            compute = (self.weight_bytes + self.kv_bytes_per_token * context) * self.s_per_byte
+        return compute * self.charge + STAGE_OVERHEAD_S
+
+
+@dataclass(frozen=True)
 class Prediction:
     decode_s: float  # per token, compute + network
     compute_s: float
@@ -177,9 +215,9 @@ class Planner:
         self.n_ctx = n_ctx
         self.sessions = sessions
         # Decode reads the KV cache as well as the weights: at a typical position (half the
-        # context) beyond the one the calibration decoded at, which its speed already holds.
-        # SmolLM2 decodes 9-17% slower at position 600 than at 128, its KV bytes say 11%.
-        self.extra_context = max(0, n_ctx // 2 - (PROBE_PREFILL + PROBE_DECODE // 2))
+        # context) beyond the one the calibration decoded at, which its speed already holds
+        # (StageCost.seconds).
+        self.extra_context = extra_context(n_ctx // 2)
         self.nodes: dict[str, NodeCaps] = {}
         for caps in nodes:
             self.nodes.setdefault(caps.node_id, caps)
@@ -230,17 +268,51 @@ class Planner:
         rtt = DEFAULT_RTT_MS if rtt is None else rtt
         return rtt / 2000 + HOP_OVERHEAD_S + self.needs.hidden_bytes / LINK_BYTES_PER_S
 
-    def _stage_s(self, node: str, first: int, end: int, per_byte: float, context: int = 0) -> float:
+    def _stage_s(self, node: str, first: int, end: int, per_byte: float) -> float:
+        """A prompt chunk's stage time (per token) at `per_byte`."""
         last = end == self.needs.n_layers
-        kv = self.needs.kv_bytes_per_token_layer * (end - first) * context
-        return (self.needs.weights(first, end, last) + kv) * per_byte + STAGE_OVERHEAD_S
+        return self.needs.weights(first, end, last) * per_byte + STAGE_OVERHEAD_S
 
-    def _decode_s(self, node: str, first: int, end: int) -> float:
-        per_byte = self.nodes[node].decode_s_per_byte
-        return self._stage_s(node, first, end, per_byte, self.extra_context)
+    def _decode_s(self, node: str, first: int, end: int, charge: float = 1.0) -> float:
+        return self._cost(node, first, end, charge).seconds(self.extra_context)
+
+    def _cost(self, node: str, first: int, end: int, charge: float) -> StageCost:
+        caps = self.nodes[node]
+        return StageCost(
+            node=node,
+            weight_bytes=self.needs.weights(first, end, end == self.needs.n_layers),
+            kv_bytes_per_token=self.needs.kv_bytes_per_token_layer * (end - first),
+            s_per_byte=caps.decode_s_per_byte,
+            charge=charge,
+            context_s_per_byte=caps.context_s_per_byte,
+        )
+
+    def share_charges(self, nodes: Iterable[str]) -> dict[str, float]:
+        """What each of `nodes` (one plan's) pays for sharing its host's cores with the others
+        (1.0: alone on its host, or a host with cores enough for all their threads)."""
+        by_host: dict[str, list[NodeCaps]] = {}
+        for node in nodes:
+            caps = self.nodes.get(node)
+            if caps is not None and caps.host and caps.cpus > 0:
+                by_host.setdefault(caps.host, []).append(caps)
+        charges = dict.fromkeys(nodes, 1.0)
+        for members in by_host.values():
+            cores = min(c.cpus for c in members)
+            threads = sum(min(max(c.threads, 1), cores) for c in members)
+            charge = 1 + SHARE_COST * max(0, threads - cores) / cores
+            for caps in members:
+                charges[caps.node_id] = min(charge, MAX_SHARE_CHARGE)
+        return charges
+
+    def stage_costs(self, plan: Plan) -> list[StageCost]:
+        """The model behind `predict` for each stage of `plan`, at any context length: what
+        an observed stage compute is compared with (meshchat.inference.observed_speed)."""
+        charges = self.share_charges(plan.nodes)
+        return [self._cost(s.node, s.first, s.end, charges[s.node]) for s in plan.stages]
 
     def predict(self, plan: Plan) -> Prediction:
-        compute = sum(self._decode_s(s.node, s.first, s.end) for s in plan.stages)
+        charges = self.share_charges(plan.nodes)
+        compute = sum(self._decode_s(s.node, s.first, s.end, charges[s.node]) for s in plan.stages)
         route = [self.head, *plan.nodes, self.head]
         network = sum(self.hop_s(a, b) for a, b in itertools.pairwise(route))
         # Prompt chunks flow through the chain: the slowest stage sets the pace.
@@ -335,6 +407,7 @@ class Planner:
         inf = float("inf")
         cost = {0: 0.0}
         back: list[dict[int, int]] = []
+        charges = self.share_charges(order)
         for j, node in enumerate(order):
             nxt: dict[int, float] = {}
             choice: dict[int, int] = {}
@@ -346,7 +419,7 @@ class Planner:
                         continue
                     if not self.fits(node, first, end):
                         continue
-                    total = base + self._decode_s(node, first, end)
+                    total = base + self._decode_s(node, first, end, charges[node])
                     if total < best:
                         best, arg = total, first
                 if arg >= 0:

@@ -44,9 +44,13 @@ from meshchat.paths import DataDir, machine_cache_dir
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 3  # 3: the context term measured in turns, and the load (older: measured again)
 PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
 DECODE_TOKENS = 24
+# Decode is timed again from here: the context term from two points (the KV cache's bytes alone
+# said 1% slower at 512 than at 140 on the 1B synthetic model; its decode took 5% longer).
+FAR_POSITION = 512
+MAX_CONTEXT_SLOWDOWN = 2.0  # decode at FAR_POSITION at most 3 times as long as near the start
 # A probe that takes longer than this has hung: generous, since a slow disk pages in the
 # weights first (SmolLM2's probe takes about 1 s here).
 PROBE_BASE_TIMEOUT_S = 60.0
@@ -57,6 +61,12 @@ DECODE_TIE = 0.03
 # Output further than this (times the safe profile's largest value) from the safe profile's
 # is nonsense. Flash attention moves SmolLM2's logits by 1.3% of their largest value.
 NONSENSE_DISTANCE = 0.1
+# A calibration taken while the machine ran more than LOADED runnable threads per CPU (the
+# 1-minute load average) measured other programs as much as llama.cpp: once the machine is
+# down to QUIET, it is measured again. A calibration taken under load stays in use while the
+# load lasts (measuring again then would measure the same load).
+LOADED = 0.75
+QUIET = 0.4
 
 
 Notify = Callable[[str], None]
@@ -74,6 +84,9 @@ class TrialOutcome(StrEnum):
 class Speed:
     decode_s_per_byte: float  # seconds per byte of layer weights, per decoded token
     prefill_s_per_byte: float  # the same per prompt token, in a batch
+    # What each token of context beyond the calibration's adds to a decoded token, per byte of
+    # weights (0: not measured; the planner then counts the KV cache's bytes).
+    context_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class Trial:
             "outcome": self.outcome.value,
             "decode_s_per_byte": self.speed.decode_s_per_byte if self.speed else None,
             "prefill_s_per_byte": self.speed.prefill_s_per_byte if self.speed else None,
+            "context_s_per_byte": self.speed.context_s_per_byte if self.speed else None,
             "detail": self.detail,
         }
 
@@ -98,7 +112,9 @@ class Trial:
         speed = None
         if outcome is TrialOutcome.OK:
             speed = Speed(
-                _positive(data["decode_s_per_byte"]), _positive(data["prefill_s_per_byte"])
+                _positive(data["decode_s_per_byte"]),
+                _positive(data["prefill_s_per_byte"]),
+                _non_negative(data.get("context_s_per_byte") or 0.0),
             )
         return cls(EngineProfile.from_json(data["profile"]), outcome, speed, str(data["detail"]))
 
@@ -118,6 +134,7 @@ class Calibration:
     trials: tuple[Trial, ...]
     measured_layers: tuple[int, int]  # the model, or a prefix of it that fits memory
     system_info: str  # llama.cpp's line for this build and CPU
+    load_per_cpu: float | None = None  # the machine's load when measured (None: not recorded)
 
     @property
     def threads(self) -> int:
@@ -130,6 +147,10 @@ class Calibration:
     @property
     def prefill_s_per_byte(self) -> float:
         return self.speed().prefill_s_per_byte
+
+    @property
+    def context_s_per_byte(self) -> float:
+        return self.speed().context_s_per_byte
 
     def best_trial(self, flash_attn: bool | None = None) -> Trial | None:
         """The best safe trial, or the best one with this flash attention setting."""
@@ -158,19 +179,49 @@ class Calibration:
             "trials": [t.to_json() for t in self.trials],
             "measured_layers": list(self.measured_layers),
             "system_info": self.system_info,
+            "load_per_cpu": self.load_per_cpu,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> Calibration:
         trials = tuple(Trial.from_json(t) for t in data["trials"])
         first, end = (int(x) for x in data["measured_layers"])
+        load = data.get("load_per_cpu")
         calibration = cls(
-            EngineProfile.from_json(data["profile"]), trials, (first, end), str(data["system_info"])
+            EngineProfile.from_json(data["profile"]),
+            trials,
+            (first, end),
+            str(data["system_info"]),
+            None if load is None else _non_negative(load),
         )
         best = calibration.best_trial()
         if best is None or best.profile != calibration.profile:
             raise ValueError("the recorded profile is not the best of its trials")
         return calibration
+
+
+def _non_negative(value: Any) -> float:
+    """A non-negative finite figure (a load, a context rate)."""
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"not a non-negative figure: {value!r}")
+    return number
+
+
+def load_per_cpu() -> float | None:
+    """Runnable threads per CPU over the last minute (None where the OS does not tell)."""
+    try:
+        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+    except OSError:
+        return None
+
+
+def measured_under_load(calibration: Calibration, load_now: float | None) -> bool:
+    """Whether `calibration` was taken while the machine was busy and it is quiet now."""
+    then = calibration.load_per_cpu
+    if then is None or load_now is None:
+        return False
+    return then > LOADED and load_now < QUIET
 
 
 def _best(trials: list[Trial]) -> Trial | None:
@@ -250,6 +301,8 @@ def _faster(earlier: Trial | None, latest: Trial) -> Trial:
     best = Speed(
         min(earlier.speed.decode_s_per_byte, latest.speed.decode_s_per_byte),
         min(earlier.speed.prefill_s_per_byte, latest.speed.prefill_s_per_byte),
+        # A difference of two timings: the least of two would favour the noisier one.
+        (earlier.speed.context_s_per_byte + latest.speed.context_s_per_byte) / 2,
     )
     return Trial(latest.profile, TrialOutcome.OK, best)
 
@@ -271,6 +324,7 @@ def _probe(target: ProbeTarget, profile: EngineProfile, output: Path) -> Trial:
         "prefill_tokens": PREFILL_TOKENS,
         "decode_tokens": DECODE_TOKENS,
         "output": str(output),
+        "far_position": FAR_POSITION,
     }
     command = [sys.executable, "-m", "meshchat.engine.probe", json.dumps(request)]
     done = _run_child(command, target.timeout_s)
@@ -285,13 +339,17 @@ def _probe(target: ProbeTarget, profile: EngineProfile, output: Path) -> Trial:
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         decode_s, prefill_s = _positive(result["decode_s"]), _positive(result["prefill_s"])
+        context_s = _non_negative(result.get("context_s") or 0.0)
         finite = result["finite"] is True
     except (ValueError, KeyError, IndexError, TypeError):
         return Trial(profile, TrialOutcome.NONSENSE, None, "unreadable answer")
     if not finite or not output.exists():
         return Trial(profile, TrialOutcome.NONSENSE, None, "non-finite output")
     bytes_ = max(target.weight_bytes, 1)
-    return Trial(profile, TrialOutcome.OK, Speed(decode_s / bytes_, prefill_s / bytes_))
+    # At most MAX_CONTEXT_SLOWDOWN slower at FAR_POSITION: a figure beyond is the load's.
+    context = min(context_s, MAX_CONTEXT_SLOWDOWN * decode_s / (FAR_POSITION - PREFILL_TOKENS))
+    speed = Speed(decode_s / bytes_, prefill_s / bytes_, context / bytes_)
+    return Trial(profile, TrialOutcome.OK, speed)
 
 
 def _run_child(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str] | None:
@@ -437,7 +495,8 @@ def calibration(
     cache_dir: Path | None = None,
     notify: Notify | None = None,
 ) -> Calibration:
-    """This machine's calibration for `model` at `threads`, measured once and cached.
+    """This machine's calibration for `model` at `threads`, measured once and cached (again
+    if it was taken under load and the machine is quiet now: `measured_under_load`).
 
     Nodes that start together on one machine take turns (a file lock), so the second reads the
     first's result instead of measuring while the first does. MeshchatError if no profile runs.
@@ -445,8 +504,11 @@ def calibration(
     path = cache_file(model, threads, cache_dir)
     with _locked(path):
         cached = None if remeasure else read_cached(path, threads)
-        if cached is not None:
+        load = load_per_cpu()
+        if cached is not None and not measured_under_load(cached, load):
             return cached
+        if cached is not None:
+            log.info("engine profile measured under load %.2f a CPU: measuring again", load)
         if notify is not None:
             notify(
                 f"measuring which llama.cpp settings run {model.path.name} best on this machine "
@@ -460,7 +522,9 @@ def calibration(
             failure = f"llama.cpp cannot run {model.path.name} here with any setting ({reasons})"
             _write(path, threads, None, failure)
             raise MeshchatError(failure)
-        result = Calibration(best.profile, tuple(trials), (target.first, target.end), system_info())
+        result = Calibration(
+            best.profile, tuple(trials), (target.first, target.end), system_info(), load
+        )
         log.info("engine profile for %s: %s", model.path.name, best.profile.label)
         _write(path, threads, result, "")
         return result
