@@ -230,4 +230,5 @@ async def test_a_members_layer_transfer_shows_in_its_state_cell(tmp_path: Path) 
         await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == want, 5, "cell")
         mesh.rows[0] = replace(mesh.rows[0], seeding="")
         await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == "idle", 5, "idle")
-        assert app.mesh_watch.peer_states.get(PEER_A) == "idle"  # the transfer is not a state change
+        # the transfer is not a state change
+        assert app.mesh_watch.peer_states.get(PEER_A) == "idle"
