@@ -19,10 +19,12 @@ from meshchat.engine.profile import EngineProfile, llama_defaults
 from meshchat.errors import MeshchatError
 from meshchat.inference import profiling
 from meshchat.inference.local_model import LocalModel
+from meshchat.inference.planner import Planner
 from meshchat.inference.profiling import Speed, Trial, TrialOutcome
 from meshchat.paths import DataDir
 from tests.cli_helpers import run_meshchat
 from tests.conftest import DEFAULT_THREADS
+from tests.test_planner import NEEDS
 
 PROMPT = "The three primary colours are"
 MEMORY = 8 << 30
@@ -163,6 +165,21 @@ def test_decode_decides_then_prefill_then_safety() -> None:
     chosen = best([_trial(True, True, 1.0, 1.0), _trial(False, False, 1.0, 1.0)])
     assert chosen is not None and chosen.profile == EngineProfile.safe(2)
     assert best([]) is None
+
+
+def test_settings_are_ranked_where_the_planner_prices_decode() -> None:
+    """This machine's SmolLM2 calibration (CI, AMD EPYC Zen 5): flash attention decodes 4%
+    faster near the start but reads its context 26% slower. Ranked near the start it was chosen,
+    while plans, priced at half the context, ran it off, and `generate` alone and on a mesh gave
+    different text. Both now price decode at the same position."""
+    ok = TrialOutcome.OK
+    on = Trial(EngineProfile(True, True, 2), ok, Speed(5.53e-11, 2.04e-11, 3.37e-14))
+    off = Trial(EngineProfile(False, False, 2), ok, Speed(5.74e-11, 2.12e-11, 2.67e-14))
+    chosen = profiling._best([on, off])
+    assert chosen is not None and not chosen.profile.flash_attn
+    assert Planner(NEEDS, [], "h", 2 * profiling.RANKED_AT).extra_context == (
+        profiling.extra_context(profiling.RANKED_AT)
+    )
 
 
 def test_profile_json_is_validated() -> None:

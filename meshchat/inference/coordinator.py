@@ -33,9 +33,8 @@ from meshchat.inference.planner import (
     PlanError,
     Planner,
     StageCost,
-    extra_context,
 )
-from meshchat.inference.profiling import DECODE_TIE
+from meshchat.inference.profiling import DECODE_TIE, extra_context
 from meshchat.inference.seeding import TransferWatch, transfers, with_seedable
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.local_model import LocalModel
-from meshchat.inference.profiling import DECODE_TOKENS as PROBE_DECODE
-from meshchat.inference.profiling import PREFILL_TOKENS as PROBE_PREFILL
+from meshchat.inference.profiling import extra_context
 from meshchat.model.architectures import allowed_split_points
 from meshchat.model.fingerprint import Fingerprint
 
@@ -47,11 +46,6 @@ _COMPUTE_SLACK = 4 * _MIB  # graph bookkeeping beyond the widest tensors (measur
 # without it, 34.9 with it (test_observed_speed.py::test_the_mesh3_bench_row_is_charged_...).
 SHARE_COST = 0.1
 MAX_SHARE_CHARGE = 4.0  # whatever nodes claim about their host, no stage costs more than this
-
-
-def extra_context(position: int) -> int:
-    """Tokens of context at `position` beyond those the calibration decoded with."""
-    return max(0, position - (PROBE_PREFILL + PROBE_DECODE // 2))
 
 
 class PlanError(MeshchatError):

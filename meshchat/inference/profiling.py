@@ -44,7 +44,7 @@ from meshchat.paths import DataDir, machine_cache_dir
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 3  # 3: the context term measured in turns, and the load (older: measured again)
+PROFILE_FORMAT = 4  # 4: ranked at RANKED_AT; 3: the context term in turns (older: measured again)
 PREFILL_TOKENS = 128  # decode is then timed at a realistic context length
 DECODE_TOKENS = 24
 # Decode is timed again from here: the context term from two points (the KV cache's bytes alone
@@ -58,6 +58,12 @@ PROBE_TIMEOUT_S_PER_GIB = 60.0
 STOP_POLL_S = 0.1  # how often a running probe checks that this process is not stopping
 # Within this fraction of the fastest decode, prefill decides; then the safer setting.
 DECODE_TIE = 0.03
+# Settings are ranked by decode at this position: half of the usual 4096-token context, where
+# the planner prices a plan's decode (Planner: n_ctx // 2). Ranked near the start instead,
+# SmolLM2 chose flash attention on here while plans, priced at 2048, ran it off (its context
+# term is 26% larger with flash attention): a mesh and `meshchat generate` alone then gave
+# different text.
+RANKED_AT = 2048
 # Output further than this (times the safe profile's largest value) from the safe profile's
 # is nonsense. Flash attention moves SmolLM2's logits by 1.3% of their largest value.
 NONSENSE_DISTANCE = 0.1
@@ -87,6 +93,15 @@ class Speed:
     # What each token of context beyond the calibration's adds to a decoded token, per byte of
     # weights (0: not measured; the planner then counts the KV cache's bytes).
     context_s_per_byte: float = 0.0
+
+    def decode_at(self, position: int) -> float:
+        """Seconds per byte of weights for a token decoded at `position`."""
+        return self.decode_s_per_byte + self.context_s_per_byte * extra_context(position)
+
+
+def extra_context(position: int) -> int:
+    """Tokens of context at `position` beyond those the calibration decoded with."""
+    return max(0, position - (PREFILL_TOKENS + DECODE_TOKENS // 2))
 
 
 @dataclass(frozen=True)
@@ -225,12 +240,13 @@ def measured_under_load(calibration: Calibration, load_now: float | None) -> boo
 
 
 def _best(trials: list[Trial]) -> Trial | None:
-    """Fastest decode; within DECODE_TIE of it, fastest prefill; then the safer setting."""
+    """Fastest decode at RANKED_AT; within DECODE_TIE of it, fastest prefill; then the safer
+    setting."""
     if not trials:
         return None
-    fastest = min(t.speed.decode_s_per_byte for t in trials if t.speed)
+    fastest = min(t.speed.decode_at(RANKED_AT) for t in trials if t.speed)
     near = [
-        t for t in trials if t.speed and t.speed.decode_s_per_byte <= fastest * (1 + DECODE_TIE)
+        t for t in trials if t.speed and t.speed.decode_at(RANKED_AT) <= fastest * (1 + DECODE_TIE)
     ]
     return min(near, key=lambda t: (t.speed.prefill_s_per_byte if t.speed else 0.0, _risk(t)))
 
