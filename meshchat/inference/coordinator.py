@@ -315,15 +315,10 @@ class MeshCoordinator:
                 if lost.node in left_out or len(left_out) >= MAX_MEMORY_REFUSALS:
                     raise
                 left_out.add(lost.node)
-                self.notify(f"{_refusal_line(lost)}; planning again without node {lost.node[:8]}")
+                why = lost.refusal or str(lost)
+                self.notify(f"{why}; planning again without node {lost.node[:8]}")
                 plan = await self.replan(left_out)
                 self.notify(f"new plan: {plan.describe(str(self.node.node_id))}")
-
-
-def _refusal_line(lost: StageLost) -> str:
-    """The stage's own reason, without the transport's "peer X refused PLAN:" prefix."""
-    text = str(lost)
-    return text.split(": ", 1)[1] if text.startswith("peer ") and ": " in text else text
 
 
 def choose_flash(decode_s: dict[bool, float], own: bool) -> bool:

@@ -62,12 +62,15 @@ MAX_FAILOVERS = 4
 
 class StageLost(MeshchatError):
     """A stage of the plan went away or failed; `node` is the one to leave out (if known),
-    `code` why it refused its plan (if it did)."""
+    `code` why it refused its plan (if it did) and `refusal` the stage's own words for it."""
 
-    def __init__(self, node: str | None, reason: str, code: wire.FaultCode | None = None) -> None:
+    def __init__(
+        self, node: str | None, reason: str, code: wire.FaultCode | None = None, refusal: str = ""
+    ) -> None:
         super().__init__(reason)
         self.node = node
         self.code = code
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,7 @@ class MeshPipeline:
             ) from None
         except Refused as exc:
             # A refusal (fingerprint, memory, busy...): leave the node out of the next plan.
-            raise StageLost(str(node), str(exc), refusal_code(exc.code)) from None
+            raise StageLost(str(node), str(exc), refusal_code(exc.code), exc.reason) from None
         except MeshchatError as exc:
             raise StageLost(str(node), str(exc)) from None
         log.info("node %s took layers %s", node.short, getattr(reply, "body", {}))

@@ -129,11 +129,13 @@ _MAX_REFUSALS = 16
 
 
 class Refused(MeshchatError):
-    """A peer answered a request with an Error; `code` says why (e.g. a wire.FaultCode)."""
+    """A peer answered a request with an Error; `code` says why (e.g. a wire.FaultCode) and
+    `reason` is the peer's own words (the message adds which peer refused what)."""
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, code: str, reason: str, context: str = "") -> None:
+        super().__init__(f"{context}: {reason}" if context else reason)
         self.code = code
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,7 @@ class Node:
         """Send `msg` on its own stream and return the peer's reply (an Error reply raises)."""
         reply = await self._conn(node).request(msg, timeout)
         if isinstance(reply, wire.Error):
-            raise Refused(reply.code, f"peer {node.short} refused {msg.TYPE.name}: {reply.reason}")
+            raise Refused(reply.code, reply.reason, f"peer {node.short} refused {msg.TYPE.name}")
         return reply
 
     def set_status(
