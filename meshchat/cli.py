@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from meshchat import stops
 from meshchat.config import ChatSettings
 from meshchat.errors import MeshchatError, UsageError
+from meshchat.mesh import polling
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    polling.install()  # before any event loop exists
     with stops.term_as_interrupt():
         code = _run(argv, debug)
         return stops.leave(code)  # never exit while llama.cpp still computes (meshchat.stops)

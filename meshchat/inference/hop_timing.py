@@ -76,13 +76,13 @@ class Recorder:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"hops-{os.getpid()}.txt"
         self._file: TextIO = self.path.open("a", encoding="ascii")
-        self._lines: list[str] = []
+        # Formatted only when written, off the token's path (a float's repr costs there).
+        self._marks: list[tuple[int, int, int, Mark, float]] = []
         self._written = 0
 
     def mark(self, session: int, position: int, order: int, mark: Mark, t: float = 0.0) -> None:
-        if len(self._lines) < MAX_MARKS and self._written < MAX_LINES:
-            at = t or time.perf_counter()
-            self._lines.append(f"{session} {position} {order} {int(mark)} {at!r}\n")
+        if len(self._marks) < MAX_MARKS and self._written < MAX_LINES:
+            self._marks.append((session, position, order, mark, t or time.perf_counter()))
 
     def arrived(self, node: Node, peer: NodeId, session: int, position: int, order: int) -> None:
         """RECEIVED and ARRIVED of a message from `peer` (in its arrival handler)."""
@@ -101,11 +101,12 @@ class Recorder:
 
     def flush(self) -> None:
         """Write the marks taken so far (call it when the token has left this process)."""
-        if self._lines:
-            self._file.write("".join(self._lines))
+        if self._marks:
+            lines = (f"{s} {p} {o} {int(m)} {t!r}\n" for s, p, o, m, t in self._marks)
+            self._file.write("".join(lines))
             self._file.flush()
-            self._written += len(self._lines)
-            self._lines.clear()
+            self._written += len(self._marks)
+            self._marks.clear()
 
     def close(self) -> None:
         self.flush()

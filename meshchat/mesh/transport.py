@@ -78,7 +78,7 @@ from aioquic.quic.packet import (
 )
 
 from meshchat.errors import MeshchatError
-from meshchat.mesh import sidepath, wire
+from meshchat.mesh import polling, sidepath, wire
 from meshchat.mesh.identity import Identity, NodeId, node_id_of_certificate
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ class Connection(QuicConnectionProtocol):
         self.last_framed = 0.0  # when the last frame's bytes were built (hop_timing)
         self.last_sent = 0.0  # when the last datagram went to the kernel (hop_timing)
         self.closed = self._loop.create_future()
+        self._arrivals = polling.arrivals(self._loop)  # polls where a decode step is due
         # Set by the node once authenticated.
         self.on_message: Callable[[Connection, wire.Message], None] = lambda c, m: None
         self.on_request: Callable[[Connection, wire.Message], Awaitable[wire.Message]] | None = None
@@ -258,6 +259,8 @@ class Connection(QuicConnectionProtocol):
         self._transport.sendto(packet, self.remote)  # type: ignore[union-attr]
 
     def _on_side_message(self, msg: wire.Message) -> None:
+        if self._arrivals is not None:
+            self._arrivals.arrived()
         self._dispatch(CONTROL_STREAM, msg)
 
     def side_received(self, data: bytes) -> None:
@@ -596,6 +599,8 @@ class Connection(QuicConnectionProtocol):
                 self.last_framed = time.perf_counter()
                 if len(frame) <= sidepath.MAX_MESSAGE:
                     side.send(frame, self._control_out)
+                    if self._arrivals is not None:
+                        self._arrivals.sent()
                     return
             if side is not None:
                 await side.idle()  # the stream's next frame must not overtake a side message
