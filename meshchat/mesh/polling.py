@@ -14,7 +14,9 @@ next step's message arrives (the rest of the chain's compute). After each send i
 from a little before the earliest recent gap to a little after the latest, at most
 MAX_POLL_S. That costs about LEAD_S + jitter of CPU per token per node (a few per cent of a
 core on a 40 ms token), and nothing when no decode runs. The poll yields the CPU at every
-turn (`os.sched_yield`), so a compute thread that shares this core is not held up by it.
+turn (`os.sched_yield`), and the first yield that lets another task run ends the window: that
+core has other work (another stage's compute, another program), and a poll waiting for its
+turn would hear the message later than a sleeper the kernel wakes at once.
 
 The loop: `PollingPolicy` makes every event loop of the process a `PollingEventLoop`;
 `arrivals(loop)` returns its `StepArrivals`, or None on any other loop (then nothing polls).
@@ -34,7 +36,12 @@ MAX_POLL_S = 0.004  # one window's longest poll
 MIN_GAPS = 4  # gaps seen before the first window
 GAPS_KEPT = 8  # recent gaps the window is drawn from
 MAX_GAP_S = 2.0
-ENV = "MESHCHAT_POLL"  # a longer wait is not a decode rhythm: no window
+ENV = "MESHCHAT_POLL"
+# A sched_yield that returns later than this let another task run for a time slice: this core
+# has other work. An idle core returns in 0.5 µs (p99 0.6 µs here); a short blip of another
+# task (often the very peer that is about to send, when both run on one core) is no reason to
+# stop: it ends by sending, and the poll hears it.
+BUSY_YIELD_S = 0.0005  # a longer wait is not a decode rhythm: no window
 
 
 class PollingSelector(selectors.EpollSelector):
@@ -44,6 +51,7 @@ class PollingSelector(selectors.EpollSelector):
         super().__init__()
         self.poll_until = 0.0
         self.polled_s = 0.0  # time spent polling (the CPU the windows cost)
+        self.yielded = 0  # windows ended because another task wanted this core
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         start = time.monotonic()
@@ -58,6 +66,12 @@ class PollingSelector(selectors.EpollSelector):
             if ready or now >= stop:
                 break
             os.sched_yield()
+            if time.monotonic() - now > BUSY_YIELD_S:
+                # Another task ran on this core: it has work, and a poll that waits for a
+                # turn would hear the message later than a sleeper the kernel wakes at once.
+                self.poll_until = 0.0
+                self.yielded += 1
+                break
         self.polled_s += now - start
         if ready or now >= deadline:
             return ready
@@ -120,9 +134,9 @@ class PollingEventLoop(asyncio.SelectorEventLoop):
     """The default event loop, with a `PollingSelector` and this loop's `StepArrivals`."""
 
     def __init__(self) -> None:
-        selector = PollingSelector()
-        super().__init__(selector)
-        self.step_arrivals = StepArrivals(self, selector)
+        self.selector = PollingSelector()
+        super().__init__(self.selector)
+        self.step_arrivals = StepArrivals(self, self.selector)
 
 
 class PollingPolicy(asyncio.DefaultEventLoopPolicy):
