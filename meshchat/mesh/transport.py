@@ -250,7 +250,7 @@ class Connection(QuicConnectionProtocol):
                 self._on_side_message,
                 self.abort,  # no acknowledgement for GIVE_UP seconds: a dead path
             )
-            self.endpoint._side_tags[self.side.tag] = self
+            self.endpoint.route_side_tag(self.side.tag, self)
             self.side.stream_delivered(self._control_done)
             self.side.probe()
 
@@ -307,7 +307,7 @@ class Connection(QuicConnectionProtocol):
         self._drained.set()
         if self.side is not None:
             self.side.close()
-        self.endpoint._forget(self)
+        self.endpoint.forget(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -496,8 +496,7 @@ class Connection(QuicConnectionProtocol):
             return
         self._served.add(sid)
         task = self._loop.create_task(self._serve_request(sid, msg))
-        self.endpoint._tasks.add(task)
-        task.add_done_callback(self.endpoint._tasks.discard)
+        self.endpoint.track(task)
 
     async def _serve_request(self, sid: int, msg: wire.Message) -> None:
         assert self.on_request is not None
@@ -597,6 +596,9 @@ class Connection(QuicConnectionProtocol):
                 if len(frame) <= sidepath.MAX_MESSAGE:
                     side.send(frame, self._control_out)
                     return
+                await side.idle()  # the stream's next frame must not overtake a side message
+                await self._write(CONTROL_STREAM, [frame], end=False)  # the frame built above
+                return
             if side is not None:
                 await side.idle()  # the stream's next frame must not overtake a side message
             await self._write(CONTROL_STREAM, frame_parts(msg), end=False)
@@ -774,7 +776,17 @@ class Endpoint(asyncio.DatagramProtocol):
         if self._by_cid.get(cid) is conn:
             del self._by_cid[cid]
 
-    def _forget(self, conn: Connection) -> None:
+    def route_side_tag(self, tag: bytes, conn: Connection) -> None:
+        """Side-path packets carrying `tag` go to `conn` (until `forget(conn)`)."""
+        self._side_tags[tag] = conn
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Hold `task` until it ends; `close` cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, conn: Connection) -> None:
+        """A terminated connection: no datagram (QUIC or side path) is routed to it again."""
         self._conns.discard(conn)
         if conn.side is not None and self._side_tags.get(conn.side.tag) is conn:
             del self._side_tags[conn.side.tag]
