@@ -82,7 +82,7 @@ class Scene:
             uuid.uuid4().hex[:16], tuple(wire.PlanStage(*s) for s in stages), fp, **fields
         )  # type: ignore[arg-type]
 
-    async def refused(self, plan: wire.Plan) -> str:
+    async def refused(self, plan: wire.Plan) -> wire.FaultCode:
         """The attacker sends `plan` to W; the code of W's refusal."""
         with pytest.raises(Refused) as info:
             await self.attacker.request(self.worker.node_id, plan, timeout=30)
@@ -249,7 +249,7 @@ async def test_a_plan_beyond_the_model_or_the_memory_is_refused_before_loading(
     for bad in ({"max_sessions": 17}, {"n_ctx": 0}, {"n_ctx": 1 << 40}, {"stages": ()}):
         with pytest.raises(Refused) as info:
             await scene.attacker.request(w, _UncheckedPlan.of(good, **bad), timeout=10)
-        assert info.value.code == "protocol"
+        assert info.value.code is Code.PROTOCOL
     assert scene.service._assignment is None and scene.service.layers is None  # nothing loaded
     # The honest head's plan fits; it hears a refusal's reason typed, too.
     with pytest.raises(StageLost) as lost:

@@ -503,10 +503,10 @@ class Connection(QuicConnectionProtocol):
         try:
             reply = await self.on_request(self, msg)
         except MeshchatError as exc:
-            reply = wire.Error("failed", str(exc))
+            reply = wire.Error(wire.FaultCode.FAILED, str(exc))
         except Exception as exc:
             log.exception("request handler failed")
-            reply = wire.Error("internal", f"handler failed: {exc!r}")
+            reply = wire.Error(wire.FaultCode.INTERNAL, f"handler failed: {exc!r}")
         if sid in self._dead_streams:
             return  # the peer broke the stream meanwhile; it was told why
         # RuntimeError: aioquic refuses writes to a stream the peer reset meanwhile.
@@ -532,7 +532,7 @@ class Connection(QuicConnectionProtocol):
             self._quic.stop_stream(sid, APP_ERROR_PROTOCOL)
             if not sid & 2 or (sid & 1) == (0 if self.is_dialer else 1):
                 # Tell the peer why on the stream if we can still write to it.
-                body = wire.encode(wire.Error("protocol", reason[:200]))
+                body = wire.encode(wire.Error(wire.FaultCode.PROTOCOL, reason[:200]))
                 self._quic.send_stream_data(sid, body, end_stream=True)
             self.transmit()
 
