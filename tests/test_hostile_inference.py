@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,28 +28,20 @@ from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node, Refused
 from meshchat.paths import DataDir
-from tests.mesh_helpers import eventually, mesh_nodes
+from tests.mesh_helpers import eventually
 from tests.test_stage_service import (
     GREEDY,
     PROMPT,
     Mesh,
     _fault_from,
     _local_reference,
+    halves,
+    mesh_fixture,  # noqa: F401  (the fixture "mesh")
 )
 
 pytestmark = pytest.mark.timeout(120)
 Code = wire.FaultCode
 N_TOKENS = 12
-
-
-@pytest.fixture
-async def mesh(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with mesh_nodes(tmp_path / "nodes") as nodes:
-        m = Mesh(nodes, tiny_models["llama"], tmp_path)
-        try:
-            yield m
-        finally:
-            await m.close()
 
 
 @pytest.fixture
@@ -109,9 +101,8 @@ async def _honest_pipeline(scene: Scene, **kw: object) -> MeshPipeline:
     model = LocalModel.open(scene.mesh.model_path, data)
     options: dict[str, object] = {"threads": 1, "n_ctx": 256, **kw}
     pipeline = MeshPipeline(scene.head, model, data, **options)  # type: ignore[arg-type]
-    me, w = str(scene.head.node_id), str(scene.worker.node_id)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(w, 4, 8))))
+        await pipeline.apply(halves(scene.head, scene.worker))
     except BaseException:
         await pipeline.close()
         raise
