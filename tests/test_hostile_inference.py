@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,28 +28,20 @@ from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node, Refused
 from meshchat.paths import DataDir
-from tests.mesh_helpers import eventually, mesh_nodes
+from tests.mesh_helpers import eventually
 from tests.test_stage_service import (
     GREEDY,
     PROMPT,
     Mesh,
     _fault_from,
     _local_reference,
+    halves,
+    mesh_fixture,  # noqa: F401  (the fixture "mesh")
 )
 
 pytestmark = pytest.mark.timeout(120)
 Code = wire.FaultCode
 N_TOKENS = 12
-
-
-@pytest.fixture
-async def mesh(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with mesh_nodes(tmp_path / "nodes") as nodes:
-        m = Mesh(nodes, tiny_models["llama"], tmp_path)
-        try:
-            yield m
-        finally:
-            await m.close()
 
 
 @pytest.fixture
@@ -82,7 +74,7 @@ class Scene:
             uuid.uuid4().hex[:16], tuple(wire.PlanStage(*s) for s in stages), fp, **fields
         )  # type: ignore[arg-type]
 
-    async def refused(self, plan: wire.Plan) -> str:
+    async def refused(self, plan: wire.Plan) -> wire.FaultCode:
         """The attacker sends `plan` to W; the code of W's refusal."""
         with pytest.raises(Refused) as info:
             await self.attacker.request(self.worker.node_id, plan, timeout=30)
@@ -109,9 +101,8 @@ async def _honest_pipeline(scene: Scene, **kw: object) -> MeshPipeline:
     model = LocalModel.open(scene.mesh.model_path, data)
     options: dict[str, object] = {"threads": 1, "n_ctx": 256, **kw}
     pipeline = MeshPipeline(scene.head, model, data, **options)  # type: ignore[arg-type]
-    me, w = str(scene.head.node_id), str(scene.worker.node_id)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(w, 4, 8))))
+        await pipeline.apply(halves(scene.head, scene.worker))
     except BaseException:
         await pipeline.close()
         raise
@@ -249,7 +240,7 @@ async def test_a_plan_beyond_the_model_or_the_memory_is_refused_before_loading(
     for bad in ({"max_sessions": 17}, {"n_ctx": 0}, {"n_ctx": 1 << 40}, {"stages": ()}):
         with pytest.raises(Refused) as info:
             await scene.attacker.request(w, _UncheckedPlan.of(good, **bad), timeout=10)
-        assert info.value.code == "protocol"
+        assert info.value.code is Code.PROTOCOL
     assert scene.service._assignment is None and scene.service.layers is None  # nothing loaded
     # The honest head's plan fits; it hears a refusal's reason typed, too.
     with pytest.raises(StageLost) as lost:

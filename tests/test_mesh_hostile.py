@@ -135,7 +135,7 @@ async def test_oversized_and_malformed_frames_close_only_that_stream(mesh: MeshN
     for frame in bad_frames:
         sid = _raw_request_stream(conn, frame)
         reply = await _reply_on(conn, sid)
-        assert isinstance(reply, wire.Error) and reply.code == "protocol", reply
+        assert isinstance(reply, wire.Error) and reply.code is wire.FaultCode.PROTOCOL, reply
     await still_serving(a, b)
 
 

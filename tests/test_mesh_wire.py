@@ -41,7 +41,7 @@ control = st.one_of(
     st.builds(wire.Challenge, blobs),
     st.builds(wire.Auth, blobs, st.none() | blobs),
     st.builds(wire.Welcome, texts, texts, st.none() | blobs, records, st.lists(texts, max_size=2)),
-    st.builds(wire.Error, texts, texts),
+    st.builds(wire.Error, st.sampled_from(list(wire.FaultCode)), texts),
     st.builds(wire.Ping, st.integers(0, 2**62)),
     st.builds(wire.Pong, st.integers(0, 2**62)),
     st.builds(wire.Status, st.none() | st.lists(st.integers(0, 99), max_size=2)),

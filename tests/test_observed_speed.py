@@ -285,3 +285,18 @@ def test_a_calibration_taken_under_load_is_measured_again_once_quiet(
     assert profiling.Calibration.from_json(record).load_per_cpu is None
     with pytest.raises(ValueError):
         profiling.Calibration.from_json({**quiet.to_json(), "load_per_cpu": -1})
+
+
+def test_load_per_cpu_divides_by_the_hosts_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One definition of the host's CPUs (host.host_cpus), not a count of its own."""
+    monkeypatch.setattr(profiling.os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    monkeypatch.setattr(profiling, "host_cpus", lambda: 6)
+    assert profiling.load_per_cpu() == 0.5
+
+
+def test_load_per_cpu_is_none_where_the_os_does_not_tell(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_load() -> tuple[float, float, float]:
+        raise OSError("no load average")
+
+    monkeypatch.setattr(profiling.os, "getloadavg", no_load)
+    assert profiling.load_per_cpu() is None

@@ -252,7 +252,7 @@ async def test_proof_from_another_tls_session_is_refused(
     assert await _challenge(stolen, victim) == nonce
     await stolen.send(wire.Auth(proof))
     refusal = await stolen.recv_handshake(5)
-    assert isinstance(refusal, wire.Error) and refusal.code == "bad-signature", refusal
+    assert isinstance(refusal, wire.Error) and refusal.code is wire.FaultCode.BAD_SIGNATURE, refusal
     await asyncio.wait_for(stolen.closed, 5)
     # The proof itself is good: on its own session it is accepted.
     await own.send(wire.Auth(proof))
@@ -367,7 +367,7 @@ async def test_huge_numbers_from_a_member_close_only_that_stream(mesh: MeshNodes
         conn._quic.send_stream_data(sid, frame, end_stream=True)
         conn.transmit()
         reply = await asyncio.wait_for(fut, 5)
-        assert isinstance(reply, wire.Error) and reply.code == "protocol", reply
+        assert isinstance(reply, wire.Error) and reply.code is wire.FaultCode.PROTOCOL, reply
     assert await b.request(a.node_id, wire.Ping(7), timeout=5) == wire.Pong(7)
 
 

@@ -42,6 +42,15 @@ class BareWorker(Worker):
             self.proc = subprocess.Popen(args, env=ENV, stdout=log, stderr=log)
 
 
+def _bare_worker(cluster: Cluster, root: Path, *extra: str) -> BareWorker:
+    """A BareWorker joined to `cluster` (with `extra` arguments), ready and connected to all."""
+    bare = BareWorker(root, "bare", cluster.invite, *extra)
+    cluster.workers.append(bare)
+    wait_for(bare.ready, what="bare worker ready")
+    cluster.wait_connected()
+    return bare
+
+
 @pytest.fixture
 def cluster(smollm2: Path, tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path)
@@ -66,10 +75,7 @@ def _generate(
 def test_worker_without_model_gets_its_slice_and_text_equals_solo(
     cluster: Cluster, smollm2: Path, tmp_path: Path
 ) -> None:
-    bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
-    cluster.workers.append(bare)
-    wait_for(bare.ready, what="bare worker ready")
-    cluster.wait_connected()
+    bare = _bare_worker(cluster, tmp_path, "--accept-layers", "500M")
     result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
     assert result.returncode == 0, result.stderr + bare.log.read_text()
     assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
@@ -94,10 +100,7 @@ def test_worker_without_model_gets_its_slice_and_text_equals_solo(
 def test_worker_without_accept_layers_gets_no_layers(
     cluster: Cluster, smollm2: Path, tmp_path: Path
 ) -> None:
-    bare = BareWorker(tmp_path, "bare", cluster.invite)
-    cluster.workers.append(bare)
-    wait_for(bare.ready, what="bare worker ready")
-    cluster.wait_connected()
+    bare = _bare_worker(cluster, tmp_path)
     result = _generate(cluster, smollm2, "--max-tokens", "4", "--split", "10,20")
     # Three stages need three nodes holding the model: the bare worker does not count.
     assert result.returncode != 0
@@ -112,10 +115,7 @@ def test_corrupt_sender_is_caught_and_another_member_sends(
     """The head's server spoils every chunk of the token embeddings (test hook): the bare worker
     names it in one line, fetches the layers from the other member, and the text is solo's."""
     cluster.add(smollm2)
-    bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
-    cluster.workers.append(bare)
-    wait_for(bare.ready, what="bare worker ready")
-    cluster.wait_connected()
+    bare = _bare_worker(cluster, tmp_path, "--accept-layers", "500M")
     # Four stages on four nodes: the bare worker is sure to take one.
     split = ("--max-tokens", TOKENS, "--split", "8,16,23")
     result = _generate(cluster, smollm2, *split, env={CORRUPT_ENV: "token_embd"})
@@ -139,10 +139,7 @@ def test_full_disk_at_plan_time_falls_back_to_the_holders(
     seeded.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(seeded)], check=True)
     try:
-        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
-        cluster.workers.append(bare)
-        wait_for(bare.ready, what="bare worker ready")
-        cluster.wait_connected()
+        bare = _bare_worker(cluster, tmp_path, "--accept-layers", "500M")
         result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20")
         assert result.returncode == 0, result.stderr + bare.log.read_text()
         assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)
@@ -169,10 +166,7 @@ def test_big_fetch_is_outside_the_load_timeout(smollm2: Path, tmp_path: Path) ->
     cluster = Cluster(tmp_path)
     try:
         first = cluster.add(model)
-        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "2G")
-        cluster.workers.append(bare)
-        wait_for(bare.ready, what="bare worker ready")
-        cluster.wait_connected()
+        bare = _bare_worker(cluster, tmp_path, "--accept-layers", "2G")
         split = ("--max-tokens", "16", "--split", f"{n_layers // 3},{2 * n_layers // 3}")
         result = _generate(cluster, model, *split, env={LOAD_TIMEOUT_ENV: "3"})
         assert result.returncode == 0, result.stderr + bare.log.read_text()
@@ -195,10 +189,7 @@ def test_wrong_bytes_from_every_source_falls_back_to_the_holders(
     cluster = Cluster(tmp_path)
     try:
         cluster.add(smollm2, spoil)
-        bare = BareWorker(tmp_path, "bare", cluster.invite, "--accept-layers", "500M")
-        cluster.workers.append(bare)
-        wait_for(bare.ready, what="bare worker ready")
-        cluster.wait_connected()
+        bare = _bare_worker(cluster, tmp_path, "--accept-layers", "500M")
         result = _generate(cluster, smollm2, "--max-tokens", TOKENS, "--split", "10,20", env=spoil)
         assert result.returncode == 0, result.stderr + bare.log.read_text()
         assert result.stdout == solo_text(smollm2, tmp_path, PROMPT, TOKENS)

@@ -23,7 +23,7 @@ from meshchat.inference.serving import (
     worth_moving,
 )
 from meshchat.paths import DataDir
-from tests.test_stage_service import Mesh, mesh  # noqa: F401  (the fixture)
+from tests.test_stage_service import Mesh, mesh_fixture  # noqa: F401  (the fixture "mesh")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,7 @@ def test_replan_log_keeps_the_last_ones() -> None:
     assert kept[0]["reason"] == "member joined"
 
 
-async def test_a_failed_open_keeps_no_pipeline_slot(mesh: Mesh) -> None:  # noqa: F811
+async def test_a_failed_open_keeps_no_pipeline_slot(mesh: Mesh) -> None:
     """Opening a session while the plan's worker is gone and nothing else fits fails, and
     leaves no slot taken: before, four such requests filled every slot for good."""
     worker, _service = await mesh.worker()

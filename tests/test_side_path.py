@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meshchat.mesh import sidepath, wire
+from meshchat.mesh import sidepath, transport, wire
 from meshchat.mesh.node import Node
 from meshchat.mesh.transport import DEFAULT_TUNING, Connection, Tuning
 from tests.mesh_helpers import eventually, mesh_nodes
@@ -108,6 +108,31 @@ async def test_a_prompt_and_session_ops_stay_on_the_stream(tmp_path: Path) -> No
         await p.a.send(p.b.node_id, prompt)
         await eventually(lambda: len(p.got) == 1)
         assert p.got == [prompt] and p.out._control_out > stream_bytes
+
+
+async def test_a_decode_step_over_the_side_limit_is_framed_once_for_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-token step too large for the side path (a very wide model) takes the stream, with
+    the frame built to measure it: not built a second time."""
+    framed: list[wire.Message] = []
+    real = transport.frame_parts
+
+    def counted(msg: wire.Message) -> list[bytes | memoryview]:
+        framed.append(msg)
+        return real(msg)
+
+    async with mesh_nodes(tmp_path) as mesh:
+        p = await _pair(mesh)
+        wide = _step(0, width=sidepath.MAX_MESSAGE // 4 + 1)
+        stream_bytes = p.out._control_out
+        monkeypatch.setattr(transport, "frame_parts", counted)
+        await p.a.send(p.b.node_id, wide)
+        await eventually(lambda: len(p.got) == 1)
+        assert p.got == [wide] and framed == [wide]
+        assert p.out._control_out - stream_bytes == len(b"".join(real(wide)))
+        monkeypatch.undo()
+        await p.still_works()
 
 
 async def test_order_with_the_stream_kept_when_side_packets_are_late(tmp_path: Path) -> None:

@@ -68,14 +68,19 @@ class Mesh:
             await service.stop()
 
 
-@pytest.fixture
-async def mesh(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIterator[Mesh]:
+@pytest.fixture(name="mesh")  # other test modules import it as mesh_fixture
+async def mesh_fixture(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIterator[Mesh]:
     async with mesh_nodes(tmp_path / "nodes") as nodes:
         m = Mesh(nodes, tiny_models["llama"], tmp_path)
         try:
             yield m
         finally:
             await m.close()
+
+
+def halves(head: Node, worker: Node) -> Plan:
+    """The tiny model's 8 layers: [0,4) on the head, [4,8) on the worker."""
+    return Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(worker.node_id), 4, 8)))
 
 
 def _pipeline(node: Node, model: LocalModel, data: DataDir, **kw: object) -> MeshPipeline:
@@ -150,7 +155,7 @@ async def test_open_session_survives_a_replan(mesh: Mesh, tmp_path: Path) -> Non
     me = str(head.node_id)
     pipeline = _pipeline(head, model, data)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(str(w1.node_id), 4, 8))))
+        await pipeline.apply(halves(head, w1))
         session = "s"
         await pipeline.open_session(session)
         await pipeline.configure_sampling(session, GREEDY)
@@ -181,10 +186,9 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
     stranger = await mesh.nodes.new()
     await stranger.join(head.create_invite())
     await mesh.connected(stranger, w1)
-    me = str(head.node_id)
     pipeline = _pipeline(head, model, data)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(str(w1.node_id), 4, 8))))
+        await pipeline.apply(halves(head, w1))
         session = "s"
         await pipeline.open_session(session)
         wire_id = pipeline._sessions[session].wire_id
@@ -212,7 +216,7 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
             w1.node_id, wire.Activations(wire_id, 0, 5, (1,), wire.DType.F32, 32, bytes(128))
         )
         _, fault = await asyncio.wait_for(head_faults.get(), 10)
-        assert fault.code == "bad-input" and "64 wide" in fault.reason
+        assert fault.code is wire.FaultCode.BAD_INPUT and "64 wide" in fault.reason
         # Undecodable frame on a request stream: the stream is refused, the node lives on.
         with pytest.raises(MeshchatError):
             explode = wire.SessionOp(1, 1, "explode")  # type: ignore[arg-type]
@@ -234,9 +238,7 @@ async def test_a_different_model_file_is_refused_by_the_stage(
     pipeline = _pipeline(head, model, data)
     try:
         with pytest.raises(MeshchatError, match="different model file"):
-            await pipeline.apply(
-                Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-            )
+            await pipeline.apply(halves(head, w1))
         assert service.layers is None
     finally:
         await pipeline.close()
@@ -246,9 +248,7 @@ async def test_sessions_of_a_head_that_leaves_are_dropped(mesh: Mesh) -> None:
     w1, service = await mesh.worker()
     head, model, data = await mesh.head(w1)
     pipeline = _pipeline(head, model, data)
-    await pipeline.apply(
-        Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-    )
+    await pipeline.apply(halves(head, w1))
     await pipeline.open_session("s")
     assert service.session_count == 1
     await head.stop()  # the head goes away without closing its session
@@ -264,9 +264,7 @@ async def test_cancelled_step_is_dropped_and_the_session_continues(
     head, model, data = await mesh.head(w1)
     pipeline = _pipeline(head, model, data, prefill_chunk=2)
     try:
-        await pipeline.apply(
-            Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-        )
+        await pipeline.apply(halves(head, w1))
         session = "s"
         await pipeline.open_session(session)
         await pipeline.configure_sampling(session, GREEDY)

@@ -39,7 +39,7 @@ from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import plan_profile
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import Plan, PlanError
-from meshchat.inference.protocol import plan_message, refusal_code, sampling_to_wire
+from meshchat.inference.protocol import plan_message, sampling_to_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.layer_transfer import seeding_for
@@ -294,7 +294,7 @@ class MeshPipeline:
             ) from None
         except Refused as exc:
             # A refusal (fingerprint, memory, busy...): leave the node out of the next plan.
-            raise StageLost(str(node), str(exc), refusal_code(exc.code), exc.reason) from None
+            raise StageLost(str(node), str(exc), exc.code, exc.reason) from None
         except MeshchatError as exc:
             raise StageLost(str(node), str(exc)) from None
         log.info("node %s took layers %s", node.short, getattr(reply, "body", {}))

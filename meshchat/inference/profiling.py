@@ -39,6 +39,7 @@ from meshchat.engine.probe import FAULT_ENV
 from meshchat.engine.profile import EngineProfile, build_id, system_info
 from meshchat.errors import MeshchatError
 from meshchat.fsutil import atomic_write_text
+from meshchat.inference.host import host_cpus
 from meshchat.inference.local_model import LocalModel
 from meshchat.paths import DataDir, machine_cache_dir
 
@@ -226,7 +227,7 @@ def _non_negative(value: Any) -> float:
 def load_per_cpu() -> float | None:
     """Runnable threads per CPU over the last minute (None where the OS does not tell)."""
     try:
-        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+        return os.getloadavg()[0] / host_cpus()
     except OSError:
         return None
 

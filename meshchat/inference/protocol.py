@@ -40,14 +40,6 @@ def plan_message(
     )
 
 
-def refusal_code(code: str) -> wire.FaultCode | None:
-    """The typed reason in a stage's Error reply (None: not a stage's refusal)."""
-    try:
-        return wire.FaultCode(code)
-    except ValueError:
-        return None
-
-
 def sampling_to_wire(params: SamplingParams) -> wire.Sampling:
     return wire.Sampling(
         float(params.temperature), params.top_k, float(params.top_p), float(params.min_p),

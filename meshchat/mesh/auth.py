@@ -40,7 +40,7 @@ AUTH_TIMEOUT = 5.0
 class AuthRefused(MeshchatError):
     """The other side refused us; the message is its reason."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: wire.FaultCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
 
@@ -97,24 +97,26 @@ async def accept_handshake(
     """Run the listener's side; `decide` checks membership or redeems the invite."""
     msg = await conn.recv_handshake(AUTH_TIMEOUT)
     if not isinstance(msg, wire.Hello):
-        await refuse(conn, "protocol", "expected HELLO")
+        await refuse(conn, wire.FaultCode.PROTOCOL, "expected HELLO")
     try:
         dialer = NodeId.parse(msg.node_id)
     except MeshchatError:
-        await refuse(conn, "bad-hello", "HELLO carries no valid NodeID")
+        await refuse(conn, wire.FaultCode.BAD_HELLO, "HELLO carries no valid NodeID")
     if dialer == identity.node_id:
-        await refuse(conn, "self", "a node cannot connect to itself")
+        await refuse(conn, wire.FaultCode.SELF, "a node cannot connect to itself")
     nonce = new_nonce()
     await conn.send(wire.Challenge(nonce))
     auth = await conn.recv_handshake(AUTH_TIMEOUT)
     if not isinstance(auth, wire.Auth):
-        await refuse(conn, "protocol", "expected AUTH")
+        await refuse(conn, wire.FaultCode.PROTOCOL, "expected AUTH")
     if auth.invite_secret is None:
         payload = auth_payload(identity.node_id, dialer, nonce, conn.tls_binding)
     else:
         payload = join_payload(identity.node_id, dialer, nonce)
     if not dialer.verify(auth.signature, payload):
-        await refuse(conn, "bad-signature", "signature does not match the NodeID (wrong key)")
+        await refuse(
+            conn, wire.FaultCode.BAD_SIGNATURE, "signature does not match the NodeID (wrong key)"
+        )
     verdict = await decide(conn, dialer, msg, auth, nonce)
     if isinstance(verdict, wire.Error):
         await refuse(conn, verdict.code, verdict.reason)
@@ -125,7 +127,7 @@ async def accept_handshake(
     return dialer, msg, verdict
 
 
-async def refuse(conn: Connection, code: str, reason: str) -> NoReturn:
+async def refuse(conn: Connection, code: wire.FaultCode, reason: str) -> NoReturn:
     """Tell the dialer why, close, and raise AuthRefused."""
     with contextlib.suppress(ConnectionLost):
         await conn.send(wire.Error(code, reason))

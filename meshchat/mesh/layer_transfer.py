@@ -127,10 +127,12 @@ class LayerServer:
         offered = self._files.get(msg.model)
         if offered is None:
             return wire.Error(
-                "refused", f"node {self.node.node_id.short} does not offer that model"
+                wire.FaultCode.REFUSED, f"node {self.node.node_id.short} does not offer that model"
             )
         if not self.permits.allows(peer, msg.model, msg.first, msg.end):
-            return wire.Error("refused", f"layers [{msg.first},{msg.end}) are not planned for you")
+            return wire.Error(
+                wire.FaultCode.REFUSED, f"layers [{msg.first},{msg.end}) are not planned for you"
+            )
         header = offered.header
         if msg.part == HEADER_PART:
             start, size = 0, header.data_offset
@@ -138,18 +140,20 @@ class LayerServer:
             tensor = offered.by_name.get(msg.part)
             layer = None if tensor is None else tensor.layer
             if tensor is None or (layer is not None and not msg.first <= layer < msg.end):
-                return wire.Error("refused", f"part {msg.part[:64]!r} is not in the range")
+                return wire.Error(
+                    wire.FaultCode.REFUSED, f"part {msg.part[:64]!r} is not in the range"
+                )
             start, size = tensor.offset, tensor.n_bytes
         if msg.offset >= size:
-            return wire.Error("refused", "chunk beyond the end of its part")
+            return wire.Error(wire.FaultCode.REFUSED, "chunk beyond the end of its part")
         length = min(msg.length, size - msg.offset)  # the asker learns the size from the reply
         try:
             # Off the event loop: a cold read may wait on the disk while activations pass.
             data = await asyncio.to_thread(_read_at, header.path, start + msg.offset, length)
         except OSError as exc:
-            return wire.Error("failed", f"cannot read the model file: {exc.strerror}")
+            return wire.Error(wire.FaultCode.FAILED, f"cannot read the model file: {exc.strerror}")
         if len(data) != length:
-            return wire.Error("failed", "the model file shrank")
+            return wire.Error(wire.FaultCode.FAILED, "the model file shrank")
         if self.corrupt and msg.part.startswith(self.corrupt):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return wire.LayerData(msg.offset, size, header.file_size, data)

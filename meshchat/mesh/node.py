@@ -129,10 +129,10 @@ _MAX_REFUSALS = 16
 
 
 class Refused(MeshchatError):
-    """A peer answered a request with an Error; `code` says why (e.g. a wire.FaultCode) and
+    """A peer answered a request with an Error; `code` says why (a wire.FaultCode) and
     `reason` is the peer's own words (the message adds which peer refused what)."""
 
-    def __init__(self, code: str, reason: str, context: str = "") -> None:
+    def __init__(self, code: wire.FaultCode, reason: str, context: str = "") -> None:
         super().__init__(f"{context}: {reason}" if context else reason)
         self.code = code
         self.reason = reason
@@ -479,7 +479,7 @@ class Node:
                 self.invites.redeem(auth.invite_secret)
                 m.add(dialer, nonce, auth.signature)
             except (InviteError, RosterError) as exc:
-                return wire.Error("invite", str(exc))
+                return wire.Error(wire.FaultCode.INVITE, str(exc))
             m.addresses[dialer] = _ok_addrs(hello.addresses)
             m.save()
             secret = m.mesh_secret
@@ -488,7 +488,7 @@ class Node:
             self._spawn(self._broadcast(self._roster_msg()))
         elif hello.mesh_id != m.mesh_id or not m.is_member(dialer):
             return wire.Error(
-                "not-member",
+                wire.FaultCode.NOT_MEMBER,
                 f"node {dialer.short} is not a member of this mesh (not invited, or removed)",
             )
         return wire.Welcome(str(self.node_id), m.mesh_id, secret, m.records(), self.addresses)
@@ -673,7 +673,7 @@ class Node:
         assert conn.peer_id is not None
         handler = self._handlers.get(type(msg))
         if handler is None:
-            return wire.Error("unsupported", f"no handler for {msg.TYPE.name}")
+            return wire.Error(wire.FaultCode.UNSUPPORTED, f"no handler for {msg.TYPE.name}")
         result = handler(conn.peer_id, msg)
         if inspect.isawaitable(result):
             result = await result

@@ -251,7 +251,7 @@ class Connection(QuicConnectionProtocol):
                 self._on_side_message,
                 self.abort,  # no acknowledgement for GIVE_UP seconds: a dead path
             )
-            self.endpoint._side_tags[self.side.tag] = self
+            self.endpoint.route_side_tag(self.side.tag, self)
             self.side.stream_delivered(self._control_done)
             self.side.probe()
 
@@ -310,7 +310,7 @@ class Connection(QuicConnectionProtocol):
         self._drained.set()
         if self.side is not None:
             self.side.close()
-        self.endpoint._forget(self)
+        self.endpoint.forget(self)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -499,18 +499,17 @@ class Connection(QuicConnectionProtocol):
             return
         self._served.add(sid)
         task = self._loop.create_task(self._serve_request(sid, msg))
-        self.endpoint._tasks.add(task)
-        task.add_done_callback(self.endpoint._tasks.discard)
+        self.endpoint.track(task)
 
     async def _serve_request(self, sid: int, msg: wire.Message) -> None:
         assert self.on_request is not None
         try:
             reply = await self.on_request(self, msg)
         except MeshchatError as exc:
-            reply = wire.Error("failed", str(exc))
+            reply = wire.Error(wire.FaultCode.FAILED, str(exc))
         except Exception as exc:
             log.exception("request handler failed")
-            reply = wire.Error("internal", f"handler failed: {exc!r}")
+            reply = wire.Error(wire.FaultCode.INTERNAL, f"handler failed: {exc!r}")
         if sid in self._dead_streams:
             return  # the peer broke the stream meanwhile; it was told why
         # RuntimeError: aioquic refuses writes to a stream the peer reset meanwhile.
@@ -536,7 +535,7 @@ class Connection(QuicConnectionProtocol):
             self._quic.stop_stream(sid, APP_ERROR_PROTOCOL)
             if not sid & 2 or (sid & 1) == (0 if self.is_dialer else 1):
                 # Tell the peer why on the stream if we can still write to it.
-                body = wire.encode(wire.Error("protocol", reason[:200]))
+                body = wire.encode(wire.Error(wire.FaultCode.PROTOCOL, reason[:200]))
                 self._quic.send_stream_data(sid, body, end_stream=True)
             self.transmit()
 
@@ -602,6 +601,9 @@ class Connection(QuicConnectionProtocol):
                     if self._arrivals is not None:
                         self._arrivals.sent()
                     return
+                await side.idle()  # the stream's next frame must not overtake a side message
+                await self._write(CONTROL_STREAM, [frame], end=False)  # the frame built above
+                return
             if side is not None:
                 await side.idle()  # the stream's next frame must not overtake a side message
             await self._write(CONTROL_STREAM, frame_parts(msg), end=False)
@@ -779,7 +781,17 @@ class Endpoint(asyncio.DatagramProtocol):
         if self._by_cid.get(cid) is conn:
             del self._by_cid[cid]
 
-    def _forget(self, conn: Connection) -> None:
+    def route_side_tag(self, tag: bytes, conn: Connection) -> None:
+        """Side-path packets carrying `tag` go to `conn` (until `forget(conn)`)."""
+        self._side_tags[tag] = conn
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Hold `task` until it ends; `close` cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, conn: Connection) -> None:
+        """A terminated connection: no datagram (QUIC or side path) is routed to it again."""
         self._conns.discard(conn)
         if conn.side is not None and self._side_tags.get(conn.side.tag) is conn:
             del self._side_tags[conn.side.tag]

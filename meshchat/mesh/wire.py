@@ -134,7 +134,7 @@ class Error(Message):
     """A refusal or failure, with a stable code and a reason fit for a user."""
 
     TYPE: ClassVar[MsgType] = MsgType.ERROR
-    code: str
+    code: FaultCode
     reason: str
 
 
@@ -358,8 +358,26 @@ class SessionOpKind(enum.StrEnum):
 
 
 class FaultCode(enum.StrEnum):
-    """Why a stage refused a plan (the Error code of its reply) or a step or op (StageFault)."""
+    """Why a peer refused or failed: the code of every Error reply (a handshake, a request, a
+    plan) and of a StageFault (a step or op). One enum for both, since a stage's plan refusals
+    and its faults share codes (MEMORY, INTERNAL). The values are the wire text: keep them.
 
+    A code this version does not know (a newer peer's) decodes as UNKNOWN, not as a protocol
+    error: the peer still refused, and its reason still reaches the user."""
+
+    UNKNOWN = "unknown"
+    # handshake (mesh.auth, Node._decide)
+    PROTOCOL = "protocol"  # a frame that breaks the protocol (also on a request stream)
+    BAD_HELLO = "bad-hello"
+    SELF = "self"
+    BAD_SIGNATURE = "bad-signature"
+    INVITE = "invite"  # an invite that is unknown, used up, expired, or a roster that is full
+    NOT_MEMBER = "not-member"
+    # requests (transport, Node, layer_transfer)
+    UNSUPPORTED = "unsupported"  # no handler for that request
+    FAILED = "failed"  # the handler failed in a way it could tell (a MeshchatError, a read)
+    REFUSED = "refused"  # layer seeding: not offered, not planned for the asker
+    # plans, steps and session ops (inference.stage_service)
     BAD_PLAN = "plan"
     BUSY = "busy"  # installed for another head that has not let go
     NO_MODEL = "no-model"
@@ -375,7 +393,7 @@ class FaultCode(enum.StrEnum):
     OVERFLOW = "overflow"
     STAGE = "stage"
     LOST = "lost"
-    INTERNAL = "internal"
+    INTERNAL = "internal"  # a bug on the peer: a handler or a stage raised unexpectedly
 
 
 def _require(ok: bool, what: str) -> None:
@@ -495,6 +513,8 @@ def _check_typed(value: Any, hint: Any, name: str) -> Any:
         try:
             return hint(value)
         except ValueError:
+            if hint is FaultCode:  # a newer peer's code: see FaultCode
+                return FaultCode.UNKNOWN
             raise ProtocolError(f"field {name}: unknown {hint.__name__} {value!r}") from None
     if typing.get_origin(hint) is tuple:
         item, ellipsis = typing.get_args(hint)
