@@ -22,9 +22,12 @@ from tests.mesh_helpers import eventually, mesh_nodes
 pytestmark = pytest.mark.timeout(60)
 
 
-def _readable_pair() -> tuple[PollingSelector, socket.socket, socket.socket]:
+SPARE = 1 << 20  # CPUs: a selector that always finds a core to spare (the other rules alone)
+
+
+def _readable_pair(cpus: int = SPARE) -> tuple[PollingSelector, socket.socket, socket.socket]:
     reader, writer = socket.socketpair()
-    selector = PollingSelector()
+    selector = PollingSelector(cpus)
     selector.register(reader, 1)  # EVENT_READ
     return selector, reader, writer
 
@@ -74,6 +77,23 @@ def test_a_window_ends_when_another_task_wants_the_core() -> None:
         os.sched_setaffinity(0, allowed)
         busy.kill()
         busy.wait()
+
+
+def test_no_window_polls_while_every_core_has_work() -> None:
+    selector, reader, writer = _readable_pair(cpus=os.cpu_count())
+    spin = "while True: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.2)
+        with reader, writer, selector:
+            assert not selector.core_to_spare()
+            selector.poll_until = time.monotonic() + 10
+            assert selector.select(0.05) == []
+            assert selector.crowded == 1 and selector.poll_until == 0.0
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
 
 
 def test_windows_follow_the_gap_between_a_send_and_the_next_arrival() -> None:
@@ -182,8 +202,9 @@ def test_decode_steps_between_two_nodes_arrive_inside_the_windows(tmp_path: Path
             return arrivals
 
     try:
-        with asyncio.Runner(loop_factory=PollingEventLoop) as runner:
-            arrivals = runner.run(play())
+        # A core to spare, whatever else runs now: the test is about the windows.
+        with asyncio.Runner(loop_factory=lambda: PollingEventLoop(PollingSelector(SPARE))) as r:
+            arrivals = r.run(play())
     finally:
         echo.wait(30)
     # 20 steps come back here; the rhythm is learnt after 4: windows open, steps land in them.

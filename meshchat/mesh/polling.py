@@ -13,10 +13,8 @@ a steady rhythm, and `StepArrivals` learns, per process, how long after it sends
 next step's message arrives (the rest of the chain's compute). After each send it arms a poll
 from a little before the earliest recent gap to a little after the latest, at most
 MAX_POLL_S. That costs about LEAD_S + jitter of CPU per token per node (a few per cent of a
-core on a 40 ms token), and nothing when no decode runs. The poll yields the CPU at every
-turn (`os.sched_yield`), and the first yield that lets another task run ends the window: that
-core has other work (another stage's compute, another program), and a poll waiting for its
-turn would hear the message later than a sleeper the kernel wakes at once.
+core on a 40 ms token), and nothing when no decode runs. A poll runs only while the machine
+has a core to spare, and yields its core at every turn (`PollingSelector` says why).
 
 The loop: `PollingPolicy` makes every event loop of the process a `PollingEventLoop`;
 `arrivals(loop)` returns its `StepArrivals`, or None on any other loop (then nothing polls).
@@ -35,48 +33,88 @@ LEAD_S = 0.0015  # poll from this long before the earliest recent gap (a timer m
 MAX_POLL_S = 0.004  # one window's longest poll
 MIN_GAPS = 4  # gaps seen before the first window
 GAPS_KEPT = 8  # recent gaps the window is drawn from
-MAX_GAP_S = 2.0
+MAX_GAP_S = 2.0  # a longer wait is not a decode rhythm: no window
 ENV = "MESHCHAT_POLL"
 # A sched_yield that returns later than this let another task run for a time slice: this core
 # has other work. An idle core returns in 0.5 µs (p99 0.6 µs here); a short blip of another
 # task (often the very peer that is about to send, when both run on one core) is no reason to
 # stop: it ends by sending, and the poll hears it.
-BUSY_YIELD_S = 0.0005  # a longer wait is not a decode rhythm: no window
+BUSY_YIELD_S = 0.0005
+RECHECK_S = 0.0002  # how often a poll looks again whether the machine has a core to spare
 
 
 class PollingSelector(selectors.EpollSelector):
-    """An epoll selector that, until `poll_until` (time.monotonic), polls without sleeping."""
+    """An epoll selector that, until `poll_until` (time.monotonic), polls without sleeping,
+    as long as the machine has a core to spare for it.
 
-    def __init__(self) -> None:
+    A poll only pays while its core would otherwise be idle. Where every core has work (a stage
+    computing with a thread per core, another program), it takes a core from that work, and a
+    poller that waits for its turn hears the message later than a sleeper the kernel wakes at
+    once: measured (scripts/hop_profile.py, 2 hops, while other tests loaded the 2 vCPUs) as
+    0.57-0.59 ms a hop polling against 0.53-0.54 asleep. So a poll starts, and goes on, only
+    while the kernel's count of runnable tasks (this one included) is at most the CPU count.
+    """
+
+    def __init__(self, cpus: int | None = None) -> None:
         super().__init__()
         self.poll_until = 0.0
         self.polled_s = 0.0  # time spent polling (the CPU the windows cost)
-        self.yielded = 0  # windows ended because another task wanted this core
+        self.yielded = 0  # windows ended because another task took this core
+        self.crowded = 0  # windows ended because every core had work
+        self._cpus = cpus or os.cpu_count() or 1
+        try:
+            self._loadavg: int | None = os.open("/proc/loadavg", os.O_RDONLY)
+        except OSError:
+            self._loadavg = None  # cannot tell: never poll
+
+    def close(self) -> None:
+        if self._loadavg is not None:
+            os.close(self._loadavg)
+            self._loadavg = None
+        super().close()
+
+    def core_to_spare(self) -> bool:
+        """No more runnable tasks than CPUs, this one included (/proc/loadavg, 4th field)."""
+        if self._loadavg is None:
+            return False
+        try:
+            running = int(os.pread(self._loadavg, 128, 0).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        return running <= self._cpus
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         start = time.monotonic()
         if timeout == 0 or start >= self.poll_until:
             return super().select(timeout)
         deadline = start + timeout if timeout is not None else float("inf")
-        stop = min(self.poll_until, deadline)
-        now = start
-        while True:
-            ready = super().select(0)
-            now = time.monotonic()
-            if ready or now >= stop:
-                break
-            os.sched_yield()
-            if time.monotonic() - now > BUSY_YIELD_S:
-                # Another task ran on this core: it has work, and a poll that waits for a
-                # turn would hear the message later than a sleeper the kernel wakes at once.
-                self.poll_until = 0.0
-                self.yielded += 1
-                break
+        ready, now = self._poll(min(self.poll_until, deadline))
         self.polled_s += now - start
         if ready or now >= deadline:
             return ready
         rest = None if timeout is None else max(0.0, deadline - now)
         return super().select(rest)
+
+    def _poll(self, stop: float) -> tuple[list[tuple[selectors.SelectorKey, int]], float]:
+        """Poll until something is ready, `stop`, or the machine has no core to spare."""
+        now = time.monotonic()
+        recheck = now
+        while True:
+            if now >= recheck:
+                if not self.core_to_spare():
+                    self.poll_until = 0.0
+                    self.crowded += 1
+                    return [], now
+                recheck = now + RECHECK_S
+            ready = super().select(0)
+            now = time.monotonic()
+            if ready or now >= stop:
+                return ready, now
+            os.sched_yield()
+            if time.monotonic() - now > BUSY_YIELD_S:
+                self.poll_until = 0.0
+                self.yielded += 1
+                return [], now
 
 
 class StepArrivals:
@@ -133,8 +171,8 @@ class StepArrivals:
 class PollingEventLoop(asyncio.SelectorEventLoop):
     """The default event loop, with a `PollingSelector` and this loop's `StepArrivals`."""
 
-    def __init__(self) -> None:
-        self.selector = PollingSelector()
+    def __init__(self, selector: PollingSelector | None = None) -> None:
+        self.selector = selector or PollingSelector()
         super().__init__(self.selector)
         self.step_arrivals = StepArrivals(self, self.selector)
 
