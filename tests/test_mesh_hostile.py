@@ -14,9 +14,10 @@ import pytest
 from aioquic.asyncio.client import connect
 from aioquic.quic.configuration import QuicConfiguration
 
-from meshchat.mesh import auth, wire
+from meshchat.mesh import wire
 from meshchat.mesh.node import Node, PeerState
 from meshchat.mesh.transport import Connection, Tuning
+from meshchat.timeouts import TIMEOUTS
 from tests.mesh_helpers import MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(30)
@@ -59,7 +60,7 @@ async def test_junk_quic_client_wrong_alpn(mesh: MeshNodes) -> None:
 
 
 async def test_quic_client_without_auth_is_cut_off(mesh: MeshNodes, monkeypatch) -> None:
-    monkeypatch.setattr(auth, "AUTH_TIMEOUT", 0.5)
+    monkeypatch.setattr(TIMEOUTS, "auth_s", 0.5)
     a, b, _ = await paired(mesh)
     host, port = a.endpoint.address
     # 1: right ALPN, then silence: closed when the auth deadline passes.

@@ -35,6 +35,7 @@ from meshchat.mesh.transport import (
     session_binding,
 )
 from meshchat.paths import DataDir
+from meshchat.timeouts import TIMEOUTS
 from tests.mesh_helpers import FAST_PING, MeshNodes, eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,7 +95,7 @@ async def test_oversized_or_wrong_first_frame_is_refused_at_once(
     mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     # No timeout can close it for us: only the frame check can.
-    monkeypatch.setattr(auth, "AUTH_TIMEOUT", 600.0)
+    monkeypatch.setattr(TIMEOUTS, "auth_s", 600.0)
     a = await mesh.new()
     conn = await stranger_conn(mesh, a)
     frame, reason = FIRST_FRAMES[kind]
@@ -123,7 +124,7 @@ def test_handshake_limits_leave_room_for_real_frames(tmp_path: Path) -> None:
 async def test_handshake_flood_from_one_address_does_not_lock_out_a_join(
     mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(auth, "AUTH_TIMEOUT", 600.0)  # the flood holds its connections
+    monkeypatch.setattr(TIMEOUTS, "auth_s", 600.0)  # the flood holds its connections
     tuning = Tuning(max_connections=12)  # fewer slots than the flood, so it could fill them
     a = await mesh.new(tuning=tuning)
     flooder = await mesh.new()  # on 127.0.0.1, completes QUIC, never authenticates
@@ -147,7 +148,7 @@ async def test_handshake_flood_from_several_addresses_does_not_lock_out_a_join(
     mesh: MeshNodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past the per-address cap: all slots held by strangers, a newcomer evicts the oldest."""
-    monkeypatch.setattr(auth, "AUTH_TIMEOUT", 600.0)
+    monkeypatch.setattr(TIMEOUTS, "auth_s", 600.0)
     tuning = Tuning(max_connections=12)
     a = await mesh.new(tuning=tuning)
     flooders = [await node_at(mesh, f"127.0.3.{i}", f"flood{i}") for i in (1, 2)]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from meshchat.inference.mesh_pipeline import LOAD_TIMEOUT_ENV
 from meshchat.mesh.layer_transfer import CORRUPT_ENV
 from meshchat.model.gguf_file import read_header
 from meshchat.model.synthetic import synthetic_model
+from meshchat.timeouts import LOAD_ENV
 from tests.mesh_cluster import CMD, ENV, Cluster, Worker, read_json, solo_text, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -168,7 +168,7 @@ def test_big_fetch_is_outside_the_load_timeout(smollm2: Path, tmp_path: Path) ->
         first = cluster.add(model)
         bare = _bare_worker(cluster, tmp_path, "--accept-layers", "2G")
         split = ("--max-tokens", "16", "--split", f"{n_layers // 3},{2 * n_layers // 3}")
-        result = _generate(cluster, model, *split, env={LOAD_TIMEOUT_ENV: "3"})
+        result = _generate(cluster, model, *split, env={LOAD_ENV: "3"})
         assert result.returncode == 0, result.stderr + bare.log.read_text()
         assert result.stdout == solo_text(model, tmp_path, PROMPT, "16")
         status = read_json(bare.status)["seeding"]

@@ -18,6 +18,7 @@ import pytest
 from meshchat.mesh import sidepath, transport, wire
 from meshchat.mesh.node import Node
 from meshchat.mesh.transport import DEFAULT_TUNING, Connection, Tuning
+from meshchat.timeouts import TIMEOUTS
 from tests.mesh_helpers import eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(60)
@@ -288,7 +289,7 @@ async def test_a_peer_without_it_gets_the_stream(tmp_path: Path) -> None:
 async def test_a_path_that_loses_everything_closes_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sidepath, "GIVE_UP", 0.3)
+    monkeypatch.setattr(TIMEOUTS, "side_path_give_up_s", 0.3)
     async with mesh_nodes(tmp_path) as mesh:
         p = await _pair(mesh)
         p.tap(lambda packet, send: None)

@@ -42,13 +42,13 @@ from meshchat.mesh.layer_transfer import seeding_for
 from meshchat.mesh.node import Node
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.paths import DataDir
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
 MAX_MEMORY_REFUSALS = 8  # nodes left out for their memory before a start gives up
 # Refusals after which a start plans again without the node (the others hold their layers).
 LEAVE_OUT = (wire.FaultCode.MEMORY, wire.FaultCode.SEED)
-CAPS_TIMEOUT_S = 150.0  # a peer may be calibrating on first start
 
 
 class MeshCoordinator:
@@ -116,11 +116,11 @@ class MeshCoordinator:
             layer_files=files,
         )
 
-    async def query(self, node: NodeId, timeout: float = CAPS_TIMEOUT_S) -> NodeCaps:
+    async def query(self, node: NodeId, timeout: float | None = None) -> NodeCaps:
         msg = wire.CapsQuery(self.model.fingerprint.model)
         for attempt in range(3):
             try:
-                reply = await self.node.request(node, msg, timeout)
+                reply = await self.node.request(node, msg, timeout or TIMEOUTS.caps_s)
                 break
             except ConnectionLost:
                 # Two nodes that dial each other at once keep one of the two connections; a

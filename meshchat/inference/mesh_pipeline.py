@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -47,16 +46,13 @@ from meshchat.mesh.node import Node, NodeEvent, PeerState, Refused
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Replanner = Callable[[set[str]], Awaitable[Plan]]
 
-OP_TIMEOUT_S = 30.0
-LOAD_TIMEOUT_ENV = "MESHCHAT_TEST_LOAD_TIMEOUT"  # test hook: a tiny load timeout
-LOAD_TIMEOUT_S = float(os.environ.get(LOAD_TIMEOUT_ENV, 300.0))
-STEP_TIMEOUT_S = 60.0  # plus a generous per-token allowance for long prompts
 MAX_FAILOVERS = 4
 
 
@@ -186,7 +182,7 @@ class MeshPipeline:
         self.replanner = replanner
         self.notify = notify
         # Seconds each stage that fetches its layers first may take for that, on top of the
-        # load's own LOAD_TIMEOUT_S: a multi-GB slice is not cut off by the load's timeout.
+        # load's own TIMEOUTS.load_s: a multi-GB slice is not cut off by the load's timeout.
         self.fetch_allowance = fetch_allowance or (lambda _plan: {})
         self._n_ctx = n_ctx
         self._me = str(node.node_id)
@@ -276,7 +272,7 @@ class MeshPipeline:
         fetch_s = self.fetch_allowance(plan)
         results = await asyncio.gather(
             *(
-                self._assign(n, msg, LOAD_TIMEOUT_S + fetch_s.get(str(n), 0.0))
+                self._assign(n, msg, TIMEOUTS.load_s + fetch_s.get(str(n), 0.0))
                 for n in self._remote
             ),
             return_exceptions=True,
@@ -402,7 +398,7 @@ class MeshPipeline:
         *,
         plan_id: str | None = None,
         sampling: wire.Sampling | None = None,
-        timeout: float = OP_TIMEOUT_S,
+        timeout: float | None = None,
     ) -> None:
         """Send a session op down the chain and wait until the last stage confirms it."""
         s.seq += 1
@@ -414,7 +410,7 @@ class MeshPipeline:
             await self._send(
                 self._remote[0], wire.SessionOp(s.wire_id, s.seq, op, position, plan_id, sampling)
             )
-            await self._wait(fut, timeout)
+            await self._wait(fut, timeout or TIMEOUTS.session_op_s)
         finally:
             self._dones.pop(key, None)
 
@@ -463,7 +459,7 @@ class MeshPipeline:
                     )
                     position += len(chunk)
                 n_tokens = sum(len(c) for c in chunks)
-                token, trace = await self._wait(fut, STEP_TIMEOUT_S + 0.05 * n_tokens)
+                token, trace = await self._wait(fut, TIMEOUTS.step(n_tokens))
             except asyncio.CancelledError:
                 self._cancel_remote(s)
                 raise
@@ -707,10 +703,10 @@ class MeshPipeline:
                     await self._run(self._local.configure_sampling, s.local_id, s.params)
                 sampling = sampling_to_wire(s.params)
                 await self._op(
-                    s, wire.SessionOpKind.SAMPLE, sampling=sampling, timeout=LOAD_TIMEOUT_S
+                    s, wire.SessionOpKind.SAMPLE, sampling=sampling, timeout=TIMEOUTS.load_s
                 )
             else:
-                await self._op(s, wire.SessionOpKind.SYNC, timeout=LOAD_TIMEOUT_S)
+                await self._op(s, wire.SessionOpKind.SYNC, timeout=TIMEOUTS.load_s)
 
     async def _rollback_quietly(self, s: _Session, position: int) -> None:
         """A rollback inside a replay: in order with the replayed calls, no waiting."""

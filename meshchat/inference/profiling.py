@@ -42,6 +42,7 @@ from meshchat.fsutil import atomic_write_text
 from meshchat.inference.host import host_cpus
 from meshchat.inference.local_model import LocalModel
 from meshchat.paths import DataDir, machine_cache_dir
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ DECODE_TOKENS = 24
 # said 1% slower at 512 than at 140 on the 1B synthetic model; its decode took 5% longer).
 FAR_POSITION = 512
 MAX_CONTEXT_SLOWDOWN = 2.0  # decode at FAR_POSITION at most 3 times as long as near the start
-# A probe that takes longer than this has hung: generous, since a slow disk pages in the
-# weights first (SmolLM2's probe takes about 1 s here).
-PROBE_BASE_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S_PER_GIB = 60.0
 STOP_POLL_S = 0.1  # how often a running probe checks that this process is not stopping
 # Within this fraction of the fastest decode, prefill decides; then the safer setting.
 DECODE_TIE = 0.03
@@ -432,7 +429,7 @@ def probe_target(model: LocalModel, data: DataDir, memory: int) -> ProbeTarget:
     weights = sum(model.spec.layer_bytes[first:end])
     if end == model.n_layers:
         weights += model.output_bytes
-    timeout = PROBE_BASE_TIMEOUT_S + PROBE_TIMEOUT_S_PER_GIB * weights / (1 << 30)
+    timeout = TIMEOUTS.probe(weights)
     path = model.stage_file(data, first, end)
     return ProbeTarget(path, first, end, model.n_layers, weights, timeout)
 

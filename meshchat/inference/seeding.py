@@ -39,17 +39,17 @@ from meshchat.model.seeded import SeededSlice, SeedStore
 from meshchat.model.slices import LayerRange
 from meshchat.model.spec import spec_from_header
 from meshchat.paths import DataDir
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
 ASSUMED_LINK_BYTES_PER_S = 30e6  # what a transfer estimate assumes (loopback measured ~30 MB/s)
 # The head waits for a stage's fetch as if it ran at this rate (a slow, busy LAN), plus the slack,
 # before its load timeout starts counting; a stalled source is caught sooner, by the fetcher's
-# per-request timeout (layer_transfer.REQUEST_TIMEOUT).
+# per-request timeout (TIMEOUTS.request_s).
 SLOWEST_LINK_BYTES_PER_S = 2e6
 STATUS_EVERY_S = 1.0  # a transfer's progress goes to the members at most this often
 WATCH_EVERY_S = 5.0  # the head tells its user how a member's fetch goes at most this often
-FETCH_SLACK_S = 60.0
 
 
 # -- the stage's side --------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Transfer:
     @property
     def allowance_s(self) -> float:
         """How long the head lets the fetch take, before (not within) the stage's load."""
-        return FETCH_SLACK_S + self.bytes / SLOWEST_LINK_BYTES_PER_S
+        return TIMEOUTS.fetch_slack_s + self.bytes / SLOWEST_LINK_BYTES_PER_S
 
     def note(self) -> str:
         return (

@@ -31,10 +31,10 @@ from meshchat.mesh import wire
 from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.membership import join_payload
 from meshchat.mesh.transport import Connection, ConnectionLost
+from meshchat.timeouts import TIMEOUTS
 
 _DOMAIN = b"meshchat/1 auth\x00"
 BINDING_SIZE = 32
-AUTH_TIMEOUT = 5.0
 
 
 class AuthRefused(MeshchatError):
@@ -62,7 +62,7 @@ async def dial_handshake(
     """Run the dialer's side; the connection's peer key is already pinned."""
     assert conn.peer_id is not None
     await conn.send(hello)
-    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    msg = await conn.recv_handshake(TIMEOUTS.auth_s)
     if isinstance(msg, wire.Error):
         raise AuthRefused(msg.code, msg.reason)
     if not isinstance(msg, wire.Challenge) or len(msg.nonce) != 32:
@@ -74,7 +74,7 @@ async def dial_handshake(
         payload = join_payload(conn.peer_id, identity.node_id, msg.nonce)
     sig = identity.sign(payload)
     await conn.send(wire.Auth(sig, invite_secret))
-    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    msg = await conn.recv_handshake(TIMEOUTS.auth_s)
     if isinstance(msg, wire.Error):
         conn.abort(msg.reason)
         raise AuthRefused(msg.code, msg.reason)
@@ -95,7 +95,7 @@ async def accept_handshake(
     conn: Connection, identity: Identity, decide: Decide
 ) -> tuple[NodeId, wire.Hello, wire.Welcome]:
     """Run the listener's side; `decide` checks membership or redeems the invite."""
-    msg = await conn.recv_handshake(AUTH_TIMEOUT)
+    msg = await conn.recv_handshake(TIMEOUTS.auth_s)
     if not isinstance(msg, wire.Hello):
         await refuse(conn, wire.FaultCode.PROTOCOL, "expected HELLO")
     try:
@@ -106,7 +106,7 @@ async def accept_handshake(
         await refuse(conn, wire.FaultCode.SELF, "a node cannot connect to itself")
     nonce = new_nonce()
     await conn.send(wire.Challenge(nonce))
-    auth = await conn.recv_handshake(AUTH_TIMEOUT)
+    auth = await conn.recv_handshake(TIMEOUTS.auth_s)
     if not isinstance(auth, wire.Auth):
         await refuse(conn, wire.FaultCode.PROTOCOL, "expected AUTH")
     if auth.invite_secret is None:

@@ -45,6 +45,7 @@ from meshchat.model.fingerprint import Fingerprint, config_digest, part_digest
 from meshchat.model.gguf_file import GGUFHeader, ModelFileError, TensorEntry, read_header
 from meshchat.model.seeded import SeedStore, remove_quietly
 from meshchat.model.slices import LayerRange, write_slice
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 # 8 in flight no better within the noise (44-69 MB/s); the fetcher waits in epoll most of a run.
 CHUNK = 256 << 10  # bytes per request (at most wire.MAX_LAYER_CHUNK)
 WINDOW = 4  # requests in flight per source: 1 MiB at most queued ahead of activations
-REQUEST_TIMEOUT = 30.0
 MAX_PERMITS = 256  # planned (node, model, range) grants a sender remembers
 MAX_SOURCE_FILE = 1 << 44  # 16 TiB: a mirror's (sparse) size is bounded by this
 SAVE_EVERY = 1.0  # seconds between resume records ...
@@ -512,7 +512,7 @@ class LayerFetcher:
         msg = wire.LayerFetch(
             self.fp.model, self.layers.first, self.layers.end, part, offset, length
         )
-        reply = await self.node.request(source, msg, timeout=REQUEST_TIMEOUT)
+        reply = await self.node.request(source, msg, timeout=TIMEOUTS.request_s)
         if not isinstance(reply, wire.LayerData):
             raise _BadSource(f"a {reply.TYPE.name} reply to a layer request")
         if reply.offset != offset or (total is not None and reply.total != total):

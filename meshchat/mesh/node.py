@@ -44,6 +44,7 @@ from meshchat.mesh.transport import (
     parse_addr,
 )
 from meshchat.paths import DataDir
+from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +323,11 @@ class Node:
     async def send_tensor(self, node: NodeId, tensor: wire.Tensor) -> None:
         await self.send(node, tensor)
 
-    async def request(self, node: NodeId, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+    async def request(
+        self, node: NodeId, msg: wire.Message, timeout: float | None = None
+    ) -> wire.Message:
         """Send `msg` on its own stream and return the peer's reply (an Error reply raises)."""
-        reply = await self._conn(node).request(msg, timeout)
+        reply = await self._conn(node).request(msg, timeout or TIMEOUTS.request_s)
         if isinstance(reply, wire.Error):
             raise Refused(reply.code, reply.reason, f"peer {node.short} refused {msg.TYPE.name}")
         return reply

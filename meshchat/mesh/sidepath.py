@@ -27,9 +27,10 @@ is the AEAD's associated data), then the encrypted fragment and GCM's 16-byte ta
   delivers it only once its control stream has delivered as much, and the sender writes nothing
   more to the stream until the message is acknowledged (asking with FLUSH): the order of all
   messages is as if every one had gone on the stream.
-Loss: unacknowledged messages are resent after RTO (doubling, capped); past GIVE_UP seconds the
-connection is closed and the node's failover takes over. A peer that never answers our PROBE
-(an older node, or a path that drops these datagrams) gets every message on the stream.
+Loss: unacknowledged messages are resent after RTO (doubling, capped); with none acknowledged
+for TIMEOUTS.side_path_give_up_s the connection is closed and the node's failover takes over.
+A peer that never answers our PROBE (an older node, or a path that drops these datagrams) gets
+every message on the stream.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from meshchat.mesh import wire
+from meshchat.timeouts import TIMEOUTS
 
 HEAD = struct.Struct("!B8sQIIHHQ")
 GCM_TAG = 16
 ACK_DELAY = 0.02  # s: a lone ACK waits this long for a packet of ours to ride on
 RTO = 0.06  # s: first resend (3 x ACK_DELAY: a delayed ACK is not a loss)
 MAX_RTO = 0.5
-GIVE_UP = 10.0  # s without an acknowledgement: the connection is closed (QUIC idles out at 15)
 PROBE_EVERY = 0.5  # s between probes while the peer has not answered
 WINDOW = 32  # messages in flight (sender) and held for reassembly or order (receiver)
 MAX_MESSAGE = 256 * 1024  # bytes of one message's frame (larger ones take the stream)
@@ -189,7 +190,7 @@ class SidePath:
         out = self._unacked.get(msg)
         if out is None or self.closed:
             return
-        if self._loop.time() - out.first_sent > GIVE_UP:
+        if self._loop.time() - out.first_sent > TIMEOUTS.side_path_give_up_s:
             self.close()
             self._fail("side path: no acknowledgement")
             return

@@ -249,7 +249,7 @@ class Connection(QuicConnectionProtocol):
                 self.tuning.side_datagram_size_for(self.remote[0]),
                 self._send_side_packet,
                 self._on_side_message,
-                self.abort,  # no acknowledgement for GIVE_UP seconds: a dead path
+                self.abort,  # no acknowledgement for a while: a dead path
             )
             self.endpoint.route_side_tag(self.side.tag, self)
             self.side.stream_delivered(self._control_done)
