@@ -46,6 +46,7 @@ from meshchat.mesh.node import Node, NodeEvent, PeerState, Refused
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
+from meshchat.tasks import BackgroundTasks
 from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class MeshPipeline:
         self._local: Stage | None = None
         self._sessions: dict[str, _Session] = {}
         self._tokens: dict[tuple[int, int], asyncio.Future[tuple[int, list[int]]]] = {}
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks = BackgroundTasks(log, "stage message")
         self._dones: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._excluded: set[str] = set()
         self._broken: str | None = None  # why the last failover failed (retried on next use)
@@ -268,7 +269,7 @@ class MeshPipeline:
         # Nodes of the old plan that have no part now free their memory (best effort).
         dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
         for text in dropped:
-            self._background(self._quiet_request(NodeId.parse(text), msg))
+            self._tasks.spawn(self._quiet_request(NodeId.parse(text), msg))
         fetch_s = self.fetch_allowance(plan)
         results = await asyncio.gather(
             *(
@@ -535,12 +536,7 @@ class MeshPipeline:
     def _cancel_remote(self, s: _Session) -> None:
         """Tell every stage to drop this session's queued work (the head stopped waiting)."""
         for node in self._remote:
-            self._background(self._quiet_send(node, wire.Cancel(s.wire_id, "cancelled", s.seq)))
-
-    def _background(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._quiet_send(node, wire.Cancel(s.wire_id, "cancelled", s.seq)))
 
     async def _quiet_send(self, node: NodeId, msg: wire.Message) -> None:
         with contextlib.suppress(MeshchatError):

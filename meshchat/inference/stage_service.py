@@ -51,6 +51,7 @@ from meshchat.mesh.node import Node, NodeEvent
 from meshchat.mesh.transport import ConnectionLost
 from meshchat.model.slices import LayerRange
 from meshchat.paths import DataDir
+from meshchat.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class StageService:
         self._sessions: dict[int, _Session] = {}
         self._calibration: asyncio.Future[Calibration | None] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        self._faults = BackgroundTasks(log, "fault reply")  # answers to refused input
         self._queued_bytes = 0
         self._peer_bytes: dict[NodeId, int] = {}  # activation bytes queued, per sender
         self._peer_plans: dict[NodeId, int] = {}  # plan requests queued, per sender
@@ -664,11 +665,8 @@ class StageService:
     ) -> None:
         """Answer refused input without waiting; a flood of it gets no more answers than
         MAX_PENDING_FAULTS at a time."""
-        if len(self._background) >= MAX_PENDING_FAULTS:
-            return
-        task = asyncio.ensure_future(self._send_fault(key, [target], code, reason, culprit))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if len(self._faults) < MAX_PENDING_FAULTS:
+            self._faults.spawn(self._send_fault(key, [target], code, reason, culprit))
 
     async def _send_fault(
         self,

@@ -55,10 +55,9 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import ifaddr
 from zeroconf import (
@@ -73,6 +72,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshchat.errors import MeshchatError
+from meshchat.tasks import BackgroundTasks
 
 __all__ = [
     "MAX_AGE_S",
@@ -369,7 +369,7 @@ class MdnsDiscovery:
         # service name -> last parsed announcement / last reported peer
         self._parsed: dict[str, _Parsed] = {}
         self._reported: dict[str, DiscoveredPeer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(log, "mDNS task", level=logging.WARNING)
         self._resolving: dict[str, bool] = {}  # name -> another resolve requested meanwhile
         self._waiting: dict[str, None] = {}  # names waiting for a resolve slot, in order
         self._in_flight: dict[str, int] = {}  # name -> resolves running (events and sweeps)
@@ -413,8 +413,8 @@ class MdnsDiscovery:
             self._browser = AsyncServiceBrowser(
                 self._aiozc.zeroconf, [SERVICE_TYPE], handlers=[self._on_state_change]
             )
-            self._spawn(self._maintain())
-            self._spawn(self._refresh())
+            self._tasks.spawn(self._maintain())
+            self._tasks.spawn(self._refresh())
         except BaseException:
             await self.stop()
             raise
@@ -425,12 +425,7 @@ class MdnsDiscovery:
     async def stop(self) -> None:
         """Withdraw our announcement (goodbye packets) and stop browsing. Idempotent."""
         self._closing = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.aclose()
         aiozc, browser = self._aiozc, self._browser
         self._aiozc = self._browser = None
         if browser is not None:
@@ -459,7 +454,7 @@ class MdnsDiscovery:
         self._secret = secret
         self._recheck_members()
         if self._aiozc is not None and self._info is not None:
-            self._spawn(self._reannounce())
+            self._tasks.spawn(self._reannounce())
 
     async def async_set_mesh_secret(self, secret: bytes | None) -> None:
         """`set_mesh_secret`, returning once the new announcement is sent."""
@@ -540,16 +535,6 @@ class MdnsDiscovery:
 
     # ---- browsing -------------------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("mDNS: task failed", exc_info=task.exception())
-
     def _is_own(self, name: str) -> bool:
         return self._info is not None and name.lower() == self._info.name.lower()
 
@@ -582,7 +567,7 @@ class MdnsDiscovery:
         if not self._has_room(name):
             return
         self._resolving[name] = False
-        self._spawn(self._resolve_loop(name))
+        self._tasks.spawn(self._resolve_loop(name))
 
     def _resolve_waiting(self) -> None:
         while self._waiting and len(self._resolving) < _MAX_RESOLVING and not self._closing:

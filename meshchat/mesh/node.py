@@ -44,6 +44,7 @@ from meshchat.mesh.transport import (
     parse_addr,
 )
 from meshchat.paths import DataDir
+from meshchat.tasks import BackgroundTasks
 from meshchat.timeouts import TIMEOUTS
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class Node:
         self._arrival: dict[type[wire.Message], Callable[[NodeId, Any], None]] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._callbacks: list[Callable[[NodeEvent], None]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log, "background task", expected=(MeshchatError,))
         self._dialing: set[NodeId] = set()
         self._pings: dict[NodeId, dict[int, float]] = {}
         self._ping_seq = 0
@@ -200,7 +201,7 @@ class Node:
     async def start(self) -> None:
         await self.endpoint.start(*self._listen)
         self._started = True
-        self._spawn(self._maintain())
+        self._tasks.spawn(self._maintain())
         if self._discovery_factory:
             await self._start_discovery()
 
@@ -211,9 +212,7 @@ class Node:
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
         self.endpoint.close()
         await asyncio.sleep(0)  # let the close datagrams go out
 
@@ -340,7 +339,7 @@ class Node:
             return
         self._layers, self._model = layers, model
         for node in self.connected():
-            self._spawn(self._send_quiet(node, self._status_msg()))
+            self._tasks.spawn(self._send_quiet(node, self._status_msg()))
 
     def set_memory(self, report: wire.MemoryReport, detail: dict[str, int] | None = None) -> None:
         """What this node offers and uses; shared with every connected peer (when it changes)."""
@@ -349,7 +348,7 @@ class Node:
             return
         self._memory = report
         for node in self.connected():
-            self._spawn(self._send_quiet(node, self._status_msg()))
+            self._tasks.spawn(self._send_quiet(node, self._status_msg()))
 
     @property
     def layers(self) -> tuple[int, int] | None:
@@ -488,7 +487,7 @@ class Node:
             secret = m.mesh_secret
             peer = self._peers.setdefault(dialer, Peer(dialer, "invite"))
             peer.via = "invite"
-            self._spawn(self._broadcast(self._roster_msg()))
+            self._tasks.spawn(self._broadcast(self._roster_msg()))
         elif hello.mesh_id != m.mesh_id or not m.is_member(dialer):
             return wire.Error(
                 wire.FaultCode.NOT_MEMBER,
@@ -498,21 +497,8 @@ class Node:
 
     # --- connections ------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, MeshchatError):
-                log.error("background task failed", exc_info=exc)
-
     def _on_incoming(self, conn: Connection) -> None:
-        self._spawn(self._accept(conn))
+        self._tasks.spawn(self._accept(conn))
 
     async def _accept(self, conn: Connection) -> None:
         try:
@@ -603,7 +589,7 @@ class Node:
             self._emit("joined", node)
         elif old is not None:
             self._emit("reconnected", node)
-        self._spawn(self._greet(node))
+        self._tasks.spawn(self._greet(node))
 
     async def _greet(self, node: NodeId) -> None:
         await self._send_quiet(node, self._status_msg())
@@ -650,7 +636,7 @@ class Node:
                 except Exception:
                     log.exception("handler for %s failed", msg.TYPE.name)
 
-        task = self._spawn(worker())
+        task = self._tasks.spawn(worker())
         conn.closed.add_done_callback(lambda _f: task.cancel())
 
         def on_message(c: Connection, msg: wire.Message) -> None:
@@ -770,7 +756,7 @@ class Node:
                         pending[self._ping_seq] = time.perf_counter()
                         conn.send_ping(wire.Ping(self._ping_seq))
                 elif self._should_dial(peer):
-                    self._spawn(self._redial(peer))
+                    self._tasks.spawn(self._redial(peer))
             await asyncio.sleep(min(0.5, self.ping_interval))
 
     def _should_dial(self, peer: Peer) -> bool:
@@ -823,7 +809,7 @@ class Node:
 
     def _update_discovery_secret(self) -> None:
         if self.discovery is not None and hasattr(self.discovery, "async_set_mesh_secret"):
-            self._spawn(self.discovery.async_set_mesh_secret(self.membership.mesh_secret))
+            self._tasks.spawn(self.discovery.async_set_mesh_secret(self.membership.mesh_secret))
 
     def _on_discovered(self, found: Any) -> None:
         """mDNS saw a node: a hint only; the connection authenticates it."""

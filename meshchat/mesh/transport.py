@@ -80,6 +80,7 @@ from aioquic.quic.packet import (
 from meshchat.errors import MeshchatError
 from meshchat.mesh import polling, sidepath, wire
 from meshchat.mesh.identity import Identity, NodeId, node_id_of_certificate
+from meshchat.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -498,8 +499,7 @@ class Connection(QuicConnectionProtocol):
             self._stream_error(sid, "more than one frame on a request stream")
             return
         self._served.add(sid)
-        task = self._loop.create_task(self._serve_request(sid, msg))
-        self.endpoint.track(task)
+        self.endpoint.spawn(self._serve_request(sid, msg))
 
     async def _serve_request(self, sid: int, msg: wire.Message) -> None:
         assert self.on_request is not None
@@ -727,7 +727,7 @@ class Endpoint(asyncio.DatagramProtocol):
         self._by_cid: dict[bytes, Connection] = {}
         self._conns: set[Connection] = set()
         self._transport: asyncio.DatagramTransport | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log, "request handler")
         self._retry_tokens = RetryTokens()
         self._side_tags: dict[bytes, Connection] = {}  # side-path tag -> its connection
         self.address: Address = ("0.0.0.0", 0)
@@ -750,8 +750,7 @@ class Endpoint(asyncio.DatagramProtocol):
     def close(self) -> None:
         for conn in list(self._conns):
             conn.abort("node shutting down", APP_ERROR_GOODBYE)
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         if self._transport is not None:
             self._transport.close()
 
@@ -785,10 +784,9 @@ class Endpoint(asyncio.DatagramProtocol):
         """Side-path packets carrying `tag` go to `conn` (until `forget(conn)`)."""
         self._side_tags[tag] = conn
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Hold `task` until it ends; `close` cancels it."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` (a connection's request handler) until it ends or `close` cancels it."""
+        self._tasks.spawn(work)
 
     def forget(self, conn: Connection) -> None:
         """A terminated connection: no datagram (QUIC or side path) is routed to it again."""
