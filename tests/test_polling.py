@@ -16,6 +16,7 @@ import pytest
 
 from meshchat.mesh import polling, wire
 from meshchat.mesh.identity import NodeId
+from meshchat.mesh.node import Node
 from meshchat.mesh.polling import LEAD_S, MAX_POLL_S, MIN_GAPS, PollingEventLoop, PollingSelector
 from tests.mesh_helpers import eventually, mesh_nodes
 
@@ -135,27 +136,37 @@ async def _running_arrivals() -> polling.StepArrivals | None:
     return polling.arrivals(asyncio.get_running_loop())
 
 
-STEPS = 40
+STEPS = 40  # Tokens passed back and forth
+
+
+def answer_tokens(me: Node) -> asyncio.Event:
+    """Answer each Token with the next one after 10 ms of "compute"; the event is set once
+    the last one arrives."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def on_token(sender: NodeId, msg: wire.Token) -> None:
+        if msg.position >= STEPS - 1:
+            done.set()
+        if msg.position < STEPS:
+            reply = wire.Token(7, msg.position + 1, 1, [])
+            loop.call_later(0.01, lambda: loop.create_task(me.send(sender, reply)))
+
+    me.on_arrival(wire.Token, on_token)
+    return done
+
+
 ECHO = """
 import asyncio, sys
 from pathlib import Path
-from meshchat.mesh import polling, wire
+from meshchat.mesh import polling
 from tests.mesh_helpers import mesh_nodes
+from tests.test_polling import answer_tokens
 
 async def echo():
-    loop = asyncio.get_running_loop()
     async with mesh_nodes(Path(sys.argv[1])) as mesh:
         me = await mesh.new()
-        done = asyncio.Event()
-
-        def on_token(sender, msg):
-            if msg.position >= STEPS - 1:
-                done.set()
-            if msg.position < STEPS:
-                reply = wire.Token(7, msg.position + 1, 1, [])
-                loop.call_later(0.01, lambda: loop.create_task(me.send(sender, reply)))
-
-        me.on_arrival(wire.Token, on_token)
+        done = answer_tokens(me)
         print(me.create_invite(), flush=True)
         await asyncio.wait_for(done.wait(), 30)
         await asyncio.sleep(0.2)
@@ -170,7 +181,7 @@ def test_decode_steps_between_two_nodes_arrive_inside_the_windows(tmp_path: Path
     "computing" 10 ms before it answers: the rhythm of a decode. This one learns it, opens
     windows, and hears steps inside them."""
     echo = subprocess.Popen(
-        [sys.executable, "-c", f"STEPS = {STEPS}\n{ECHO}", str(tmp_path / "echo")],
+        [sys.executable, "-c", ECHO, str(tmp_path / "echo")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
 
@@ -180,17 +191,7 @@ def test_decode_steps_between_two_nodes_arrive_inside_the_windows(tmp_path: Path
             me = await mesh.new()
             assert echo.stdout is not None
             peer = await me.join(await asyncio.to_thread(echo.stdout.readline))
-            done = asyncio.Event()
-
-            def on_token(sender: NodeId, msg: wire.Message) -> None:
-                assert isinstance(msg, wire.Token)
-                if msg.position >= STEPS - 1:
-                    done.set()
-                if msg.position < STEPS:
-                    reply = wire.Token(7, msg.position + 1, 1, [])
-                    loop.call_later(0.01, lambda: loop.create_task(me.send(sender, reply)))
-
-            me.on_arrival(wire.Token, on_token)
+            done = answer_tokens(me)
             await me.wait_for_peer(peer)
             conn = me.peer(peer).conn
             assert conn is not None
