@@ -365,7 +365,7 @@ async def test_members_see_a_transfer_in_their_peers_table_then_the_state_again(
 
     def on_event(event: NodeEvent) -> None:
         if event.kind == "status" and event.node_id == fetcher.node_id:
-            cells.extend(r.seeding for r in view.peers() if r.key == str(fetcher.node_id))
+            cells.extend(r.seeding for r in view.peers() if r.key == fetcher.node_id)
 
     seed.add_listener(on_event)
     seeded = await seed_for_plan(fetcher, DataDir(tmp_path / "f"), 1 << 30, seed.node_id, msg)

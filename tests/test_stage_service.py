@@ -114,15 +114,15 @@ async def test_chain_equals_local_and_replans_while_idle(mesh: Mesh, tmp_path: P
     w1, s1 = await mesh.worker()
     w2, s2 = await mesh.worker()
     head, model, data = await mesh.head(w1, w2)
-    me = str(head.node_id)
+    me = head.node_id
     pipeline = _pipeline(head, model, data, prefill_chunk=4)
     try:
         await pipeline.apply(
             Plan(
                 (
                     StagePlan(me, 0, 3),
-                    StagePlan(str(w1.node_id), 3, 6),
-                    StagePlan(str(w2.node_id), 6, 8),
+                    StagePlan(w1.node_id, 3, 6),
+                    StagePlan(w2.node_id, 6, 8),
                 )
             )
         )
@@ -130,9 +130,7 @@ async def test_chain_equals_local_and_replans_while_idle(mesh: Mesh, tmp_path: P
         assert await _greedy(pipeline) == reference
         assert s1.session_count == 0 and s2.session_count == 0  # closed sessions free their KV
         # Re-plan while idle: ranges move, nothing restarts, output unchanged.
-        await pipeline.apply(
-            Plan((StagePlan(str(w2.node_id), 0, 5), StagePlan(str(w1.node_id), 5, 8)))
-        )
+        await pipeline.apply(Plan((StagePlan(w2.node_id, 0, 5), StagePlan(w1.node_id, 5, 8))))
         assert s2.layers == (0, 5) and s1.layers == (5, 8)
         assert await _greedy(pipeline) == reference
         # And back to the head alone: the workers are told to let go of their layers.
@@ -147,10 +145,10 @@ async def test_open_session_survives_a_replan(mesh: Mesh, tmp_path: Path) -> Non
     reference = await _local_reference(mesh.model_path, tmp_path)
     w1, _ = await mesh.worker()
     head, model, data = await mesh.head(w1)
-    me = str(head.node_id)
+    me = head.node_id
     pipeline = _pipeline(head, model, data)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(str(w1.node_id), 4, 8))))
+        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(w1.node_id, 4, 8))))
         session = "s"
         await pipeline.open_session(session)
         await pipeline.configure_sampling(session, GREEDY)
@@ -158,7 +156,7 @@ async def test_open_session_survives_a_replan(mesh: Mesh, tmp_path: Path) -> Non
         for i in range(5):
             out.append(await pipeline.forward(session, len(PROMPT) + i, [out[-1]]))
         # Move the split mid-conversation: the session's history is replayed on the new plan.
-        await pipeline.apply(Plan((StagePlan(me, 0, 6), StagePlan(str(w1.node_id), 6, 8))))
+        await pipeline.apply(Plan((StagePlan(me, 0, 6), StagePlan(w1.node_id, 6, 8))))
         for i in range(5, 11):
             out.append(await pipeline.forward(session, len(PROMPT) + i, [out[-1]]))
         assert out == reference
@@ -181,10 +179,10 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
     stranger = await mesh.nodes.new()
     await stranger.join(head.create_invite())
     await mesh.connected(stranger, w1)
-    me = str(head.node_id)
+    me = head.node_id
     pipeline = _pipeline(head, model, data)
     try:
-        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(str(w1.node_id), 4, 8))))
+        await pipeline.apply(Plan((StagePlan(me, 0, 4), StagePlan(w1.node_id, 4, 8))))
         session = "s"
         await pipeline.open_session(session)
         wire_id = pipeline._sessions[session].wire_id
@@ -199,7 +197,7 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
             )
             _, fault = await asyncio.wait_for(faults.get(), 10)
             assert fault.code is wire.FaultCode.BAD_INPUT
-            assert fault.culprit == str(stranger.node_id)
+            assert fault.culprit == stranger.node_id
         # Unknown session from the rightful sender (the head).
         head_faults = await _fault_from(head)
         await head.send(
@@ -234,9 +232,7 @@ async def test_a_different_model_file_is_refused_by_the_stage(
     pipeline = _pipeline(head, model, data)
     try:
         with pytest.raises(MeshchatError, match="different model file"):
-            await pipeline.apply(
-                Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-            )
+            await pipeline.apply(Plan((StagePlan(head.node_id, 0, 4), StagePlan(w1.node_id, 4, 8))))
         assert service.layers is None
     finally:
         await pipeline.close()
@@ -246,9 +242,7 @@ async def test_sessions_of_a_head_that_leaves_are_dropped(mesh: Mesh) -> None:
     w1, service = await mesh.worker()
     head, model, data = await mesh.head(w1)
     pipeline = _pipeline(head, model, data)
-    await pipeline.apply(
-        Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-    )
+    await pipeline.apply(Plan((StagePlan(head.node_id, 0, 4), StagePlan(w1.node_id, 4, 8))))
     await pipeline.open_session("s")
     assert service.session_count == 1
     await head.stop()  # the head goes away without closing its session
@@ -264,9 +258,7 @@ async def test_cancelled_step_is_dropped_and_the_session_continues(
     head, model, data = await mesh.head(w1)
     pipeline = _pipeline(head, model, data, prefill_chunk=2)
     try:
-        await pipeline.apply(
-            Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(w1.node_id), 4, 8)))
-        )
+        await pipeline.apply(Plan((StagePlan(head.node_id, 0, 4), StagePlan(w1.node_id, 4, 8))))
         session = "s"
         await pipeline.open_session(session)
         await pipeline.configure_sampling(session, GREEDY)
