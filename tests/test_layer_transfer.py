@@ -105,7 +105,7 @@ async def test_slice_arrives_verified_and_identical(
     (entry,) = store.slices()
     assert entry.layers == RANGE and entry.fingerprint == model[1]
     # Both members sent units: several sources at once.
-    assert set(entry.origin) == {str(n.node_id) for n, _ in servers}
+    assert set(entry.origin) == {n.node_id for n, _ in servers}
     assert job.progress.done == job.progress.total > 0 and seen
     assert _partials(store) == []
     # Once: asking again reads the store, no byte travels.
