@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshchat.mesh.discovery import DiscoveredPeer, MdnsDiscovery
+from meshchat.mesh.identity import NodeId
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -44,7 +45,7 @@ async def run(args: argparse.Namespace) -> None:
         os.replace(tmp, out)
 
     def on_peer(peer: DiscoveredPeer) -> None:
-        state["peers"][peer.node_id] = {
+        state["peers"][str(peer.node_id)] = {
             "addresses": peer.addresses,
             "port": peer.port,
             "is_member": peer.is_member,
@@ -54,7 +55,7 @@ async def run(args: argparse.Namespace) -> None:
             [
                 round(time.monotonic() - t0, 2),
                 "peer",
-                peer.node_id,
+                str(peer.node_id),
                 peer.addresses,
                 peer.port,
                 peer.is_member,
@@ -62,14 +63,17 @@ async def run(args: argparse.Namespace) -> None:
         )
         write()
 
-    def on_lost(node_id: str) -> None:
+    def on_lost(node: NodeId) -> None:
+        node_id = str(node)
         state["peers"].pop(node_id, None)
         state["lost"].append(node_id)
         state["events"].append([round(time.monotonic() - t0, 2), "lost", node_id, []])
         write()
 
     secret = bytes.fromhex(args.secret) if args.secret else None
-    disc = MdnsDiscovery(args.node_id, args.port, secret, on_peer, on_lost, ttl=args.ttl)
+    disc = MdnsDiscovery(
+        NodeId.parse(args.node_id), args.port, secret, on_peer, on_lost, ttl=args.ttl
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

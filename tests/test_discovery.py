@@ -26,10 +26,13 @@ from meshchat.mesh.discovery import (
     membership_tag,
     verify_membership_tag,
 )
+from meshchat.mesh.identity import KEY_LEN, NodeId
+from tests.node_names import named
 
 pytestmark = pytest.mark.timeout(60)
 
 LOOPBACK = ["127.0.0.1"]
+NODE = named("node")
 TTL = 4
 
 
@@ -37,9 +40,9 @@ class Seen:
     """Collects what one MdnsDiscovery reports and lets a test wait for a condition."""
 
     def __init__(self) -> None:
-        self.peers: dict[str, DiscoveredPeer] = {}
+        self.peers: dict[NodeId, DiscoveredPeer] = {}
         self.history: list[DiscoveredPeer] = []
-        self.lost: list[str] = []
+        self.lost: list[NodeId] = []
         self._changed = asyncio.Event()
 
     def on_peer(self, peer: DiscoveredPeer) -> None:
@@ -47,7 +50,7 @@ class Seen:
         self.history.append(peer)
         self._changed.set()
 
-    def on_lost(self, node_id: str) -> None:
+    def on_lost(self, node_id: NodeId) -> None:
         self.peers.pop(node_id, None)
         self.lost.append(node_id)
         self._changed.set()
@@ -61,8 +64,8 @@ class Seen:
         await asyncio.wait_for(loop(), timeout)
 
 
-def new_id() -> str:
-    return "t" + secrets.token_hex(8)
+def new_id() -> NodeId:
+    return NodeId(secrets.token_bytes(KEY_LEN))
 
 
 Factory = Callable[..., tuple[MdnsDiscovery, Seen]]
@@ -73,7 +76,7 @@ async def make() -> AsyncIterator[Factory]:
     made: list[MdnsDiscovery] = []
 
     def factory(
-        secret: bytes | None, node_id: str | None = None, port: int = 7000, **kw: object
+        secret: bytes | None, node_id: NodeId | None = None, port: int = 7000, **kw: object
     ) -> tuple[MdnsDiscovery, Seen]:
         seen = Seen()
         kw.setdefault("interfaces", LOOPBACK)
@@ -96,7 +99,7 @@ async def make() -> AsyncIterator[Factory]:
 # ---- the tag, without the network -------------------------------------------------------
 
 
-def claims(node_id: str = "node", nonce: bytes = bytes(16)) -> Announcement:
+def claims(node_id: NodeId = NODE, nonce: bytes = bytes(16)) -> Announcement:
     return Announcement(node_id, nonce, 1_700_000_000_000, 7000, ("10.0.0.1",))
 
 
@@ -106,28 +109,29 @@ def test_tag_verifies_only_under_the_same_secret() -> None:
     assert len(tag) == 16
     assert verify_membership_tag(b"secret", said, tag)
     assert not verify_membership_tag(b"other", said, tag)
-    assert not verify_membership_tag(b"secret", claims("node2"), tag)
+    assert not verify_membership_tag(b"secret", claims(named("node2")), tag)
     assert not verify_membership_tag(b"secret", claims(nonce=b"\x01" * 16), tag)
     assert not verify_membership_tag(None, said, tag)
     assert not verify_membership_tag(b"secret", said, tag[:8])
 
 
-@given(st.binary(min_size=1, max_size=64), st.text(min_size=1, max_size=40), st.binary())
-def test_tag_binds_node_id_and_nonce(secret: bytes, node_id: str, nonce: bytes) -> None:
+@given(st.binary(min_size=1, max_size=64), st.binary(min_size=32, max_size=32), st.binary())
+def test_tag_binds_node_id_and_nonce(secret: bytes, raw: bytes, nonce: bytes) -> None:
+    node_id = NodeId(raw)
     tag = membership_tag(secret, claims(node_id, nonce))
     assert verify_membership_tag(secret, claims(node_id, nonce), tag)
-    # Moving bytes between node id and nonce must not keep the tag valid.
-    assert not verify_membership_tag(secret, claims(node_id + "x", nonce), tag)
+    other = NodeId(raw[1:] + raw[:1]) if raw[1:] + raw[:1] != raw else NodeId(bytes(32))
+    if other != node_id:
+        assert not verify_membership_tag(secret, claims(other, nonce), tag)
+    # Moving bytes from the nonce must not keep the tag valid.
     assert not verify_membership_tag(secret, claims(node_id, nonce + b"x"), tag)
 
 
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(DiscoveryError):
-        MdnsDiscovery("has space", 1, None, lambda p: None)
+        MdnsDiscovery(NODE, 0, None, lambda p: None)
     with pytest.raises(DiscoveryError):
-        MdnsDiscovery("ok", 0, None, lambda p: None)
-    with pytest.raises(DiscoveryError):
-        MdnsDiscovery("ok", 1, None, lambda p: None, ttl=1)
+        MdnsDiscovery(NODE, 1, None, lambda p: None, ttl=1)
 
 
 # ---- on loopback ------------------------------------------------------------------------
@@ -228,9 +232,9 @@ async def test_malformed_and_spoofed_announcements_are_ignored(make: Factory) ->
             # no TXT fields at all
             {},
             # bad nonce length, bad hex tag
-            {"v": "1", "id": new_id(), "n": "abcd", "m": "zz"},
+            {"v": "1", "id": str(new_id()), "n": "abcd", "m": "zz"},
             # claims our own node id
-            {"v": "1", "id": a.node_id, "n": "00" * 16},
+            {"v": "1", "id": str(a.node_id), "n": "00" * 16},
         ]
         regs = [
             ServiceInfo(

@@ -24,6 +24,7 @@ from meshchat.inference.profiling import Speed, Trial, TrialOutcome
 from meshchat.paths import DataDir
 from tests.cli_helpers import run_meshchat
 from tests.conftest import DEFAULT_THREADS
+from tests.node_names import HEAD
 from tests.test_planner import NEEDS
 
 PROMPT = "The three primary colours are"
@@ -177,7 +178,7 @@ def test_settings_are_ranked_where_the_planner_prices_decode() -> None:
     off = Trial(EngineProfile(False, False, 2), ok, Speed(5.74e-11, 2.12e-11, 2.67e-14))
     chosen = profiling._best([on, off])
     assert chosen is not None and not chosen.profile.flash_attn
-    assert Planner(NEEDS, [], "h", 2 * profiling.RANKED_AT).extra_context == (
+    assert Planner(NEEDS, [], HEAD, 2 * profiling.RANKED_AT).extra_context == (
         profiling.extra_context(profiling.RANKED_AT)
     )
 

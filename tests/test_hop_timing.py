@@ -121,7 +121,7 @@ async def test_the_real_path_is_split_sensibly(
         await eventually(lambda: workers[0].node_id in workers[1].connected(), 15)
         data = DataDir(tmp_path / "head")
         pipeline = MeshPipeline(head, LocalModel.open(model_path, data), data, threads=1, n_ctx=256)
-        ids = [str(n.node_id) for n in (head, *workers)]
+        ids = [n.node_id for n in (head, *workers)]
         try:
             await pipeline.apply(
                 Plan((StagePlan(ids[0], 0, 3), StagePlan(ids[1], 3, 6), StagePlan(ids[2], 6, 8)))

@@ -36,10 +36,11 @@ from meshchat.mesh.discovery import (
     judge_announcement,
     membership_tag,
 )
-from meshchat.mesh.identity import Identity
+from meshchat.mesh.identity import Identity, NodeId
 from meshchat.mesh.node import Node, PeerState, _with_hints
 from meshchat.paths import DataDir
 from tests.netns_helpers import SCRIPTS, netns, require_netns, wait_for
+from tests.node_names import named
 from tests.test_discovery import LOOPBACK, Factory, Seen, make, new_id
 from tests.test_netns_discovery import Probes
 
@@ -53,8 +54,11 @@ TTL = 4
 DISCOVERY_LOG = "meshchat.mesh.discovery"
 
 
+NODE, OTHER = named("node"), named("other")
+
+
 def said(
-    node_id: str = "node",
+    node_id: NodeId = NODE,
     ts: int = NOW_MS,
     port: int = 7000,
     addresses: tuple[str, ...] = ("10.0.0.1",),
@@ -79,7 +83,7 @@ def test_replay_with_another_address_or_port_is_no_member() -> None:
     assert judge(said(port=9999), tag) is Verdict.NOT_MEMBER
     assert judge(said(addresses=("10.0.0.66",)), tag) is Verdict.NOT_MEMBER
     assert judge(said(addresses=("10.0.0.1", "10.0.0.66")), tag) is Verdict.NOT_MEMBER
-    assert judge(said(node_id="other"), tag) is Verdict.NOT_MEMBER
+    assert judge(said(node_id=OTHER), tag) is Verdict.NOT_MEMBER
     assert judge(said(ts=NOW_MS + 1), tag) is Verdict.NOT_MEMBER
 
 
@@ -207,9 +211,9 @@ async def attacker() -> AsyncIterator[Attacker]:
     await evil.close()
 
 
-def txt(node_id: str, ts_ms: int, port: int, address: str, tag: bytes | None) -> dict[str, str]:
+def txt(node_id: NodeId, ts_ms: int, port: int, address: str, tag: bytes | None) -> dict[str, str]:
     nonce = secrets.token_bytes(16)
-    props = {"v": str(PROTOCOL_VERSION), "id": node_id, "n": nonce.hex(), "t": str(ts_ms)}
+    props = {"v": str(PROTOCOL_VERSION), "id": str(node_id), "n": nonce.hex(), "t": str(ts_ms)}
     props |= {"p": str(port), "a": address}
     if tag is not None:
         claims = Announcement(node_id, nonce, ts_ms, port, (address,))
@@ -283,7 +287,7 @@ async def test_replayed_stale_and_forged_announcements_move_nothing(
 
 def loopback_discovery(node: Node) -> MdnsDiscovery:
     return MdnsDiscovery(
-        str(node.node_id),
+        node.node_id,
         node.port,
         node.membership.mesh_secret,
         node._on_discovered,
@@ -317,9 +321,8 @@ async def test_a_replay_does_not_redirect_a_members_redial(
         async with running(a):
             async with running(b):
                 await b.join(a.create_invite())
-                b_text = str(b.node_id)
                 await until(
-                    lambda: any(p.node_id == b_text and p.is_member for p in a.discovery.peers())
+                    lambda: any(p.node_id == b.node_id and p.is_member for p in a.discovery.peers())
                 )
                 assert b.discovery is not None and b.discovery.service_name is not None
                 honest = await attacker.capture(b.discovery.service_name)
@@ -361,13 +364,11 @@ async def test_a_flood_of_names_keeps_every_table_bounded(
         try:
             await until(lambda: any(p.is_member for p in disc.peers()))
             now_ms = discovery_module._now_ms()
-            fakes = {
-                f"flood-{i}.{SERVICE_TYPE}": str(Identity.generate().node_id) for i in range(150)
-            }
+            fakes = {f"flood-{i}.{SERVICE_TYPE}": Identity.generate().node_id for i in range(150)}
             for name, fake_id in fakes.items():
                 attacker.broadcast(name, txt(fake_id, now_ms, 9, "127.0.0.1", None))
             shifty = f"shifty.{SERVICE_TYPE}"
-            shifty_ids = [str(Identity.generate().node_id) for _ in range(60)]
+            shifty_ids = [Identity.generate().node_id for _ in range(60)]
             for fake_id in shifty_ids:
                 attacker.broadcast(shifty, txt(fake_id, now_ms, 9, "127.0.0.1", None))
                 await asyncio.sleep(0.02)
@@ -378,7 +379,7 @@ async def test_a_flood_of_names_keeps_every_table_bounded(
                 assert len(disc._waiting) <= discovery_module._MAX_WAITING
                 assert len(node._nearby) <= 64
                 assert len(disc._newest) <= discovery_module._MAX_NEWEST
-                assert sum(str(n) in shifty_ids for n in node._nearby) <= 1
+                assert sum(n in shifty_ids for n in node._nearby) <= 1
 
             # Positive control: the flood fills the tables up to their caps.
             for _ in range(400):
@@ -396,14 +397,15 @@ async def test_a_flood_of_names_keeps_every_table_bounded(
                 lambda: len(disc._parsed) <= 1 and not disc._resolving and not disc._in_flight
             )
             bounded()
-            assert disc._removals == {} and len(node._nearby) == 0
+            # Only the honest announcer is left nearby (a NodeID that is not in the roster).
+            assert disc._removals == {} and set(node._nearby) <= {honest.node_id}
             # Service still works: the honest member is known, and a newcomer is found.
             assert [p.is_member for p in disc.peers()] == [True]
-            newcomer_id = str(Identity.generate().node_id)
+            newcomer_id = Identity.generate().node_id
             newcomer = MdnsDiscovery(newcomer_id, 7201, None, lambda p: None, interfaces=LOOPBACK)
             await newcomer.start()
             try:
-                await until(lambda: any(str(n) == newcomer.node_id for n in node._nearby))
+                await until(lambda: any(n == newcomer.node_id for n in node._nearby))
             finally:
                 await newcomer.stop()
         finally:

@@ -146,7 +146,7 @@ async def test_a_member_cannot_take_or_free_a_worker_installed_for_another_head(
         assert pipeline.failovers == 0 and scene.serves_head()
         assert scene.service.layers == (4, 8)
         # The head lets go (a plan without the worker): now another head may install it.
-        await pipeline.apply(Plan((StagePlan(str(scene.head.node_id), 0, 8),)))
+        await pipeline.apply(Plan((StagePlan(scene.head.node_id, 0, 8),)))
         await eventually(lambda: scene.service.layers is None)
         reply = await scene.attacker.request(w, scene.plan_for([(x, 0, 4), (w, 4, 8)]))
         assert isinstance(reply, wire.Ack) and reply.body["layers"] == [4, 8]
@@ -211,7 +211,7 @@ async def test_work_from_outside_the_plan_is_refused_before_it_is_queued(
     got = []
     while not faults.empty():
         got.append((await faults.get())[1])
-    assert got and all(f.code is Code.BAD_INPUT and f.culprit == str(x) for f in got)
+    assert got and all(f.code is Code.BAD_INPUT and f.culprit == x for f in got)
     assert scene.service._queued_bytes == 0 and not scene.service._peer_bytes
     await pipeline.close()
 

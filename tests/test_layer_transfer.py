@@ -105,7 +105,7 @@ async def test_slice_arrives_verified_and_identical(
     (entry,) = store.slices()
     assert entry.layers == RANGE and entry.fingerprint == model[1]
     # Both members sent units: several sources at once.
-    assert set(entry.origin) == {str(n.node_id) for n, _ in servers}
+    assert set(entry.origin) == {n.node_id for n, _ in servers}
     assert job.progress.done == job.progress.total > 0 and seen
     assert _partials(store) == []
     # Once: asking again reads the store, no byte travels.
@@ -365,7 +365,7 @@ async def test_members_see_a_transfer_in_their_peers_table_then_the_state_again(
 
     def on_event(event: NodeEvent) -> None:
         if event.kind == "status" and event.node_id == fetcher.node_id:
-            cells.extend(r.seeding for r in view.peers() if r.key == str(fetcher.node_id))
+            cells.extend(r.seeding for r in view.peers() if r.key == fetcher.node_id)
 
     seed.add_listener(on_event)
     seeded = await seed_for_plan(fetcher, DataDir(tmp_path / "f"), 1 << 30, seed.node_id, msg)

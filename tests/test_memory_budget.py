@@ -249,7 +249,7 @@ async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_
     with pytest.raises(StageLost) as lost:
         await _honest_pipeline(scene)
     assert lost.value.code is wire.FaultCode.MEMORY
-    assert lost.value.node == str(scene.worker.node_id)
+    assert lost.value.node == scene.worker.node_id
     assert "measured" in str(lost.value) and "after load" in str(lost.value)
     # Nothing stays loaded, and the status file says so.
     assert scene.service._assignment is None and scene.service.layers is None
@@ -267,7 +267,7 @@ async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_
         assert memory["left"] == memory["offer"] - memory["used"]
         # The head's peers table hears it too (the worker's Status message).
         await eventually(lambda: _peer_memory(scene) == (memory["offer"], memory["used"]))
-        row = next(r for r in NodeMesh(scene.head).peers() if r.key == str(scene.worker.node_id))
+        row = next(r for r in NodeMesh(scene.head).peers() if r.key == scene.worker.node_id)
         assert row.memory == memory_cell(memory["offer"], memory["used"])  # the peers table
     finally:
         await pipeline.close()
@@ -334,10 +334,10 @@ async def test_a_node_that_refuses_its_plan_for_memory_is_left_out_of_the_next(
         assert two is not None and two < needs.memory(0, model.n_layers, True, N_CTX, 1)
         capabilities.set_limit(two + MIB)
         plan, _choice, _planner = await coordinator.choose()
-        assert plan.nodes == [str(over.node_id)]  # only its offer holds the whole model
+        assert plan.nodes == [over.node_id]  # only its offer holds the whole model
         pipeline = await coordinator.start(plan)
         try:
-            assert str(over.node_id) not in pipeline._plan.nodes  # type: ignore[union-attr]
+            assert over.node_id not in pipeline._plan.nodes  # type: ignore[union-attr]
             assert len(pipeline._plan.stages) == 2  # type: ignore[union-attr]
             assert any("planning again without node" in n for n in notes), notes
             assert over_service.layers is None  # it loaded nothing, or freed what it loaded

@@ -21,6 +21,7 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import ModelNeeds, Planner
 from meshchat.paths import DataDir
 from tests.mesh_cluster import CMD, ENV, Cluster, read_json
+from tests.node_names import HEAD
 from tests.test_mesh_generate import PROMPT, _plan_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -50,7 +51,7 @@ def test_budgets_that_force_a_three_way_split_give_the_solo_output(
 ) -> None:
     model = LocalModel.open(smollm2, DataDir(tmp_path / "probe"))
     needs = ModelNeeds.of(model)
-    planner = Planner(needs, [NodeCaps("h", 1 << 40, model.fingerprint, 1.0, 1.0)], "h",
+    planner = Planner(needs, [NodeCaps(HEAD, 1 << 40, model.fingerprint, 1.0, 1.0)], HEAD,
                       DEFAULT_CONTEXT)  # fmt: skip
     three, two = planner.split_memory(3), planner.split_memory(2)
     assert three is not None and two is not None

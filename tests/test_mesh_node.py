@@ -183,7 +183,7 @@ async def test_wrong_key_refused(mesh: MeshNodes) -> None:
     # An impostor claims b's NodeID but signs with its own key.
     impostor = await mesh.new()
     conn = await impostor.endpoint.dial(a.endpoint.address, lambda n: n == a.node_id)
-    hello = wire.Hello(str(b.node_id), a.mesh_id, [])
+    hello = wire.Hello(b.node_id, a.mesh_id, [])
     with pytest.raises(AuthRefused, match="wrong key"):
         await dial_handshake(conn, impostor.identity, hello, None)
     # The dialer side: a node at a's address that is not the NodeID we expect.

@@ -23,6 +23,7 @@ blobs = st.binary(max_size=40)
 wire_ints = st.integers(1 - wire.MAX_JSON_INT, wire.MAX_JSON_INT - 1)  # the JSON bound
 jsonish = st.dictionaries(st.text(max_size=5), wire_ints | st.text(max_size=5), max_size=3)
 _ids = [Identity.generate().node_id for _ in range(2)]
+node_ids = st.binary(min_size=32, max_size=32).map(NodeId)
 records = st.lists(
     st.builds(
         wire.RosterRecord,
@@ -37,15 +38,17 @@ records = st.lists(
 )
 
 control = st.one_of(
-    st.builds(wire.Hello, texts, st.none() | texts, st.lists(texts, max_size=3)),
+    st.builds(wire.Hello, node_ids, st.none() | texts, st.lists(texts, max_size=3)),
     st.builds(wire.Challenge, blobs),
     st.builds(wire.Auth, blobs, st.none() | blobs),
-    st.builds(wire.Welcome, texts, texts, st.none() | blobs, records, st.lists(texts, max_size=2)),
+    st.builds(
+        wire.Welcome, node_ids, texts, st.none() | blobs, records, st.lists(texts, max_size=2)
+    ),
     st.builds(wire.Error, st.sampled_from(list(wire.FaultCode)), texts),
     st.builds(wire.Ping, st.integers(0, 2**62)),
     st.builds(wire.Pong, st.integers(0, 2**62)),
     st.builds(wire.Status, st.none() | st.lists(st.integers(0, 99), max_size=2)),
-    st.builds(wire.Peers, st.dictionaries(texts, st.lists(texts, max_size=2), max_size=3)),
+    st.builds(wire.Peers, st.dictionaries(node_ids, st.lists(texts, max_size=2), max_size=3)),
     st.builds(wire.Roster, texts, records),
     st.builds(wire.Ack, st.booleans(), jsonish),
     st.builds(wire.Load, texts, jsonish),

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from meshchat.mesh.identity import KEY_LEN, NodeId
 from tests.netns_helpers import SCRIPTS, netns, read_json, require_netns, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -36,7 +37,7 @@ class Probes:
         self.ids: dict[str, str] = {}
 
     def start(self, node: str, secret: bytes | None, port: int = 7000) -> None:
-        self.ids.setdefault(node, f"{node}-{secrets.token_hex(4)}")
+        self.ids.setdefault(node, str(NodeId(secrets.token_bytes(KEY_LEN))))
         out = self.out(node)
         out.unlink(missing_ok=True)
         argv = [sys.executable, str(PROBE), "--node-id", self.ids[node], "--port", str(port)]

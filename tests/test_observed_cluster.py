@@ -25,7 +25,7 @@ TOKENS = 12  # 11 decode steps: more than MIN_SAMPLES
 
 
 async def _run_half_and_half(
-    coordinator: MeshCoordinator, worker: str
+    coordinator: MeshCoordinator, worker: NodeId
 ) -> tuple[list[int], dict[str, Any]]:
     """Plan head [0, n/2) → worker [n/2, n), generate greedily, return the tokens and the
     worker's speed as calibrated and as the planner now sees it."""
@@ -65,7 +65,7 @@ async def test_observed_stage_compute_reaches_the_planner(smollm2: Path, tmp_pat
             data = DataDir(tmp_path / "head")
             model = LocalModel.open(smollm2, data)
             coordinator = MeshCoordinator(head, model, data, threads=1, n_ctx=N_CTX)
-            tokens, seen = await _run_half_and_half(coordinator, worker.node_id)
+            tokens, seen = await _run_half_and_half(coordinator, NodeId.parse(worker.node_id))
     finally:
         cluster.close()
     assert len(tokens) == TOKENS
@@ -106,9 +106,9 @@ async def test_a_member_lying_about_its_compute_moves_its_speed_by_the_clamp_at_
         model = LocalModel.open(smollm2, head_data)
         coordinator = MeshCoordinator(head, model, head_data, threads=1, n_ctx=N_CTX)
         try:
-            tokens, seen = await _run_half_and_half(coordinator, str(node.node_id))
+            tokens, seen = await _run_half_and_half(coordinator, node.node_id)
             # The service still works for an honest head: generation is unaffected.
-            again, _ = await _run_half_and_half(coordinator, str(node.node_id))
+            again, _ = await _run_half_and_half(coordinator, node.node_id)
         finally:
             await liar.stop()
     assert again == tokens and len(tokens) == TOKENS

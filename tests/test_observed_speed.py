@@ -27,6 +27,7 @@ from meshchat.inference.planner import (
     extra_context,
 )
 from meshchat.paths import DataDir
+from tests.node_names import HEAD, B, C, named
 from tests.test_engine_profile import _calibrate
 from tests.test_planner import N_LAYERS, NEEDS, SPEED, caps, split_mib
 
@@ -35,16 +36,16 @@ def on_host(node: NodeCaps, host: str = "ab" * 8, cpus: int = 2, threads: int = 
     return replace(node, host=host, cpus=cpus, threads=threads)
 
 
-THIRDS = Plan((StagePlan("head", 0, 10), StagePlan("b", 10, 20), StagePlan("c", 20, N_LAYERS)))
+THIRDS = Plan((StagePlan(HEAD, 0, 10), StagePlan(B, 10, 20), StagePlan(C, 20, N_LAYERS)))
 
 
 def three(host_b: str = "ab" * 8, host_c: str = "ab" * 8, threads: int = 2) -> Planner:
     nodes = [
-        on_host(caps("head"), threads=threads),
-        on_host(caps("b"), host_b, threads=threads),
-        on_host(caps("c"), host_c, threads=threads),
+        on_host(caps(HEAD), threads=threads),
+        on_host(caps(B), host_b, threads=threads),
+        on_host(caps(C), host_c, threads=threads),
     ]
-    return Planner(NEEDS, nodes, head="head", n_ctx=1024)
+    return Planner(NEEDS, nodes, head=HEAD, n_ctx=1024)
 
 
 # -- sharing a host's cores ------------------------------------------------------------------
@@ -56,11 +57,11 @@ def test_stages_on_one_host_pay_for_threads_beyond_its_cores() -> None:
     apart = three("cd" * 8, "ef" * 8)
     assert apart.share_charges(THIRDS.nodes) == dict.fromkeys(THIRDS.nodes, 1.0)
     # One thread each on two cores: the a-core-per-node bench row, not charged.
-    assert three(threads=1).share_charges(["head", "b"]) == {"head": 1.0, "b": 1.0}
+    assert three(threads=1).share_charges([HEAD, B]) == {HEAD: 1.0, B: 1.0}
     # Nodes that do not say where they run (older peers) are never charged.
-    assert Planner(NEEDS, [caps("head"), caps("b")], "head", 1024).share_charges(["head", "b"]) == {
-        "head": 1.0,
-        "b": 1.0,
+    assert Planner(NEEDS, [caps(HEAD), caps(B)], HEAD, 1024).share_charges([HEAD, B]) == {
+        HEAD: 1.0,
+        B: 1.0,
     }
     assert shared.predict(THIRDS).compute_s > apart.predict(THIRDS).compute_s
 
@@ -80,17 +81,17 @@ def test_sharing_moves_layers_to_a_node_on_another_host() -> None:
     a two-way split, the node on its own host gets the second stage."""
     half = split_mib(2)
     nodes = [
-        on_host(caps("head", half)),
-        on_host(caps("b", half)),
-        on_host(caps("z", half), host="ef" * 8),
+        on_host(caps(HEAD, half)),
+        on_host(caps(B, half)),
+        on_host(caps(named("z"), half), host="ef" * 8),
     ]
-    plan = Planner(NEEDS, nodes, "head", 1024).best().plan
-    assert plan.nodes == ["head", "z"]
+    plan = Planner(NEEDS, nodes, HEAD, 1024).best().plan
+    assert plan.nodes == [HEAD, named("z")]
 
 
 def test_a_host_claim_cannot_make_a_stage_cost_more_than_the_cap() -> None:
-    nodes = [on_host(caps(n), cpus=1, threads=4096) for n in ("head", "b", "c")]
-    charges = Planner(NEEDS, nodes, "head", 1024).share_charges(["head", "b", "c"])
+    nodes = [on_host(caps(n), cpus=1, threads=4096) for n in (HEAD, B, C)]
+    charges = Planner(NEEDS, nodes, HEAD, 1024).share_charges([HEAD, B, C])
     assert all(1 < c <= 4.0 for c in charges.values())
 
 
@@ -99,26 +100,26 @@ def test_host_identity_is_a_hash_and_parsed_strictly() -> None:
     assert len(ours) == 16 and int(ours, 16) >= 0
     with open("/etc/machine-id") as handle:
         assert ours not in handle.read()
-    body = caps("b").to_json()
-    assert NodeCaps.from_json("b", {**body, "host": ours, "cpus": 2}).host == ours
+    body = caps(B).to_json()
+    assert NodeCaps.from_json(B, {**body, "host": ours, "cpus": 2}).host == ours
     bads = [{"host": "x" * 17}, {"host": "NOT-HEX"}, {"host": 5}, {"cpus": -1}, {"cpus": 1.5},
             {"cpus": 1 << 40}, {"threads": 0}, {"threads": 1 << 30}]  # fmt: skip
     for bad in bads:
         with pytest.raises(MeshchatError, match="malformed capabilities"):
-            NodeCaps.from_json("b", {**body, **bad})
+            NodeCaps.from_json(B, {**body, **bad})
 
 
 # -- the context term ------------------------------------------------------------------------
 
 
 def test_the_context_term_grows_a_stage_with_its_kv_cache() -> None:
-    p = Planner(NEEDS, [caps("head")], "head", n_ctx=1024)
-    (cost,) = p.stage_costs(Plan((StagePlan("head", 0, N_LAYERS),)))
+    p = Planner(NEEDS, [caps(HEAD)], HEAD, n_ctx=1024)
+    (cost,) = p.stage_costs(Plan((StagePlan(HEAD, 0, N_LAYERS),)))
     assert extra_context(100) == 0  # within what the calibration decoded at
     at_calibration, far = cost.seconds(extra_context(140)), cost.seconds(extra_context(4140))
     assert far - at_calibration == pytest.approx(4000 * NEEDS.kv_bytes_per_token_layer * 30 * SPEED)
     # predict() is the same model, at half the context.
-    assert p.predict(Plan((StagePlan("head", 0, N_LAYERS),))).compute_s == pytest.approx(
+    assert p.predict(Plan((StagePlan(HEAD, 0, N_LAYERS),))).compute_s == pytest.approx(
         cost.seconds(p.extra_context)
     )
 
@@ -127,29 +128,29 @@ def test_a_measured_context_term_replaces_the_kv_bytes() -> None:
     """A node whose calibration decoded 5% slower 384 tokens further on (the 1B synthetic
     model's figure) is predicted that much slower there, whatever its KV cache's bytes."""
     rate = 0.05 / 384 * SPEED
-    p = Planner(NEEDS, [replace(caps("head"), context_s_per_byte=rate)], "head", n_ctx=1024)
-    (cost,) = p.stage_costs(Plan((StagePlan("head", 0, N_LAYERS),)))
+    p = Planner(NEEDS, [replace(caps(HEAD), context_s_per_byte=rate)], HEAD, n_ctx=1024)
+    (cost,) = p.stage_costs(Plan((StagePlan(HEAD, 0, N_LAYERS),)))
     near, far = cost.seconds(0) - STAGE_OVERHEAD_S, cost.seconds(384) - STAGE_OVERHEAD_S
     assert far / near == pytest.approx(1.05)
 
 
 def test_context_terms_travel_in_capabilities_and_bad_ones_are_refused() -> None:
     speed = profiling.Speed(SPEED, SPEED / 10, 1e-14)
-    node = replace(caps("b"), context_s_per_byte=1e-14, flash_speeds={False: speed})
-    back = NodeCaps.from_json("b", node.to_json())
+    node = replace(caps(B), context_s_per_byte=1e-14, flash_speeds={False: speed})
+    back = NodeCaps.from_json(B, node.to_json())
     assert back.context_s_per_byte == 1e-14 and back.flash_speeds == {False: speed}
     assert back.for_flash(False) == back
     # A node from before the context term: two figures a setting, none at the top level.
     old = {**node.to_json(), "flash_speeds": {"off": [SPEED, SPEED / 10]}}
     del old["context_s_per_byte"]
-    parsed = NodeCaps.from_json("b", old)
+    parsed = NodeCaps.from_json(B, old)
     assert parsed.context_s_per_byte == 0 and parsed.flash_speeds[False].context_s_per_byte == 0
     bads = [{"context_s_per_byte": -1.0}, {"context_s_per_byte": math.nan},
             {"context_s_per_byte": math.inf}, {"flash_speeds": {"off": [SPEED, SPEED, -1.0]}},
             {"flash_speeds": {"off": [SPEED, SPEED, 1.0, 1.0]}}]  # fmt: skip
     for bad in bads:
         with pytest.raises(MeshchatError, match="malformed capabilities"):
-            NodeCaps.from_json("b", {**node.to_json(), **bad})
+            NodeCaps.from_json(B, {**node.to_json(), **bad})
 
 
 def test_the_probe_decodes_again_far_into_the_context(
@@ -178,27 +179,27 @@ def _feed(seen: ObservedSpeeds, p: Planner, plan: Plan, slow: dict[str, float], 
 
 
 def test_observed_compute_corrects_the_node_and_the_next_plan() -> None:
-    p = Planner(NEEDS, [caps("head"), caps("b")], "head", 1024)
-    plan = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, N_LAYERS)))
+    p = Planner(NEEDS, [caps(HEAD), caps(B)], HEAD, 1024)
+    plan = Plan((StagePlan(HEAD, 0, 15), StagePlan(B, 15, N_LAYERS)))
     seen = ObservedSpeeds()
-    _feed(seen, p, plan, {"head": 1.3}, MIN_SAMPLES - 1)
-    assert seen.factor("head") == 1.0  # too few samples yet
-    _feed(seen, p, plan, {"head": 1.3}, 1)
-    assert seen.factor("head") == pytest.approx(1.3, rel=0.01)
-    assert seen.factor("b") == pytest.approx(1.0, rel=0.01)
-    corrected = Planner(NEEDS, [seen.corrected(c) for c in p.nodes.values()], "head", 1024)
+    _feed(seen, p, plan, {HEAD: 1.3}, MIN_SAMPLES - 1)
+    assert seen.factor(HEAD) == 1.0  # too few samples yet
+    _feed(seen, p, plan, {HEAD: 1.3}, 1)
+    assert seen.factor(HEAD) == pytest.approx(1.3, rel=0.01)
+    assert seen.factor(B) == pytest.approx(1.0, rel=0.01)
+    corrected = Planner(NEEDS, [seen.corrected(c) for c in p.nodes.values()], HEAD, 1024)
     # The head is slower than its calibration said: the whole model moves to b.
-    assert p.best().plan.nodes == ["head"]
-    assert corrected.best().plan.nodes == ["b"]
+    assert p.best().plan.nodes == [HEAD]
+    assert corrected.best().plan.nodes == [B]
 
 
 def test_an_outlier_step_does_not_move_the_estimate() -> None:
-    p = Planner(NEEDS, [caps("head")], "head", 1024)
-    plan = Plan((StagePlan("head", 0, N_LAYERS),))
+    p = Planner(NEEDS, [caps(HEAD)], HEAD, 1024)
+    plan = Plan((StagePlan(HEAD, 0, N_LAYERS),))
     seen = ObservedSpeeds()
-    _feed(seen, p, plan, {"head": 1.1}, 20)
-    _feed(seen, p, plan, {"head": 3.5}, 2)  # a step stalled by another program
-    assert seen.factor("head") == pytest.approx(1.1, rel=0.01)
+    _feed(seen, p, plan, {HEAD: 1.1}, 20)
+    _feed(seen, p, plan, {HEAD: 3.5}, 2)  # a step stalled by another program
+    assert seen.factor(HEAD) == pytest.approx(1.1, rel=0.01)
 
 
 @settings(max_examples=200, deadline=None)
@@ -218,36 +219,36 @@ def test_hostile_reports_keep_every_speed_within_the_clamp(
 ) -> None:
     """Whatever a lying member writes in the trace (zero, negative, huge, NaN), each node's
     speed stays within CLAMP of its calibration, and every plan's prediction is finite."""
-    p = Planner(NEEDS, [caps("head"), caps("b")], "head", 1024)
-    plan = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, N_LAYERS)))
+    p = Planner(NEEDS, [caps(HEAD), caps(B)], HEAD, 1024)
+    plan = Plan((StagePlan(HEAD, 0, 15), StagePlan(B, 15, N_LAYERS)))
     costs = p.stage_costs(plan)
     seen = ObservedSpeeds()
     for wall, a, b in steps:
         seen.observe(costs, 500, wall, [a, b])
         seen.observe(costs, 500, wall, [a])  # the wrong number of stages: ignored
-    for node in ("head", "b"):
+    for node in (HEAD, B):
         assert 1 / CLAMP <= seen.factor(node) <= CLAMP
-    corrected = Planner(NEEDS, [seen.corrected(c) for c in p.nodes.values()], "head", 1024)
+    corrected = Planner(NEEDS, [seen.corrected(c) for c in p.nodes.values()], HEAD, 1024)
     for _, candidate in corrected.search(2):
         assert 0 < corrected.predict(candidate).decode_tok_s < math.inf
 
 
 def test_a_stage_claiming_more_than_the_whole_step_is_ignored() -> None:
-    p = Planner(NEEDS, [caps("head"), caps("b")], "head", 1024)
-    plan = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, N_LAYERS)))
+    p = Planner(NEEDS, [caps(HEAD), caps(B)], HEAD, 1024)
+    plan = Plan((StagePlan(HEAD, 0, 15), StagePlan(B, 15, N_LAYERS)))
     costs = p.stage_costs(plan)
     seen = ObservedSpeeds()
     for _ in range(MIN_SAMPLES * 2):
         honest = costs[0].seconds(0)
         assert seen.observe(costs, 0, honest + 0.001, [honest, 10.0]) == 0
-    assert seen.samples("b") == 0 and seen.factor("b") == 1.0
+    assert seen.samples(B) == 0 and seen.factor(B) == 1.0
 
 
 def test_the_table_of_observed_nodes_is_bounded() -> None:
     seen = ObservedSpeeds()
     names = [f"n{i}" for i in range(MAX_NODES + 10)]
-    nodes = [caps("head", 64 * 1024)] + [caps(n) for n in names]
-    p = Planner(NEEDS, nodes, "head", 1024)
+    nodes = [caps(HEAD, 64 * 1024)] + [caps(n) for n in names]
+    p = Planner(NEEDS, nodes, HEAD, 1024)
     for name in names:
         costs = p.stage_costs(Plan((StagePlan(name, 0, N_LAYERS),)))
         seen.observe(costs, 0, 1.0, [costs[0].seconds(0)])

@@ -14,7 +14,9 @@ from meshchat.inference.planner import (
     Planner,
     StagePlan,
 )
+from meshchat.mesh.identity import NodeId
 from meshchat.model.fingerprint import Fingerprint
+from tests.node_names import HEAD, B, C, named
 
 MIB = 1 << 20
 N_LAYERS = 30
@@ -33,12 +35,14 @@ NEEDS = ModelNeeds(
 SPEED = 1.3e-10  # s per byte: ~80 tok/s for the whole model
 
 
-def caps(name: str, memory_mib: int = 4096, speed: float = SPEED, fp: Fingerprint = FP) -> NodeCaps:
-    return NodeCaps(name, memory_mib * MIB, fp, speed, speed / 10, 2, {}, "")
+def caps(
+    node: NodeId, memory_mib: int = 4096, speed: float = SPEED, fp: Fingerprint = FP
+) -> NodeCaps:
+    return NodeCaps(node, memory_mib * MIB, fp, speed, speed / 10, 2, {}, "")
 
 
 def planner(*nodes: NodeCaps, n_ctx: int = 1024) -> Planner:
-    return Planner(NEEDS, nodes, head="head", n_ctx=n_ctx)
+    return Planner(NEEDS, nodes, head=HEAD, n_ctx=n_ctx)
 
 
 def whole_model_mib(n_ctx: int = 1024) -> int:
@@ -47,7 +51,7 @@ def whole_model_mib(n_ctx: int = 1024) -> int:
 
 def split_mib(k: int) -> int:
     """A budget that just holds the most even split of the model over `k` nodes."""
-    size = planner(caps("head")).split_memory(k)
+    size = planner(caps(HEAD)).split_memory(k)
     assert size is not None
     return size // MIB + 1
 
@@ -58,8 +62,8 @@ def stage_mib(first: int, end: int, n_ctx: int = 1024) -> int:
 
 
 def test_equal_nodes_keep_the_model_on_the_head_and_say_splitting_is_not_worth_it() -> None:
-    choice = planner(caps("head"), caps("b"), caps("c")).best()
-    assert choice.plan.stages == (StagePlan("head", 0, N_LAYERS),)
+    choice = planner(caps(HEAD), caps(B), caps(C)).best()
+    assert choice.plan.stages == (StagePlan(HEAD, 0, N_LAYERS),)
     assert "not worth it" in choice.advice
     assert choice.single is not None
 
@@ -68,10 +72,10 @@ def test_memory_limit_forces_a_split_and_respects_every_node_budget() -> None:
     need = whole_model_mib()
     half = split_mib(2)
     assert half < need
-    p = planner(caps("head", half), caps("b", half), caps("c", half))
+    p = planner(caps(HEAD, half), caps(B, half), caps(C, half))
     choice = p.best()
     assert len(choice.plan.stages) >= 2
-    assert choice.plan.stages[0].node == "head"
+    assert choice.plan.stages[0].node == HEAD
     assert p.violations(choice.plan) == []
     assert "fits on no single node" in choice.advice
     for stage in choice.plan.stages:
@@ -82,39 +86,41 @@ def test_memory_limit_forces_a_split_and_respects_every_node_budget() -> None:
 
 
 def test_a_much_faster_node_takes_the_layers() -> None:
-    choice = planner(caps("head"), caps("fast", speed=SPEED / 4)).best()
-    assert choice.plan.nodes == ["fast"]  # the hops cost less than the speed gained
+    choice = planner(caps(HEAD), caps(named("fast"), speed=SPEED / 4)).best()
+    assert choice.plan.nodes == [named("fast")]  # the hops cost less than the speed gained
     assert choice.prediction.decode_tok_s > 1 / (90 * MIB * SPEED)
 
 
 def test_heterogeneous_memory_and_speed_split_by_capacity() -> None:
-    p = planner(caps("head", stage_mib(0, 10)), caps("fast", stage_mib(10, 30), speed=SPEED / 2))
+    p = planner(
+        caps(HEAD, stage_mib(0, 10)), caps(named("fast"), stage_mib(10, 30), speed=SPEED / 2)
+    )
     choice = p.best()
-    assert choice.plan.nodes == ["head", "fast"]
+    assert choice.plan.nodes == [HEAD, named("fast")]
     head_stage, fast_stage = choice.plan.stages
     # The fast node takes as many layers as its memory allows.
     assert fast_stage.end - fast_stage.first > head_stage.end - head_stage.first
-    assert not p.fits("fast", fast_stage.first - 1, N_LAYERS)
+    assert not p.fits(named("fast"), fast_stage.first - 1, N_LAYERS)
 
 
 def test_allowed_split_points_are_respected() -> None:
     needs = ModelNeeds(**{**NEEDS.__dict__, "allowed": frozenset({10, 20})})
     need = whole_model_mib()
-    p = Planner(needs, [caps("head", stage_mib(0, 20)), caps("b", need)], head="head", n_ctx=1024)
+    p = Planner(needs, [caps(HEAD, stage_mib(0, 20)), caps(B, need)], head=HEAD, n_ctx=1024)
     choice = p.best(min_stages=2)
     assert choice.plan.boundaries[0] in (10, 20)
-    bad = Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30)))
+    bad = Plan((StagePlan(HEAD, 0, 15), StagePlan(B, 15, 30)))
     assert any("15 is not an allowed split point" in v for v in p.violations(bad))
 
 
 def test_fingerprint_mismatch_never_gets_layers() -> None:
     other = Fingerprint("x" * 64, "c" * 64, "g" * 64, tuple(f"z{i}" for i in range(N_LAYERS)))
     need = whole_model_mib()
-    p = planner(caps("head", need // 2), caps("stranger", need * 4, fp=other), caps("b", need))
-    assert p.mismatched() == ["stranger"]
+    p = planner(caps(HEAD, need // 2), caps(named("stranger"), need * 4, fp=other), caps(B, need))
+    assert p.mismatched() == [named("stranger")]
     for _, plan in p.search(3):
-        assert "stranger" not in plan.nodes
-    bad = Plan((StagePlan("head", 0, 15), StagePlan("stranger", 15, 30)))
+        assert named("stranger") not in plan.nodes
+    bad = Plan((StagePlan(HEAD, 0, 15), StagePlan(named("stranger"), 15, 30)))
     assert any("fingerprint mismatch" in v for v in p.violations(bad))
     with pytest.raises(PlanError, match="fingerprint mismatch"):
         p.check(bad)
@@ -124,16 +130,16 @@ def test_partly_matching_file_may_serve_only_the_layers_it_shares() -> None:
     layers = list(FP.layers)
     layers[3] = "changed"  # e.g. a fine-tune that touched layer 3 only
     partial = Fingerprint("y" * 64, FP.config, FP.globals, tuple(layers))
-    p = planner(caps("head", stage_mib(0, 10)), caps("p", 4096, speed=SPEED, fp=partial))
-    assert p.matches("p", 10, 30) and not p.matches("p", 0, 10)
+    p = planner(caps(HEAD, stage_mib(0, 10)), caps(named("p"), 4096, speed=SPEED, fp=partial))
+    assert p.matches(named("p"), 10, 30) and not p.matches(named("p"), 0, 10)
     choice = p.best()
-    assert choice.plan.stage_of("p") is not None
-    assert choice.plan.stage_of("p").first >= 4  # type: ignore[union-attr]
+    assert choice.plan.stage_of(named("p")) is not None
+    assert choice.plan.stage_of(named("p")).first >= 4  # type: ignore[union-attr]
 
 
 def test_hand_plan_gets_one_message_per_violation() -> None:
-    p = planner(caps("head", 30), caps("b"))
-    plan = Plan((StagePlan("head", 0, 10), StagePlan("b", 12, 40), StagePlan("b", 40, 41)))
+    p = planner(caps(HEAD, 30), caps(B))
+    plan = Plan((StagePlan(HEAD, 0, 10), StagePlan(B, 12, 40), StagePlan(B, 40, 41)))
     problems = p.violations(plan)
     text = "\n".join(problems)
     assert "layers [10,12) are not covered" in text
@@ -145,7 +151,7 @@ def test_hand_plan_gets_one_message_per_violation() -> None:
 
 def test_nothing_fits_gives_a_clear_message() -> None:
     with pytest.raises(PlanError, match="no plan fits") as small:
-        planner(caps("head", 50), caps("b", 50)).best()
+        planner(caps(HEAD, 50), caps(B, 50)).best()
     short = whole_model_mib() - 50 + 1
     message = str(small.value)
     assert f"{short} MiB more than the largest offer (50 MiB of 2 usable node(s))" in message
@@ -155,41 +161,41 @@ def test_nothing_fits_gives_a_clear_message() -> None:
 def test_nothing_fits_says_how_many_nodes_of_what_size_would_run_it() -> None:
     two = split_mib(2)
     with pytest.raises(PlanError, match="no plan fits") as lone:
-        planner(caps("head", two)).best()
+        planner(caps(HEAD, two)).best()
     assert f"it would run on 2 nodes offering {two} MiB each" in str(lone.value)
     # ... and with a second node of that size it does.
-    assert len(planner(caps("head", two), caps("b", two)).best().plan.stages) == 2
+    assert len(planner(caps(HEAD, two), caps(B, two)).best().plan.stages) == 2
 
 
 def test_assign_maps_a_hand_split_head_first_and_checks_it() -> None:
-    p = planner(caps("head"), caps("b"), caps("c"))
-    plan = p.assign([(0, 10), (10, 20), (20, 30)], connected=["b", "c"])
-    assert plan.nodes[0] == "head" and set(plan.nodes) == {"head", "b", "c"}
+    p = planner(caps(HEAD), caps(B), caps(C))
+    plan = p.assign([(0, 10), (10, 20), (20, 30)], connected=[B, C])
+    assert plan.nodes[0] == HEAD and set(plan.nodes) == {HEAD, B, C}
     with pytest.raises(PlanError, match="3 stages but only 2"):
-        p.assign([(0, 10), (10, 20), (20, 30)], connected=["b"])
-    tight = planner(caps("head", stage_mib(0, 5)), caps("b"))
+        p.assign([(0, 10), (10, 20), (20, 30)], connected=[B])
+    tight = planner(caps(HEAD, stage_mib(0, 5)), caps(B))
     # The head cannot hold 20 layers: the big range goes to b, the head takes the small one.
-    plan = tight.assign([(0, 5), (5, 30)], connected=["b"])
-    assert plan.stages[0].node == "head"
+    plan = tight.assign([(0, 5), (5, 30)], connected=[B])
+    assert plan.stages[0].node == HEAD
     with pytest.raises(PlanError, match="needs about"):
-        planner(caps("head", 10), caps("b", 10)).assign([(0, 15), (15, 30)], connected=["b"])
+        planner(caps(HEAD, 10), caps(B, 10)).assign([(0, 15), (15, 30)], connected=[B])
 
 
 def test_prediction_adds_hops_and_splitting_is_slower_on_equal_nodes() -> None:
-    p = planner(caps("head"), caps("b"))
-    solo = p.predict(Plan((StagePlan("head", 0, 30),)))
-    split = p.predict(Plan((StagePlan("head", 0, 15), StagePlan("b", 15, 30))))
+    p = planner(caps(HEAD), caps(B))
+    solo = p.predict(Plan((StagePlan(HEAD, 0, 30),)))
+    split = p.predict(Plan((StagePlan(HEAD, 0, 15), StagePlan(B, 15, 30))))
     assert solo.network_s == 0
     assert split.network_s > 0 and split.decode_s > solo.decode_s
     assert split.prefill_tok_s > solo.prefill_tok_s  # prompt chunks overlap on two machines
 
 
 def test_caps_from_peer_json_is_validated() -> None:
-    good = caps("b").to_json()
-    assert NodeCaps.from_json("b", good).fingerprint == FP
+    good = caps(B).to_json()
+    assert NodeCaps.from_json(B, good).fingerprint == FP
     with pytest.raises(Exception, match="malformed capabilities"):
-        NodeCaps.from_json("b", {**good, "free_memory": -1})
-    junk = NodeCaps.from_json("b", {**good, "fingerprint": {"model": 3}})
+        NodeCaps.from_json(B, {**good, "free_memory": -1})
+    junk = NodeCaps.from_json(B, {**good, "fingerprint": {"model": 3}})
     assert junk.fingerprint is None
 
 
@@ -212,8 +218,8 @@ def test_the_head_keeps_its_flash_setting_unless_the_other_is_clearly_faster() -
 
 
 def test_decode_prediction_counts_the_kv_cache_read_at_half_the_context() -> None:
-    whole = Plan((StagePlan("head", 0, N_LAYERS),))
-    short, long = planner(caps("head"), n_ctx=256), planner(caps("head"), n_ctx=4096)
+    whole = Plan((StagePlan(HEAD, 0, N_LAYERS),))
+    short, long = planner(caps(HEAD), n_ctx=256), planner(caps(HEAD), n_ctx=4096)
     assert short.extra_context == 0  # within what the calibration's decode already read
     kv_bytes = NEEDS.kv_bytes_per_token_layer * N_LAYERS * long.extra_context
     extra_s = long.predict(whole).compute_s - short.predict(whole).compute_s

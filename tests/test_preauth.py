@@ -84,7 +84,7 @@ FIRST_FRAMES = {
     ),
     "plan": (wire.encode_header(wire.MsgType.PLAN, 2) + b"{}", "PLAN frame before authentication"),
     "welcome-to-listener": (
-        wire.encode(wire.Welcome("x", "y")),
+        wire.encode(wire.Welcome(Identity.generate().node_id, "y")),
         "WELCOME frame before authentication",
     ),
 }
@@ -109,12 +109,13 @@ async def test_oversized_or_wrong_first_frame_is_refused_at_once(
 
 def test_handshake_limits_leave_room_for_real_frames(tmp_path: Path) -> None:
     """A HELLO with 100 addresses and a WELCOME with a 300-member roster fit the limits."""
-    node_id = str(Identity.load_or_create(tmp_path / "id").node_id)
+    node = Identity.load_or_create(tmp_path / "id").node_id
+    node_id = str(node)
     many = [f"[fd00::{i:x}]:44330" for i in range(100)]
-    hello = wire.Hello(node_id, "m" * 16, many)
+    hello = wire.Hello(node, "m" * 16, many)
     assert len(wire.encode(hello)) - wire.HEADER_SIZE <= wire.HANDSHAKE_FRAME
     roster = {f"{node_id[:-3]}{i:03d}": {"ts": time.time(), "removed": False} for i in range(300)}
-    welcome = wire.Welcome(node_id, "m" * 16, b"s" * 32, roster, many[:8])
+    welcome = wire.Welcome(node, "m" * 16, b"s" * 32, roster, many[:8])
     assert len(wire.encode(welcome)) - wire.HEADER_SIZE <= wire.WELCOME_FRAME
 
 
@@ -229,7 +230,7 @@ async def test_session_binding_matches_on_both_ends_and_differs_per_session(
 
 
 async def _challenge(conn: Connection, claimed: Node) -> bytes:
-    await conn.send(wire.Hello(str(claimed.node_id), claimed.mesh_id, []))
+    await conn.send(wire.Hello(claimed.node_id, claimed.mesh_id, []))
     challenge = await conn.recv_handshake(5)
     assert isinstance(challenge, wire.Challenge)
     return challenge.nonce
@@ -272,7 +273,7 @@ async def test_join_with_a_malformed_welcome_is_a_clear_error(
 
     async def bad_welcome(*args: Any) -> wire.Welcome:
         entry = {"ts": HUGE, "removed": False}
-        return wire.Welcome(str(hostile.node_id), hostile.mesh_id, b"s" * 32, {str(args[1]): entry})
+        return wire.Welcome(hostile.node_id, hostile.mesh_id, b"s" * 32, {str(args[1]): entry})
 
     hostile._decide = bad_welcome  # type: ignore[method-assign]
     b = await mesh.new()
@@ -290,7 +291,7 @@ async def test_redial_survives_a_member_sending_a_malformed_welcome(
 
     async def bad_welcome(conn: Connection, dialer: Any, *rest: Any) -> wire.Welcome:
         entry = {"ts": HUGE, "removed": False}
-        return wire.Welcome(str(a.node_id), a.mesh_id, None, {str(dialer): entry})
+        return wire.Welcome(a.node_id, a.mesh_id, None, {str(dialer): entry})
 
     a._decide = bad_welcome  # type: ignore[method-assign]
     a._should_dial = lambda peer: False  # type: ignore[method-assign]  # only b redials

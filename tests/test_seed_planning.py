@@ -15,56 +15,58 @@ from meshchat.headless import accept_layers_budget
 from meshchat.inference.capabilities import LayerFile, NodeCaps
 from meshchat.inference.planner import Plan, StagePlan
 from meshchat.inference.seeding import transfers, with_seedable
+from meshchat.mesh.identity import NodeId
+from tests.node_names import HEAD, B, C
 from tests.test_planner import FP, MIB, N_LAYERS, NEEDS, caps, planner
 
 OFFER = (LayerFile(FP.model, 0, N_LAYERS),)
 
 
-def bare(name: str, budget: int = 1 << 30) -> NodeCaps:
+def bare(node: NodeId, budget: int = 1 << 30) -> NodeCaps:
     """A node with no model file and no speeds of its own (it cannot measure a model)."""
-    return replace(caps(name), fingerprint=None, decode_s_per_byte=0.0, prefill_s_per_byte=0.0,
+    return replace(caps(node), fingerprint=None, decode_s_per_byte=0.0, prefill_s_per_byte=0.0,
                    accept_layers=budget)  # fmt: skip
 
 
 def test_a_member_that_accepts_layers_counts_when_someone_offers_the_file() -> None:
-    head = replace(caps("head"), layer_files=OFFER)
-    found = with_seedable([head, bare("b"), bare("c", budget=0)], head)
+    head = replace(caps(HEAD), layer_files=OFFER)
+    found = with_seedable([head, bare(B), bare(C, budget=0)], head)
     b, c = found[1], found[2]
     assert b.fingerprint == FP and b.decode_s_per_byte == head.decode_s_per_byte
     assert c.fingerprint is None  # it did not say it takes layers
-    plan = planner(*found).assign([(0, 15), (15, 30)], connected=["b", "c"])
-    assert plan.stages[1].node == "b"
+    plan = planner(*found).assign([(0, 15), (15, 30)], connected=[B, C])
+    assert plan.stages[1].node == B
 
 
 def test_a_small_disk_budget_keeps_big_ranges_away() -> None:
-    head = replace(caps("head", memory_mib=60), layer_files=OFFER)
-    found = with_seedable([head, bare("b", budget=30 * MIB)], head)
+    head = replace(caps(HEAD, memory_mib=60), layer_files=OFFER)
+    found = with_seedable([head, bare(B, budget=30 * MIB)], head)
     assert found[1].free_memory == 15 * MIB
     p = planner(*found)
     # 25 layers of 2 MiB plus KV and buffers cannot fit b's budget: refused with the reason.
-    assert p.violations(Plan((StagePlan("head", 0, 5), StagePlan("b", 5, 30))))
+    assert p.violations(Plan((StagePlan(HEAD, 0, 5), StagePlan(B, 5, 30))))
 
 
 def test_nobody_offers_the_file_nobody_is_counted_in() -> None:
-    head = caps("head")  # runs the model but serves no file
-    found = with_seedable([head, bare("b")], head)
+    head = caps(HEAD)  # runs the model but serves no file
+    found = with_seedable([head, bare(B)], head)
     assert found[1].fingerprint is None
 
 
 def test_transfers_list_only_nodes_without_the_file_with_their_bytes() -> None:
-    raw = [replace(caps("head"), layer_files=OFFER), bare("b"), caps("c")]
-    plan = Plan((StagePlan("head", 0, 10), StagePlan("b", 10, 20), StagePlan("c", 20, 30)))
+    raw = [replace(caps(HEAD), layer_files=OFFER), bare(B), caps(C)]
+    plan = Plan((StagePlan(HEAD, 0, 10), StagePlan(B, 10, 20), StagePlan(C, 20, 30)))
     (t,) = transfers(plan, raw, NEEDS)
     # Ten layers and the global tensors (counted as the output matrix).
-    assert (t.node, t.first, t.end, t.bytes) == ("b", 10, 20, 20 * MIB + 30 * MIB)
+    assert (t.node, t.first, t.end, t.bytes) == (B, 10, 20, 20 * MIB + 30 * MIB)
     assert "layers [10,20) from the LAN first: 52 MB" in t.note()
-    last = Plan((StagePlan("head", 0, 10), StagePlan("b", 10, 30)))
+    last = Plan((StagePlan(HEAD, 0, 10), StagePlan(B, 10, 30)))
     assert transfers(last, raw, NEEDS)[0].bytes == 40 * MIB + 30 * MIB
 
 
 def test_caps_round_trip_layer_files_and_budget() -> None:
-    mine = replace(caps("b"), layer_files=OFFER, accept_layers=5 << 30)
-    back = NodeCaps.from_json("b", mine.to_json())
+    mine = replace(caps(B), layer_files=OFFER, accept_layers=5 << 30)
+    back = NodeCaps.from_json(B, mine.to_json())
     assert back.layer_files == OFFER and back.accept_layers == 5 << 30
     assert back.offers(FP.model, 10, 20) and not back.offers("x" * 64, 10, 20)
 
@@ -84,17 +86,17 @@ def test_caps_round_trip_layer_files_and_budget() -> None:
     ],
 )
 def test_hostile_caps_are_refused_whole(field: str, value: object) -> None:
-    good = caps("b").to_json()
+    good = caps(B).to_json()
     with pytest.raises(MeshchatError, match="malformed capabilities"):
-        NodeCaps.from_json("b", {**good, field: value})
+        NodeCaps.from_json(B, {**good, field: value})
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.recursive(st.none() | st.integers() | st.text(max_size=8), st.lists, max_leaves=12))
 def test_any_layer_files_value_parses_or_is_refused(value: object) -> None:
-    good = caps("b").to_json()
+    good = caps(B).to_json()
     try:
-        parsed = NodeCaps.from_json("b", {**good, "layer_files": value})
+        parsed = NodeCaps.from_json(B, {**good, "layer_files": value})
     except MeshchatError:
         return
     assert all(0 <= f.first < f.end for f in parsed.layer_files)

@@ -22,7 +22,9 @@ from meshchat.inference.serving import (
     clearly_better,
     worth_moving,
 )
+from meshchat.mesh.identity import NodeId
 from meshchat.paths import DataDir
+from tests.node_names import HEAD, named
 from tests.test_stage_service import Mesh, mesh_fixture  # noqa: F401  (the fixture "mesh")
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,14 +95,14 @@ async def test_a_failed_open_keeps_no_pipeline_slot(mesh: Mesh) -> None:
     worker, _service = await mesh.worker()
     head, model, data = await mesh.head(worker)
 
-    async def nothing_fits(_exclude: set[str]) -> Plan:
+    async def nothing_fits(_exclude: set[NodeId]) -> Plan:
         raise PlanError("no plan fits")
 
     pipeline = MeshPipeline(
         head, model, data, threads=1, n_ctx=256, max_sessions=2, replanner=nothing_fits
     )
     try:
-        plan = Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(worker.node_id), 4, 8)))
+        plan = Plan((StagePlan(head.node_id, 0, 4), StagePlan(worker.node_id, 4, 8)))
         await pipeline.apply(plan)
         await worker.stop()
         for i in range(4):
@@ -122,7 +124,7 @@ class _Coordinator:
         return self.caps
 
     def planner(self, caps: list[NodeCaps]) -> Planner:
-        return Planner(self.needs, caps, "head", n_ctx=256, sessions=1)
+        return Planner(self.needs, caps, HEAD, n_ctx=256, sessions=1)
 
 
 async def test_a_join_moves_the_plan_only_when_clearly_faster(
@@ -132,18 +134,18 @@ async def test_a_join_moves_the_plan_only_when_clearly_faster(
     needs = ModelNeeds.of(model)
     slow = 1e-9
 
-    def offer(node: str, per_byte: float) -> NodeCaps:
+    def offer(node: NodeId, per_byte: float) -> NodeCaps:
         # The head has no room for layers; any worker holds the whole model. The running
         # stage's pings wait behind our own work: its RTT reads 90 ms, and must not count.
-        memory = 0 if node == "head" else 1 << 33
-        rtt = {"head": 90.0} if node == "slow" else {}
+        memory = 0 if node == HEAD else 1 << 33
+        rtt = {HEAD: 90.0} if node == named("slow") else {}
         return NodeCaps(node, memory, model.fingerprint, per_byte, per_byte, rtt_ms=rtt)
 
-    current = Plan((StagePlan("slow", 0, needs.n_layers),))
+    current = Plan((StagePlan(named("slow"), 0, needs.n_layers),))
     for joiner, moves in ((slow / 1.1, False), (slow / 2, True)):
-        caps = [offer("head", slow), offer("slow", slow), offer("new", joiner)]
+        caps = [offer(HEAD, slow), offer(named("slow"), slow), offer(named("new"), joiner)]
         better = await clearly_better(_Coordinator(needs, caps), current)  # type: ignore[arg-type]
         if moves:
-            assert better is not None and better[0].nodes == ["new"], better
+            assert better is not None and better[0].nodes == [named("new")], better
         else:
             assert better is None

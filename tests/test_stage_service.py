@@ -80,7 +80,7 @@ async def mesh_fixture(tiny_models: dict[str, Path], tmp_path: Path) -> AsyncIte
 
 def halves(head: Node, worker: Node) -> Plan:
     """The tiny model's 8 layers: [0,4) on the head, [4,8) on the worker."""
-    return Plan((StagePlan(str(head.node_id), 0, 4), StagePlan(str(worker.node_id), 4, 8)))
+    return Plan((StagePlan(head.node_id, 0, 4), StagePlan(worker.node_id, 4, 8)))
 
 
 def _pipeline(node: Node, model: LocalModel, data: DataDir, **kw: object) -> MeshPipeline:
@@ -119,15 +119,15 @@ async def test_chain_equals_local_and_replans_while_idle(mesh: Mesh, tmp_path: P
     w1, s1 = await mesh.worker()
     w2, s2 = await mesh.worker()
     head, model, data = await mesh.head(w1, w2)
-    me = str(head.node_id)
+    me = head.node_id
     pipeline = _pipeline(head, model, data, prefill_chunk=4)
     try:
         await pipeline.apply(
             Plan(
                 (
                     StagePlan(me, 0, 3),
-                    StagePlan(str(w1.node_id), 3, 6),
-                    StagePlan(str(w2.node_id), 6, 8),
+                    StagePlan(w1.node_id, 3, 6),
+                    StagePlan(w2.node_id, 6, 8),
                 )
             )
         )
@@ -135,9 +135,7 @@ async def test_chain_equals_local_and_replans_while_idle(mesh: Mesh, tmp_path: P
         assert await _greedy(pipeline) == reference
         assert s1.session_count == 0 and s2.session_count == 0  # closed sessions free their KV
         # Re-plan while idle: ranges move, nothing restarts, output unchanged.
-        await pipeline.apply(
-            Plan((StagePlan(str(w2.node_id), 0, 5), StagePlan(str(w1.node_id), 5, 8)))
-        )
+        await pipeline.apply(Plan((StagePlan(w2.node_id, 0, 5), StagePlan(w1.node_id, 5, 8))))
         assert s2.layers == (0, 5) and s1.layers == (5, 8)
         assert await _greedy(pipeline) == reference
         # And back to the head alone: the workers are told to let go of their layers.
@@ -152,7 +150,7 @@ async def test_open_session_survives_a_replan(mesh: Mesh, tmp_path: Path) -> Non
     reference = await _local_reference(mesh.model_path, tmp_path)
     w1, _ = await mesh.worker()
     head, model, data = await mesh.head(w1)
-    me = str(head.node_id)
+    me = head.node_id
     pipeline = _pipeline(head, model, data)
     try:
         await pipeline.apply(halves(head, w1))
@@ -163,7 +161,7 @@ async def test_open_session_survives_a_replan(mesh: Mesh, tmp_path: Path) -> Non
         for i in range(5):
             out.append(await pipeline.forward(session, len(PROMPT) + i, [out[-1]]))
         # Move the split mid-conversation: the session's history is replayed on the new plan.
-        await pipeline.apply(Plan((StagePlan(me, 0, 6), StagePlan(str(w1.node_id), 6, 8))))
+        await pipeline.apply(Plan((StagePlan(me, 0, 6), StagePlan(w1.node_id, 6, 8))))
         for i in range(5, 11):
             out.append(await pipeline.forward(session, len(PROMPT) + i, [out[-1]]))
         assert out == reference
@@ -203,7 +201,7 @@ async def test_bad_input_gets_a_fault_and_the_stage_keeps_serving(
             )
             _, fault = await asyncio.wait_for(faults.get(), 10)
             assert fault.code is wire.FaultCode.BAD_INPUT
-            assert fault.culprit == str(stranger.node_id)
+            assert fault.culprit == stranger.node_id
         # Unknown session from the rightful sender (the head).
         head_faults = await _fault_from(head)
         await head.send(

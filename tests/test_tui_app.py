@@ -93,7 +93,7 @@ async def test_lost_peer_is_announced(tmp_path: Path, smollm2: Path) -> None:
         await pilot.pause(1.2)
         mesh.rows[0] = replace(mesh.rows[0], state="lost", rtt_ms=None)
         await pilot.pause(1.2)
-        assert app.peers_table.get_cell(PEER_A, "state").plain == "lost"
+        assert app.peers_table.get_cell(str(PEER_A), "state").plain == "lost"
         assert any("stopped answering" in n for n in _notes(app))
 
 

@@ -38,7 +38,7 @@ async def test_split_editor_moves_applies_and_keeps_answers(tmp_path: Path, smol
         assert await ask(pilot, CAPITAL) == solo
         # The peers table shows this node's range.
         await pilot.pause(1.2)
-        assert app.peers_table.get_cell(SELF, "layers").plain == "[0,30)"
+        assert app.peers_table.get_cell(str(SELF), "layers").plain == "[0,30)"
         # Merge back (-) and apply: one stage again.
         await pilot.press("ctrl+l", "minus", "enter")
         await wait_for(pilot, lambda: app.engine and app.engine.ranges == [(0, 30)])
@@ -109,25 +109,25 @@ async def test_peers_table_updates_cells_by_key(tmp_path: Path, smollm2: Path) -
         await ready(pilot)
         await pilot.pause(1.2)
         table = app.peers_table
-        assert [k.value for k in table.rows] == [SELF, PEER_A, mesh.rows[1].key]
-        assert table.get_cell(PEER_A, "rtt").plain == "800 µs"
-        assert table.get_cell(mesh.rows[1].key, "via").plain == "mdns, not a member"
+        assert [k.value for k in table.rows] == [str(SELF), str(PEER_A), str(mesh.rows[1].key)]
+        assert table.get_cell(str(PEER_A), "rtt").plain == "800 µs"
+        assert table.get_cell(str(mesh.rows[1].key), "via").plain == "mdns, not a member"
         row_keys = list(table.rows)
         table.move_cursor(row=1)
-        assert table.get_cell(PEER_A, "memory").plain == "—"
+        assert table.get_cell(str(PEER_A), "memory").plain == "—"
         mesh.rows[0] = replace(
             mesh.rows[0], rtt_ms=2.5, layers=(15, 30), state="serving", memory="162/180 MiB"
         )
         await pilot.pause(1.2)
-        assert table.get_cell(PEER_A, "rtt").plain == "2.5 ms"
-        assert table.get_cell(PEER_A, "memory").plain == "162/180 MiB"
-        assert table.get_cell(PEER_A, "layers").plain == "[15,30)"
-        assert table.get_cell(PEER_A, "state").plain == "serving"
+        assert table.get_cell(str(PEER_A), "rtt").plain == "2.5 ms"
+        assert table.get_cell(str(PEER_A), "memory").plain == "162/180 MiB"
+        assert table.get_cell(str(PEER_A), "layers").plain == "[15,30)"
+        assert table.get_cell(str(PEER_A), "state").plain == "serving"
         assert list(table.rows) == row_keys and table.cursor_row == 1  # not rebuilt
         # A peer that leaves the mesh view loses its row; the others stay.
         mesh.rows.pop(1)
         await pilot.pause(1.2)
-        assert [k.value for k in table.rows] == [SELF, PEER_A]
+        assert [k.value for k in table.rows] == [str(SELF), str(PEER_A)]
 
 
 def _real_invite(tmp_path: Path) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meshchat.mesh.identity import NodeId
 from meshchat.tui.split import SELF
 from tests.cli_helpers import stop_process
 from tests.tui_helpers import CAPITAL, ask, make_app, ready, wait_for
@@ -46,6 +47,7 @@ async def test_worker_takes_layers_and_answers_stay_the_same(
     tmp_path: Path, smollm2: Path, worker: tuple[str, str]
 ) -> None:
     worker_id, code = worker
+    worker_node = NodeId.parse(worker_id)
     app = make_app(tmp_path, smollm2, real_mesh=True, join_code=code)
     async with app.run_test(size=(110, 34)) as pilot:
         await ready(pilot)
@@ -54,14 +56,14 @@ async def test_worker_takes_layers_and_answers_stay_the_same(
         await wait_for(pilot, lambda: worker_id in [k.value for k in table.rows], 30, "row")
         await wait_for(pilot, lambda: table.get_cell(worker_id, "rtt").plain != "—", 30, "RTT")
         await wait_for(
-            pilot, lambda: app.planning and worker_id in app.planning.usable(), 120, "planner"
+            pilot, lambda: app.planning and worker_node in app.planning.usable(), 120, "planner"
         )
         # The planner says once what it would do with the worker (its advice).
         await wait_for(pilot, lambda: any("predict" in n.message for n in app._notifications))
         # Split in two, give the second stage to the worker, apply.
         await pilot.press("ctrl+l", "plus", "right_square_bracket", "n")
         split = app.split
-        assert split.plan and split.plan.nodes == [SELF, worker_id]
+        assert split.plan and split.plan.nodes == [SELF, worker_node]
         await pilot.press("enter")
         await wait_for(pilot, lambda: not split.busy, 120, "apply")
         assert not split.is_error, split.message
@@ -75,7 +77,7 @@ async def test_worker_takes_layers_and_answers_stay_the_same(
         assert await ask(pilot, CAPITAL) == solo
         await pilot.pause(1.2)
         assert table.get_cell(worker_id, "share").plain.startswith("compute ")
-        assert "net " in table.get_cell(SELF, "share").plain
+        assert "net " in table.get_cell(str(SELF), "share").plain
         # Move the boundary and apply: the worker now serves [17,30).
         await pilot.press("ctrl+l", "left_square_bracket", "right", "right", "enter")
         await wait_for(pilot, lambda: not split.busy, 120, "re-plan")

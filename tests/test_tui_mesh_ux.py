@@ -58,21 +58,21 @@ async def test_failover_note_sits_in_the_answer_and_the_footer_counts_it(
         await wait_for(pilot, lambda: app.generation and app.generation.view.text, what="1st")
         # What the mesh pipeline does when the worker goes: the node is lost, then re-planned.
         mesh.rows[0] = replace(mesh.rows[0], state="lost", layers=None)
-        app._on_failover(FailoverNote(PEER_A, f"node {PEER_A[:10]} left the mesh"))
-        app._on_failover(FailoverNote(PEER_A, "left", f"[0,30) on {app.mesh.node_id[:8]}"))
+        app._on_failover(FailoverNote(PEER_A, f"node {PEER_A.short} left the mesh"))
+        app._on_failover(FailoverNote(PEER_A, "left", f"[0,30) on {app.mesh.name[:8]}"))
         # The answer is kept (appended) after `generation` is cleared: wait for the message.
         await wait_for(pilot, lambda: len(app.messages) == 2, 90, "answer")
         view = app.chat_log.views()[-1]
         assert len(view.notes) == 1
         offset, note = view.notes[0]
         assert 0 < offset < len(view.text)  # where it happened, not at the start or the end
-        assert note.startswith(f"⚠ worker {PEER_A[:10]} lost; continuing on [0,30)")
+        assert note.startswith(f"⚠ worker {PEER_A.short} lost; continuing on [0,30)")
         meta = app.messages[-1].meta
         assert meta["replans"] == 1 and meta["notes"] == [[offset, note]]
         assert "re-planned once" in describe_meta(meta)
         await pilot.pause(1.2)  # a peers refresh: the lost node's toast is not shown twice
         assert not _toasts(app, "stopped answering") and not _toasts(app, "continuing on")
-        assert app.peers_table.get_cell(PEER_A, "layers").plain == "—"
+        assert app.peers_table.get_cell(str(PEER_A), "layers").plain == "—"
         # Reopened from the history, the note is in the same place.
         assert app.conversation is not None
         await app._show_conversation(app.conversation)
@@ -227,8 +227,10 @@ async def test_a_members_layer_transfer_shows_in_its_state_cell(tmp_path: Path) 
         table = app.peers_table
         mesh.rows[0] = replace(mesh.rows[0], seeding=seeding.cell())
         want = "idle · getting [0,15) 45% 21 MB/s 0:12 left"
-        await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == want, 5, "cell")
+        await wait_for(pilot, lambda: table.get_cell(str(PEER_A), "state").plain == want, 5, "cell")
         mesh.rows[0] = replace(mesh.rows[0], seeding="")
-        await wait_for(pilot, lambda: table.get_cell(PEER_A, "state").plain == "idle", 5, "idle")
+        await wait_for(
+            pilot, lambda: table.get_cell(str(PEER_A), "state").plain == "idle", 5, "idle"
+        )
         # the transfer is not a state change
         assert app.mesh_watch.peer_states.get(PEER_A) == "idle"

@@ -13,11 +13,13 @@ from meshchat.config import Config
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import ModelNeeds, Plan, Planner
+from meshchat.mesh.identity import NodeId
 from meshchat.paths import DataDir
 from meshchat.tui import messages as msg
 from meshchat.tui.app import MeshchatApp
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.split import SELF
+from tests.node_names import HEAD
 from tests.tui_helpers import GREEDY, PEER_A, make_app, ready, two_peers, wait_for
 
 SLOW = 1e-8  # seconds per byte of weights: this node
@@ -26,9 +28,9 @@ FAST = SLOW / 4  # the joining node: predicted far more than 20% faster
 
 class _Node:
     def __init__(self) -> None:
-        self.up: list[str] = []
+        self.up: list[NodeId] = []
 
-    def connected(self) -> list[str]:
+    def connected(self) -> list[NodeId]:
         return list(self.up)
 
 
@@ -41,29 +43,29 @@ class _Coordinator:
     """What MeshPlanning and clearly_better ask of a coordinator, with fixed offers. Starting
     a plan hands back the app's own local pipeline: the test is about when the app moves."""
 
-    head = "head"
+    head = HEAD
 
     def __init__(self, app: MeshchatApp, needs: ModelNeeds) -> None:
         self.app, self.needs = app, needs
         self.node = _Node()
         self.model = _Model()
-        self.offers = [self._offer("head", SLOW)]
+        self.offers = [self._offer(HEAD, SLOW)]
         self.gathers_during_answer = 0
         self.started: list[tuple[Plan, bool]] = []  # (plan, an answer was being written)
 
-    def _offer(self, node: str, per_byte: float) -> NodeCaps:
+    def _offer(self, node: NodeId, per_byte: float) -> NodeCaps:
         return NodeCaps(node, 1 << 33, self.needs.fingerprint, per_byte, per_byte, rtt_ms={})
 
-    def join(self, node: str, per_byte: float) -> None:
+    def join(self, node: NodeId, per_byte: float) -> None:
         self.offers.append(self._offer(node, per_byte))
         self.node.up.append(node)
 
     async def gather(self, exclude: Any = ()) -> list[NodeCaps]:
         self.gathers_during_answer += self.app.generation is not None
-        return [c for c in self.offers if c.node_id == "head" or c.node_id in self.node.up]
+        return [c for c in self.offers if c.node_id == HEAD or c.node_id in self.node.up]
 
     def planner(self, caps: list[NodeCaps]) -> Planner:
-        return Planner(self.needs, caps, "head", n_ctx=256, sessions=1)
+        return Planner(self.needs, caps, HEAD, n_ctx=256, sessions=1)
 
     def mismatch_notes(self, planner: Planner) -> list[str]:
         return []
@@ -113,7 +115,7 @@ async def test_a_faster_joiner_is_moved_to_between_turns_and_a_failed_plan_is_re
         await wait_for(pilot, lambda: panel.moves == 1, 120, "the move")
         assert [during for _, during in coordinator.started] == [False]
         assert app.split.applied.nodes == [PEER_A]
-        assert f"node {PEER_A[:10]} returned" in panel.line
+        assert f"node {PEER_A.short} returned" in panel.line
         assert "predicted" in panel.line and "re-planned once between turns" in panel.line
         assert "moved to" in app.split.message and not app.split.is_error
         assert len(app.messages) == 2 and not app.messages[-1].meta.get("error")

@@ -20,6 +20,7 @@ from meshchat.tui.keys import binding_ids, check_keymap, display_keys
 from meshchat.tui.markdown_text import code_blocks
 from meshchat.tui.split import SELF, SplitEditError, SplitPlan
 from meshchat.tui.theming import BUILTIN_DIR, load_themes, node_colours, theme_from_toml
+from tests.node_names import named
 
 # --- history ----------------------------------------------------------------------------------
 
@@ -99,6 +100,7 @@ def test_export_and_titles(tmp_path: Path) -> None:
 # --- split plans ------------------------------------------------------------------------------
 
 ALLOWED = list(range(1, 30))
+PEER, GONE = named("peer"), named("gone")
 
 
 def test_split_edits() -> None:
@@ -107,13 +109,13 @@ def test_split_edits() -> None:
     assert plan.ranges == [(0, 15), (15, 30)] and index == 0
     plan = plan.move_boundary(0, 1, ALLOWED)
     assert plan.boundaries == [16]
-    plan = plan.assign(1, "peer")
-    assert plan.nodes == [SELF, "peer"] and not plan.is_local
+    plan = plan.assign(1, PEER)
+    assert plan.nodes == [SELF, PEER] and not plan.is_local
     plan, index = plan.add_boundary(1, ALLOWED)  # [16,30) → [16,23) [23,30), both on peer
     assert plan.ranges == [(0, 16), (16, 23), (23, 30)] and index == 1
-    assert plan.nodes == [SELF, "peer", "peer"]
+    assert plan.nodes == [SELF, PEER, PEER]
     assert plan.remove_boundary(0).ranges == [(0, 23), (23, 30)]
-    assert plan.remove_boundary(0).nodes == [SELF, "peer"]
+    assert plan.remove_boundary(0).nodes == [SELF, PEER]
     assert plan.segment_at(0) == 0 and plan.segment_at(16) == 1 and plan.segment_at(29) == 2
 
 
@@ -129,10 +131,10 @@ def test_split_refusals() -> None:
         SplitPlan.from_ranges(30, [(0, 29), (29, 30)]).move_boundary(0, 1, ALLOWED)
     with pytest.raises(SplitEditError, match="no boundary"):
         SplitPlan.solo(30).move_boundary(0, 1, ALLOWED)
-    remote = SplitPlan.from_ranges(30, [(0, 15), (15, 30)], [SELF, "gone"])
+    remote = SplitPlan.from_ranges(30, [(0, 15), (15, 30)], [SELF, GONE])
     assert "not connected" in remote.validate(ALLOWED, [])[0]
-    assert remote.validate(ALLOWED, ["gone"]) == []
-    assert "not an allowed" in remote.validate([1, 2], ["gone"])[0]
+    assert remote.validate(ALLOWED, [GONE]) == []
+    assert "not an allowed" in remote.validate([1, 2], [GONE])[0]
 
 
 # --- themes -----------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_activations_frames_are_bulk_sized_and_control_messages_round_trip() -> 
         wire.SessionOp(3, 5, wire.SessionOpKind.SAMPLE, 0, sampling=GREEDY),
         wire.SessionOp(3, 6, wire.SessionOpKind.OPEN, 0, plan_id="p1"),
         wire.SessionDone(3, 5),
-        wire.StageFault(3, wire.FaultCode.BAD_INPUT, "wrong shape", "abc"),
+        wire.StageFault(3, wire.FaultCode.BAD_INPUT, "wrong shape", NODES[0]),
         wire.CapsQuery("fp"),
         wire.Token(3, 9, 42, [10, 20]),
         wire.Cancel(3, "stop", 7),

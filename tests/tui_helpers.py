@@ -12,10 +12,12 @@ from textual.pilot import Pilot
 
 from meshchat.config import ChatSettings, Config
 from meshchat.errors import MeshchatError
+from meshchat.mesh.identity import NodeId
 from meshchat.paths import DataDir
 from meshchat.tui.app import AppOptions, MeshchatApp
 from meshchat.tui.mesh_view import PeerRow
 from meshchat.tui.theming import BUILTIN_DIR
+from tests.node_names import with_text
 
 # Greedy and short: answers are deterministic and quick (~100 tok/s on this model). One llama.cpp
 # thread: on a busy shared machine, spinning thread pools make two threads far slower than one.
@@ -23,9 +25,9 @@ GREEDY = ChatSettings(temperature=0.0, max_tokens=24, seed=1)
 CAPITAL = "What is the capital of France? Answer in one word."  # greedy: "...is Paris."
 CODE = "Write a Python function that adds two numbers."  # greedy: one ```python block
 
-SELF_ID = "selfnode0000aaaabbbbccccddddeeeeffffgggghhhhiiii"
-PEER_A = "peeraaaaaa1111222233334444555566667777888899990"
-PEER_B = "peerbbbbbb1111222233334444555566667777888899990"
+SELF_NAME = "selfnode00"  # how the fake mesh shows this node
+PEER_A = with_text("peeraaaaaa")
+PEER_B = with_text("peerbbbbbb")
 
 
 @dataclass
@@ -33,17 +35,17 @@ class FakeMesh:
     """A MeshView with fixed NodeIDs, addresses and RTTs (snapshots need stable text)."""
 
     rows: list[PeerRow] = field(default_factory=list)
-    usable: list[str] = field(default_factory=list)
+    usable: list[NodeId] = field(default_factory=list)
     invites: list[str] = field(default_factory=list)
     joined: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
+    removed: list[NodeId] = field(default_factory=list)
     status: list[Any] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     stopped: bool = False
 
     @property
-    def node_id(self) -> str:
-        return SELF_ID
+    def name(self) -> str:
+        return SELF_NAME
 
     @property
     def addresses(self) -> list[str]:
@@ -52,7 +54,7 @@ class FakeMesh:
     def peers(self) -> list[PeerRow]:
         return list(self.rows)
 
-    def usable_nodes(self, fingerprint: str | None) -> list[str]:
+    def usable_nodes(self, fingerprint: str | None) -> list[NodeId]:
         return list(self.usable)
 
     def create_invite(self, uses: int = 1, ttl: float = 3600.0) -> str:
@@ -64,11 +66,11 @@ class FakeMesh:
         if "bad" in code:
             raise MeshchatError("invite refused: unknown invite")
         self.joined.append(code)
-        return PEER_A[:10]
+        return PEER_A.short
 
-    async def remove(self, key: str) -> None:
-        self.removed.append(key)
-        self.rows = [r for r in self.rows if r.key != key]
+    async def remove(self, node: NodeId) -> None:
+        self.removed.append(node)
+        self.rows = [r for r in self.rows if r.key != node]
 
     def set_status(self, layers: Any, model: Any) -> None:
         self.status.append((layers, model))
@@ -87,8 +89,10 @@ class FakeMesh:
 def two_peers() -> FakeMesh:
     return FakeMesh(
         rows=[
-            PeerRow(PEER_A, PEER_A[:10], "192.168.1.11:47470", "invite", 0.8, None, "idle", True),
-            PeerRow(PEER_B, PEER_B[:10], "192.168.1.12:47470", "mdns", None, None, "nearby", False),
+            PeerRow(PEER_A, PEER_A.short, "192.168.1.11:47470", "invite", 0.8, None, "idle", True),
+            PeerRow(
+                PEER_B, PEER_B.short, "192.168.1.12:47470", "mdns", None, None, "nearby", False
+            ),
         ],
         usable=[PEER_A],
     )

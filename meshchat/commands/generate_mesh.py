@@ -54,7 +54,7 @@ async def _run(args: argparse.Namespace, data: DataDir, job: Generation) -> int:
         tok_s = planner.predict(plan).decode_tok_s
         flash = "on" if coordinator.flash_attn else "off"
         _say(
-            f"plan {plan.describe(str(node.node_id))} (predicted {tok_s:.1f} tok/s, "
+            f"plan {plan.describe(node.node_id)} (predicted {tok_s:.1f} tok/s, "
             f"flash attention {flash})"
         )
         pipeline = await coordinator.start(plan, transport_dtype=args.transport_dtype)

@@ -34,7 +34,7 @@ def run_model(args: argparse.Namespace) -> int:
                 f"{_size(spec.file_size)}  {path}"
             )
         for entry in seeded:
-            origin = ", ".join(o[:12] for o in entry.origin) or "?"
+            origin = ", ".join(str(o)[:12] for o in entry.origin) or "?"
             print(
                 f"{entry.name}  seeded layers {entry.layers} of {entry.fingerprint.short}  "
                 f"{_size(entry.size)}  from {origin}  {entry.path}"

@@ -22,6 +22,8 @@ from meshchat.inference import profiling
 from meshchat.inference.host import HOST_ID_CHARS, host_cpus, host_id
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.profiling import Calibration, Notify, Speed
+from meshchat.mesh import wire
+from meshchat.mesh.identity import NodeId
 from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
 from meshchat.paths import DataDir
 
@@ -34,15 +36,15 @@ MEMORY_LIMIT_ENV = "MESHCHAT_MEMORY_LIMIT"  # e.g. "300M": cap what this node of
 class NodeCaps:
     """One node's offer to the planner (sent as JSON in the reply to CapsQuery)."""
 
-    node_id: str
+    node_id: NodeId
     free_memory: int  # bytes this node can give to a stage
     fingerprint: Fingerprint | None  # its model file, None if it has none
     decode_s_per_byte: float
     prefill_s_per_byte: float
     threads: int = 1
-    rtt_ms: dict[str, float] = field(default_factory=dict)  # to the peers it is connected to
+    rtt_ms: dict[NodeId, float] = field(default_factory=dict)  # to the peers it is connected to
     model_path: str = ""
-    peers: tuple[str, ...] = ()  # the nodes it is connected to right now
+    peers: tuple[NodeId, ...] = ()  # the nodes it is connected to right now
     # Its speeds with flash attention on and off (only the values it runs safely): a plan
     # fixes that setting for every stage, and the planner predicts each value from these.
     flash_speeds: dict[bool, Speed] = field(default_factory=dict)
@@ -74,15 +76,15 @@ class NodeCaps:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "node_id": self.node_id,
+            "node_id": str(self.node_id),
             "free_memory": self.free_memory,
             "fingerprint": fingerprint_to_json(self.fingerprint) if self.fingerprint else None,
             "decode_s_per_byte": self.decode_s_per_byte,
             "prefill_s_per_byte": self.prefill_s_per_byte,
             "threads": self.threads,
-            "rtt_ms": self.rtt_ms,
+            "rtt_ms": {str(node): rtt for node, rtt in self.rtt_ms.items()},
             "model_path": self.model_path,
-            "peers": list(self.peers),
+            "peers": [str(node) for node in self.peers],
             "flash_speeds": {
                 _FLASH_KEYS[flash]: [
                     speed.decode_s_per_byte,
@@ -99,7 +101,7 @@ class NodeCaps:
         }
 
     @classmethod
-    def from_json(cls, node_id: str, data: Any) -> NodeCaps:
+    def from_json(cls, node_id: NodeId, data: Any) -> NodeCaps:
         """Parse a peer's capabilities; MeshchatError if malformed. `node_id` is authenticated."""
         try:
             free = data["free_memory"]
@@ -111,15 +113,21 @@ class NodeCaps:
             threads = int(data.get("threads", 1))
             if not 1 <= threads <= MAX_THREADS:
                 raise ValueError(f"threads must be 1..{MAX_THREADS}")
+            raw_rtts = dict(data.get("rtt_ms") or {})
+            if len(raw_rtts) > MAX_PEERS:
+                raise ValueError(f"rtt_ms of more than {MAX_PEERS} nodes")
             rtts = {
-                str(k): float(v)
-                for k, v in dict(data.get("rtt_ms") or {}).items()
+                wire.parse_node_id(k, "rtt_ms"): float(v)
+                for k, v in raw_rtts.items()
                 if isinstance(v, int | float)
             }
+            peers = tuple(
+                wire.parse_node_id(p, "peers") for p in list(data.get("peers") or [])[:MAX_PEERS]
+            )
             if not isinstance(free, int) or free < 0 or decode < 0 or prefill < 0:
                 raise ValueError("negative or non-integer figures")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, wire.ProtocolError) as exc:
+            raise MeshchatError(f"malformed capabilities from {_who(node_id)}: {exc}") from None
         flash_speeds = _parse_flash_speeds(node_id, data.get("flash_speeds"))
         raw_fp = data.get("fingerprint")
         fingerprint = fingerprint_from_json(raw_fp) if raw_fp is not None else None
@@ -132,7 +140,7 @@ class NodeCaps:
             threads=threads,
             rtt_ms=rtts,
             model_path=str(data.get("model_path", ""))[:4096],
-            peers=tuple(str(p) for p in list(data.get("peers") or [])[:1024]),
+            peers=peers,
             flash_speeds=flash_speeds,
             layer_files=_parse_layer_files(node_id, data.get("layer_files")),
             accept_layers=_parse_budget(node_id, data.get("accept_layers", 0)),
@@ -151,12 +159,20 @@ class LayerFile:
     end: int
 
 
+MAX_PEERS = 1024  # nodes one node reports it is connected to (peers, rtt_ms)
+
+
+def _who(node_id: NodeId) -> str:
+    """How a malformed-capabilities message names the node that sent them."""
+    return str(node_id)[:12]
+
+
 MAX_LAYER_FILES = 64  # files one node advertises
 _MAX_DIGEST = 128
 _MAX_LAYERS = 4096
 
 
-def _parse_layer_files(node_id: str, raw: Any) -> tuple[LayerFile, ...]:
+def _parse_layer_files(node_id: NodeId, raw: Any) -> tuple[LayerFile, ...]:
     """[[digest, first, end], ...] → LayerFiles; anything malformed is refused whole."""
     if raw is None:
         return ()
@@ -172,12 +188,12 @@ def _parse_layer_files(node_id: str, raw: Any) -> tuple[LayerFile, ...]:
             files.append(LayerFile(model, first, end))
         return tuple(files)
     except (TypeError, ValueError) as exc:
-        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+        raise MeshchatError(f"malformed capabilities from {_who(node_id)}: {exc}") from None
 
 
-def _parse_budget(node_id: str, raw: Any) -> int:
+def _parse_budget(node_id: NodeId, raw: Any) -> int:
     if type(raw) is not int or not 0 <= raw < 1 << 60:
-        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad accept_layers")
+        raise MeshchatError(f"malformed capabilities from {_who(node_id)}: bad accept_layers")
     return raw
 
 
@@ -185,22 +201,22 @@ MAX_THREADS = 4096  # threads or CPUs one node may claim
 _HEX = frozenset("0123456789abcdef")
 
 
-def _parse_host(node_id: str, raw: Any) -> str:
+def _parse_host(node_id: NodeId, raw: Any) -> str:
     if not (isinstance(raw, str) and len(raw) <= HOST_ID_CHARS and set(raw) <= _HEX):
-        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad host")
+        raise MeshchatError(f"malformed capabilities from {_who(node_id)}: bad host")
     return raw
 
 
-def _parse_cpus(node_id: str, raw: Any) -> int:
+def _parse_cpus(node_id: NodeId, raw: Any) -> int:
     if type(raw) is not int or not 0 <= raw <= MAX_THREADS:
-        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: bad cpus")
+        raise MeshchatError(f"malformed capabilities from {_who(node_id)}: bad cpus")
     return raw
 
 
 _FLASH_KEYS = {True: "on", False: "off"}
 
 
-def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
+def _parse_flash_speeds(node_id: NodeId, raw: Any) -> dict[bool, Speed]:
     """{"on": [decode, prefill(, context)], "off": [...]} → speeds by flash setting; bad
     figures refused."""
     if raw is None:
@@ -219,7 +235,7 @@ def _parse_flash_speeds(node_id: str, raw: Any) -> dict[bool, Speed]:
                     raise ValueError("the context term must be finite and not negative")
                 speeds[flash] = Speed(decode, prefill, context)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise MeshchatError(f"malformed capabilities from {node_id[:12]}: {exc}") from None
+        raise MeshchatError(f"malformed capabilities from {_who(node_id)}: {exc}") from None
     return speeds
 
 
@@ -310,11 +326,11 @@ def tuned_options(
 
 
 def local_caps(
-    node_id: str,
+    node_id: NodeId,
     model: LocalModel | None,
     calib: Calibration | None,
-    rtt_ms: dict[str, float] | None = None,
-    peers: list[str] | None = None,
+    rtt_ms: dict[NodeId, float] | None = None,
+    peers: list[NodeId] | None = None,
     held: int = 0,
     layer_files: tuple[LayerFile, ...] = (),
     accept_layers: int = 0,

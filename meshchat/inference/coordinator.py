@@ -33,6 +33,7 @@ from meshchat.inference.planner import (
     PlanError,
     Planner,
     StageCost,
+    label,
 )
 from meshchat.inference.profiling import DECODE_TIE, extra_context
 from meshchat.inference.seeding import TransferWatch, transfers, with_seedable
@@ -71,7 +72,7 @@ class MeshCoordinator:
         self.sessions = sessions
         self.notify = notify
         self.needs = ModelNeeds.of(model)
-        self.caps: dict[str, NodeCaps] = {}  # the last answer of every node asked
+        self.caps: dict[NodeId, NodeCaps] = {}  # the last answer of every node asked
         self._calibration: Calibration | None = None
         # Flash attention for every stage of this head's plans (it changes numerics, so all
         # stages agree): chosen at the first gather, then kept, so a re-plan after a failure
@@ -95,16 +96,16 @@ class MeshCoordinator:
         return self.needs.memory(stage.first, stage.end, last, self.n_ctx, self.sessions)
 
     @property
-    def head(self) -> str:
-        return str(self.node.node_id)
+    def head(self) -> NodeId:
+        return self.node.node_id
 
     async def own_caps(self) -> NodeCaps:
         if self._calibration is None:
             self._calibration = await compute.run(
                 calibration, self.model, self.data, self.threads, short=False
             )
-        rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
-        peers = [str(n) for n in self.node.connected()]
+        rtts = {p.node_id: p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
+        peers = list(self.node.connected())
         files = tuple(LayerFile(**f) for f in self.seeding.server.offers())
         return local_caps(
             self.head,
@@ -130,7 +131,7 @@ class MeshCoordinator:
                 await asyncio.sleep(0.3)
         if not isinstance(reply, wire.Ack):
             raise MeshchatError(f"node {node.short} sent no capabilities")
-        return NodeCaps.from_json(str(node), reply.body)
+        return NodeCaps.from_json(node, reply.body)
 
     async def settle(self, via: NodeId, timeout: float = 5.0) -> None:
         """Wait until we are connected to every node `via` is connected to (bounded).
@@ -146,17 +147,17 @@ class MeshCoordinator:
         wanted = set(caps.peers) - {self.head}
         deadline = time.monotonic() + timeout
         dialing: set[asyncio.Task[None]] = set()
-        tried: set[str] = set()
+        tried: set[NodeId] = set()
         try:
             while time.monotonic() < deadline:
-                missing = wanted - {str(n) for n in self.node.connected()}
+                missing = wanted - set(self.node.connected())
                 if not missing:
                     return
                 await asyncio.sleep(0.1)
-                for text in missing - tried:
-                    peer = self.node.peer(NodeId.parse(text))
+                for node in missing - tried:
+                    peer = self.node.peer(node)
                     if peer is not None and peer.addresses:
-                        tried.add(text)
+                        tried.add(node)
                         dialing.add(asyncio.ensure_future(self._dial(peer.node_id, peer.addresses)))
             log.info("not all peers connected within %.0f s", timeout)
         finally:
@@ -167,10 +168,10 @@ class MeshCoordinator:
         with contextlib.suppress(MeshchatError):
             await self.node.connect(node, list(addresses))
 
-    async def gather(self, exclude: Iterable[str] = ()) -> list[NodeCaps]:
+    async def gather(self, exclude: Iterable[NodeId] = ()) -> list[NodeCaps]:
         """Capabilities of this node and every connected peer not excluded (in parallel)."""
         skip = set(exclude)
-        peers = [n for n in self.node.connected() if str(n) not in skip]
+        peers = [n for n in self.node.connected() if n not in skip]
         results = await asyncio.gather(
             self.own_caps(), *(self.query(n) for n in peers), return_exceptions=True
         )
@@ -178,7 +179,7 @@ class MeshCoordinator:
         for node, result in zip([self.node.node_id, *peers], results, strict=True):
             if isinstance(result, NodeCaps):
                 found.append(result)
-                self.caps[str(node)] = result
+                self.caps[node] = result
             elif isinstance(result, BaseException):
                 if node == self.node.node_id:
                     raise result
@@ -238,22 +239,22 @@ class MeshCoordinator:
                     f"has a different model (fingerprint {caps.fingerprint.short}, ours "
                     f"{self.model.fingerprint.short})"
                 )
-            notes.append(f"node {node[:8]} {why}: it gets no layers")
+            notes.append(f"node {label(node)} {why}: it gets no layers")
         return notes
 
     async def choose(
-        self, split: list[tuple[int, int]] | None = None, exclude: Iterable[str] = ()
+        self, split: list[tuple[int, int]] | None = None, exclude: Iterable[NodeId] = ()
     ) -> tuple[Plan, PlanChoice | None, Planner]:
         """The automatic plan (with advice), or `split` mapped onto the nodes."""
         caps = await self.gather(exclude)
         planner = self.planner(caps)
-        connected = [str(n) for n in self.node.connected() if str(n) not in set(exclude)]
+        connected = [n for n in self.node.connected() if n not in set(exclude)]
         if split is not None:
             return planner.assign(split, connected), None, planner
         choice = planner.best()
         return choice.plan, choice, planner
 
-    async def replan(self, exclude: set[str]) -> Plan:
+    async def replan(self, exclude: set[NodeId]) -> Plan:
         """For failover: the best plan over the nodes still connected, leaving out `exclude`."""
         plan, choice, _ = await self.choose(exclude=exclude)
         if choice is not None:
@@ -278,7 +279,7 @@ class MeshCoordinator:
         self.pipeline.on_decode_step = self.observe
         return self.pipeline
 
-    def fetch_allowance(self, plan: Plan) -> dict[str, float]:
+    def fetch_allowance(self, plan: Plan) -> dict[NodeId, float]:
         """Seconds each node of `plan` that must fetch its layers may spend on that."""
         return {
             t.node: t.allowance_s for t in transfers(plan, list(self.caps.values()), self.needs)
@@ -304,7 +305,7 @@ class MeshCoordinator:
         it (wire.FaultCode.MEMORY), as does one that could not fetch its layers from the
         members (SEED: full disk, no source left, wrong bytes from every source); the plan is
         made again without that node, so it falls back to the nodes that hold the layers."""
-        left_out: set[str] = set()
+        left_out: set[NodeId] = set()
         while True:
             try:
                 await pipeline.apply(plan)
@@ -316,9 +317,9 @@ class MeshCoordinator:
                     raise
                 left_out.add(lost.node)
                 why = lost.refusal or str(lost)
-                self.notify(f"{why}; planning again without node {lost.node[:8]}")
+                self.notify(f"{why}; planning again without node {label(lost.node)}")
                 plan = await self.replan(left_out)
-                self.notify(f"new plan: {plan.describe(str(self.node.node_id))}")
+                self.notify(f"new plan: {plan.describe(self.node.node_id)}")
 
 
 def choose_flash(decode_s: dict[bool, float], own: bool) -> bool:

@@ -183,12 +183,12 @@ class MeshRows:
                 # Wait for every worker's start-up calibration, so none runs during a row.
                 peers = sorted(node.connected())
                 caps = await asyncio.gather(*(coordinator.query(p) for p in peers))
-                workers = [NodeId.parse(c.node_id) for c in caps]
+                workers = [c.node_id for c in caps]
                 if len(workers) < self.n_workers:
                     raise MeshchatError(f"only {len(workers)} bench workers connected")
             ranges = _even(model.n_layers, parts)
             chosen = workers[:1] if parts == 2 else workers[1:3]
-            nodes = [str(node.node_id), *(str(w) for w in chosen)]
+            nodes = [node.node_id, *chosen]
             stages = tuple(StagePlan(n, *r) for n, r in zip(nodes, ranges, strict=True))
             self.splits[name] = ranges
             plan = Plan(stages)
@@ -208,7 +208,7 @@ class MeshRows:
     def _offer(self, caps: NodeCaps, head: Node) -> NodeCaps:
         """The head's own offer under its row's budget (the workers' come with it already)."""
         budget = self.budgets.get(self._row_of(head))
-        if budget is None or caps.node_id != str(head.node_id):
+        if budget is None or caps.node_id != head.node_id:
             return caps
         return replace(caps, free_memory=min(caps.free_memory, budget))
 

@@ -37,7 +37,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference import hop_timing
 from meshchat.inference.capabilities import plan_profile
 from meshchat.inference.local_model import LocalModel
-from meshchat.inference.planner import Plan, PlanError
+from meshchat.inference.planner import Plan, PlanError, label
 from meshchat.inference.protocol import plan_message, sampling_to_wire
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
@@ -52,7 +52,7 @@ from meshchat.timeouts import TIMEOUTS
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Replanner = Callable[[set[str]], Awaitable[Plan]]
+Replanner = Callable[[set[NodeId]], Awaitable[Plan]]
 
 MAX_FAILOVERS = 4
 
@@ -62,7 +62,11 @@ class StageLost(MeshchatError):
     `code` why it refused its plan (if it did) and `refusal` the stage's own words for it."""
 
     def __init__(
-        self, node: str | None, reason: str, code: wire.FaultCode | None = None, refusal: str = ""
+        self,
+        node: NodeId | None,
+        reason: str,
+        code: wire.FaultCode | None = None,
+        refusal: str = "",
     ) -> None:
         super().__init__(reason)
         self.node = node
@@ -74,10 +78,10 @@ class StageLost(MeshchatError):
 class FailoverNote:
     """What a failover did, for a UI to show where the answer was when it happened.
 
-    `lost` is the NodeID text of the node left out (None: not known, e.g. a timeout); `plan`
+    `lost` is the node left out (None: not known, e.g. a timeout); `plan`
     is empty while re-planning and describes the new plan once it runs."""
 
-    lost: str | None
+    lost: NodeId | None
     reason: str
     plan: str = ""
 
@@ -170,7 +174,7 @@ class MeshPipeline:
         prefill_chunk: int = 256,
         replanner: Replanner | None = None,
         notify: Callable[[str], None] = lambda _m: None,
-        fetch_allowance: Callable[[Plan], dict[str, float]] | None = None,
+        fetch_allowance: Callable[[Plan], dict[NodeId, float]] | None = None,
     ) -> None:
         self.node = node
         self.model = model
@@ -186,7 +190,7 @@ class MeshPipeline:
         # load's own TIMEOUTS.load_s: a multi-GB slice is not cut off by the load's timeout.
         self.fetch_allowance = fetch_allowance or (lambda _plan: {})
         self._n_ctx = n_ctx
-        self._me = str(node.node_id)
+        self._me = node.node_id
         self._plan: Plan | None = None
         self._remote: list[NodeId] = []  # plan nodes after the head's own stage, in order
         self._local: Stage | None = None
@@ -194,7 +198,7 @@ class MeshPipeline:
         self._tokens: dict[tuple[int, int], asyncio.Future[tuple[int, list[int]]]] = {}
         self._tasks = BackgroundTasks(log, "stage message")
         self._dones: dict[tuple[int, int], asyncio.Future[None]] = {}
-        self._excluded: set[str] = set()
+        self._excluded: set[NodeId] = set()
         self._broken: str | None = None  # why the last failover failed (retried on next use)
         self._failing_over = asyncio.Lock()
         self.last_step = StepTiming()
@@ -256,7 +260,7 @@ class MeshPipeline:
             raise PlanError("the head can only run the first stage of a plan")
         old = self._plan
         self._plan = plan
-        self._remote = [NodeId.parse(s.node) for s in plan.stages if s.node != self._me]
+        self._remote = [s.node for s in plan.stages if s.node != self._me]
         mine = plan.stage_of(self._me)
         layers = (mine.first, mine.end) if mine else None
         await self._run(self._set_local, layers, short=False)
@@ -268,14 +272,11 @@ class MeshPipeline:
         seeding_for(self.node).permits.allow_plan(msg)  # its stages may fetch layers from us
         # Nodes of the old plan that have no part now free their memory (best effort).
         dropped = {s.node for s in old.stages} - set(plan.nodes) - {self._me} if old else set()
-        for text in dropped:
-            self._tasks.spawn(self._quiet_request(NodeId.parse(text), msg))
+        for node in dropped:
+            self._tasks.spawn(self._quiet_request(node, msg))
         fetch_s = self.fetch_allowance(plan)
         results = await asyncio.gather(
-            *(
-                self._assign(n, msg, TIMEOUTS.load_s + fetch_s.get(str(n), 0.0))
-                for n in self._remote
-            ),
+            *(self._assign(n, msg, TIMEOUTS.load_s + fetch_s.get(n, 0.0)) for n in self._remote),
             return_exceptions=True,
         )
         for result in results:
@@ -286,14 +287,12 @@ class MeshPipeline:
         try:
             reply = await self.node.request(node, msg, timeout=timeout)
         except ConnectionLost as exc:
-            raise StageLost(
-                str(node), f"node {node.short} did not take its layers: {exc}"
-            ) from None
+            raise StageLost(node, f"node {node.short} did not take its layers: {exc}") from None
         except Refused as exc:
             # A refusal (fingerprint, memory, busy...): leave the node out of the next plan.
-            raise StageLost(str(node), str(exc), exc.code, exc.reason) from None
+            raise StageLost(node, str(exc), exc.code, exc.reason) from None
         except MeshchatError as exc:
-            raise StageLost(str(node), str(exc)) from None
+            raise StageLost(node, str(exc)) from None
         log.info("node %s took layers %s", node.short, getattr(reply, "body", {}))
 
     def _set_local(self, layers: tuple[int, int] | None) -> None:
@@ -550,12 +549,12 @@ class MeshPipeline:
         try:
             await self.node.send(node, msg)
         except ConnectionLost as exc:
-            raise StageLost(str(node), f"node {node.short} is unreachable: {exc}") from None
+            raise StageLost(node, f"node {node.short} is unreachable: {exc}") from None
 
     async def _wait(self, fut: asyncio.Future[T], timeout: float) -> T:
         lost = self._lost_stage()
         if lost is not None:
-            raise StageLost(lost, f"node {lost[:8]} left the mesh")
+            raise StageLost(lost, f"node {label(lost)} left the mesh")
         # A plain timer, not asyncio.wait_for: this runs once per token and wait_for costs an
         # extra task wake-up.
         timer = asyncio.get_running_loop().call_later(timeout, _expire, fut, timeout)
@@ -564,11 +563,11 @@ class MeshPipeline:
         finally:
             timer.cancel()
 
-    def _lost_stage(self) -> str | None:
+    def _lost_stage(self) -> NodeId | None:
         for node in self._remote:
             peer = self.node.peer(node)
             if peer is None or peer.state is not PeerState.CONNECTED:
-                return str(node)
+                return node
         return None
 
     # -- messages from the stages --------------------------------------------------------------
@@ -597,9 +596,7 @@ class MeshPipeline:
         else:
             # Bad input: leave out who sent it; a lost next stage: leave it out; otherwise the
             # faulting stage's state is suspect: replan (and replay) without it.
-            blame: str | None = (
-                msg.culprit if msg.culprit and msg.culprit != self._me else str(peer)
-            )
+            blame: NodeId | None = msg.culprit if msg.culprit and msg.culprit != self._me else peer
             if msg.code in (wire.FaultCode.UNKNOWN_SESSION, wire.FaultCode.STALE_PLAN):
                 blame = None  # state went out of step (e.g. a restart): a replay fixes it
             exc = StageLost(blame, f"node {peer.short}: {msg.reason}")
@@ -608,13 +605,13 @@ class MeshPipeline:
     def _on_event(self, event: NodeEvent) -> None:
         if event.kind == "joined":
             # A node left out after a failure that comes back (a restart) may plan again.
-            self._excluded.discard(str(event.node_id))
+            self._excluded.discard(event.node_id)
         if event.kind == "reconnected" and event.node_id in self._remote:
             # A restart (or a redial) took the connection our work was on: replay, keeping it.
             gone = StageLost(None, f"node {event.node_id.short} reconnected; work in flight lost")
             self._fail_waiting(None, gone)
         if event.kind == "left" and event.node_id in self._remote:
-            lost = StageLost(str(event.node_id), f"node {event.node_id.short} left the mesh")
+            lost = StageLost(event.node_id, f"node {event.node_id.short} left the mesh")
             self._fail_waiting(None, lost)
 
     def _fail_waiting(self, session: int | None, exc: Exception) -> None:

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.planner import STAGE_OVERHEAD_S, StageCost
+from meshchat.mesh.identity import NodeId
 
 WINDOW = 32  # ratios kept per node: the median of them is its estimate
 MIN_SAMPLES = 8  # before an estimate is used (the first steps of a plan warm caches)
@@ -36,7 +37,7 @@ _WALL_SLACK = 1.01
 
 class ObservedSpeeds:
     def __init__(self) -> None:
-        self._ratios: OrderedDict[str, deque[float]] = OrderedDict()
+        self._ratios: OrderedDict[NodeId, deque[float]] = OrderedDict()
 
     def observe(
         self,
@@ -60,21 +61,21 @@ class ObservedSpeeds:
             self._add(cost.node, min(max(ratio, 1 / CLAMP), CLAMP))
         return len(costs)
 
-    def _add(self, node: str, ratio: float) -> None:
+    def _add(self, node: NodeId, ratio: float) -> None:
         ratios = self._ratios.pop(node, None) or deque(maxlen=WINDOW)
         ratios.append(ratio)
         self._ratios[node] = ratios  # most recently observed last
         while len(self._ratios) > MAX_NODES:
             self._ratios.popitem(last=False)
 
-    def factor(self, node: str) -> float:
+    def factor(self, node: NodeId) -> float:
         """How much slower (> 1) or faster than its calibration `node` decodes (1.0: unknown)."""
         ratios = self._ratios.get(node)
         if ratios is None or len(ratios) < MIN_SAMPLES:
             return 1.0
         return statistics.median(ratios)
 
-    def samples(self, node: str) -> int:
+    def samples(self, node: NodeId) -> int:
         ratios = self._ratios.get(node)
         return len(ratios) if ratios else 0
 
@@ -89,5 +90,5 @@ class ObservedSpeeds:
             context_s_per_byte=caps.context_s_per_byte * factor,
         )
 
-    def forget(self, node: str) -> None:
+    def forget(self, node: NodeId) -> None:
         self._ratios.pop(node, None)

@@ -21,6 +21,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.profiling import extra_context
+from meshchat.mesh.identity import NodeId
 from meshchat.model.architectures import allowed_split_points
 from meshchat.model.fingerprint import Fingerprint
 
@@ -48,13 +49,18 @@ SHARE_COST = 0.1
 MAX_SHARE_CHARGE = 4.0  # whatever nodes claim about their host, no stage costs more than this
 
 
+def label(node: NodeId) -> str:
+    """How plans and their messages name a node: its NodeID's first 8 characters."""
+    return str(node)[:8]
+
+
 class PlanError(MeshchatError):
     """No plan fits, or a hand plan breaks a rule (the message lists every problem)."""
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    node: str  # NodeID text
+    node: NodeId
     first: int
     end: int
 
@@ -68,20 +74,20 @@ class Plan:
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16], compare=False)
 
     @property
-    def nodes(self) -> list[str]:
+    def nodes(self) -> list[NodeId]:
         return [s.node for s in self.stages]
 
     @property
     def boundaries(self) -> list[int]:
         return [s.first for s in self.stages[1:]]
 
-    def stage_of(self, node: str) -> StagePlan | None:
+    def stage_of(self, node: NodeId) -> StagePlan | None:
         return next((s for s in self.stages if s.node == node), None)
 
-    def describe(self, head: str | None = None) -> str:
+    def describe(self, head: NodeId | None = None) -> str:
         """'[0,15) on 3f2a9c1b (head) → [15,30) on 9be01d77'."""
         return " → ".join(
-            f"{s} on {s.node[:8]}{' (head)' if s.node == head else ''}" for s in self.stages
+            f"{s} on {label(s.node)}{' (head)' if s.node == head else ''}" for s in self.stages
         )
 
 
@@ -154,7 +160,7 @@ class ModelNeeds:
 class StageCost:
     """The planner's decode cost of one stage of a plan, before any observed correction."""
 
-    node: str
+    node: NodeId
     weight_bytes: int  # its layers' weights (and the output matrix if last)
     kv_bytes_per_token: int  # KV cache its layers read per token of context
     s_per_byte: float  # the node's calibrated decode speed
@@ -200,7 +206,7 @@ class Planner:
         self,
         needs: ModelNeeds,
         nodes: Iterable[NodeCaps],
-        head: str,
+        head: NodeId,
         n_ctx: int,
         sessions: int = 1,
     ) -> None:
@@ -212,10 +218,10 @@ class Planner:
         # context) beyond the one the calibration decoded at, which its speed already holds
         # (StageCost.seconds).
         self.extra_context = extra_context(n_ctx // 2)
-        self.nodes: dict[str, NodeCaps] = {}
+        self.nodes: dict[NodeId, NodeCaps] = {}
         for caps in nodes:
             self.nodes.setdefault(caps.node_id, caps)
-        self._match: dict[str, list[int]] = {
+        self._match: dict[NodeId, list[int]] = {
             n: self._match_prefix(c) for n, c in self.nodes.items()
         }
 
@@ -238,22 +244,22 @@ class Planner:
             prefix.append(prefix[-1] + (a == b))
         return prefix
 
-    def matches(self, node: str, first: int, end: int) -> bool:
+    def matches(self, node: NodeId, first: int, end: int) -> bool:
         prefix = self._match.get(node)
         return prefix is not None and prefix[end] - prefix[first] == end - first
 
-    def mismatched(self) -> list[str]:
+    def mismatched(self) -> list[NodeId]:
         """Nodes whose model differs from the head's in every layer (they get no layers)."""
         return [n for n, p in self._match.items() if p[-1] == 0]
 
-    def fits(self, node: str, first: int, end: int) -> bool:
+    def fits(self, node: NodeId, first: int, end: int) -> bool:
         last = end == self.needs.n_layers
         need = self.needs.memory(first, end, last, self.n_ctx, self.sessions)
         return need <= self.nodes[node].free_memory
 
     # -- prediction ----------------------------------------------------------------------------
 
-    def hop_s(self, a: str, b: str) -> float:
+    def hop_s(self, a: NodeId, b: NodeId) -> float:
         if a == b:
             return 0.0
         rtt = self.nodes[a].rtt_ms.get(b) if a in self.nodes else None
@@ -262,15 +268,15 @@ class Planner:
         rtt = DEFAULT_RTT_MS if rtt is None else rtt
         return rtt / 2000 + HOP_OVERHEAD_S + self.needs.hidden_bytes / LINK_BYTES_PER_S
 
-    def _stage_s(self, node: str, first: int, end: int, per_byte: float) -> float:
+    def _stage_s(self, node: NodeId, first: int, end: int, per_byte: float) -> float:
         """A prompt chunk's stage time (per token) at `per_byte`."""
         last = end == self.needs.n_layers
         return self.needs.weights(first, end, last) * per_byte + STAGE_OVERHEAD_S
 
-    def _decode_s(self, node: str, first: int, end: int, charge: float = 1.0) -> float:
+    def _decode_s(self, node: NodeId, first: int, end: int, charge: float = 1.0) -> float:
         return self._cost(node, first, end, charge).seconds(self.extra_context)
 
-    def _cost(self, node: str, first: int, end: int, charge: float) -> StageCost:
+    def _cost(self, node: NodeId, first: int, end: int, charge: float) -> StageCost:
         caps = self.nodes[node]
         return StageCost(
             node=node,
@@ -281,7 +287,7 @@ class Planner:
             context_s_per_byte=caps.context_s_per_byte,
         )
 
-    def share_charges(self, nodes: Iterable[str]) -> dict[str, float]:
+    def share_charges(self, nodes: Iterable[NodeId]) -> dict[NodeId, float]:
         """What each of `nodes` (one plan's) pays for sharing its host's cores with the others
         (1.0: alone on its host, or a host with cores enough for all their threads)."""
         by_host: dict[str, list[NodeCaps]] = {}
@@ -318,7 +324,7 @@ class Planner:
 
     # -- checking a hand plan ------------------------------------------------------------------
 
-    def violations(self, plan: Plan, connected: Iterable[str] | None = None) -> list[str]:
+    def violations(self, plan: Plan, connected: Iterable[NodeId] | None = None) -> list[str]:
         """Every rule `plan` breaks, one sentence each (empty: the plan can run)."""
         problems: list[str] = []
         n = self.needs.n_layers
@@ -326,7 +332,7 @@ class Planner:
         expected = 0
         for stage in plan.stages:
             if stage.first >= stage.end:
-                problems.append(f"stage {stage} on {stage.node[:8]} holds no layers")
+                problems.append(f"stage {stage} on {label(stage.node)} holds no layers")
                 continue
             if stage.first > expected:
                 problems.append(f"layers [{expected},{stage.first}) are not covered")
@@ -341,22 +347,22 @@ class Planner:
             problems.append(f"layers [{expected},{n}) are not covered")
         if expected > n:
             problems.append(f"the model has {n} layers, the plan runs to layer {expected}")
-        seen: set[str] = set()
+        seen: set[NodeId] = set()
         for stage in plan.stages:
             node = stage.node
             if node in seen:
-                problems.append(f"node {node[:8]} appears in more than one stage")
+                problems.append(f"node {label(node)} appears in more than one stage")
             seen.add(node)
             if node not in self.nodes:
-                problems.append(f"node {node[:8]} is unknown (no capabilities)")
+                problems.append(f"node {label(node)} is unknown (no capabilities)")
                 continue
             if online is not None and node != self.head and node not in online:
-                problems.append(f"node {node[:8]} is not connected")
+                problems.append(f"node {label(node)} is not connected")
             if stage.first >= stage.end or stage.end > n:
                 continue
             if not self.matches(node, stage.first, stage.end):
                 problems.append(
-                    f"node {node[:8]} has a different model for layers {stage} "
+                    f"node {label(node)} has a different model for layers {stage} "
                     "(fingerprint mismatch)"
                 )
             last = stage.end == n
@@ -364,19 +370,19 @@ class Planner:
             have = self.nodes[node].free_memory
             if need > have:
                 problems.append(
-                    f"node {node[:8]} needs about {need // _MIB} MiB for layers {stage} "
+                    f"node {label(node)} needs about {need // _MIB} MiB for layers {stage} "
                     f"but offers {have // _MIB} MiB"
                 )
         return problems
 
-    def check(self, plan: Plan, connected: Iterable[str] | None = None) -> None:
+    def check(self, plan: Plan, connected: Iterable[NodeId] | None = None) -> None:
         problems = self.violations(plan, connected)
         if problems:
             raise PlanError("plan rejected: " + "; ".join(problems))
 
     # -- searching -----------------------------------------------------------------------------
 
-    def _orders(self, max_stages: int) -> Iterable[tuple[str, ...]]:
+    def _orders(self, max_stages: int) -> Iterable[tuple[NodeId, ...]]:
         """Node chains worth trying: the head first when it takes part; any node last."""
         usable = [n for n in self.nodes if self._match[n][-1] > 0]
         others = sorted(n for n in usable if n != self.head)
@@ -388,13 +394,13 @@ class Planner:
                     continue
                 for group in itertools.combinations(others, rest):
                     if len(group) <= 3:
-                        perms: Iterable[tuple[str, ...]] = itertools.permutations(group)
+                        perms: Iterable[tuple[NodeId, ...]] = itertools.permutations(group)
                     else:  # hops cost alike on a LAN: only which node is last matters
                         perms = (group[i + 1 :] + group[:i] + (group[i],) for i in range(rest))
                     for perm in perms:
                         yield ((self.head,) if head_in else ()) + perm
 
-    def _best_ranges(self, order: tuple[str, ...]) -> tuple[float, list[int]] | None:
+    def _best_ranges(self, order: tuple[NodeId, ...]) -> tuple[float, list[int]] | None:
         """Cheapest boundaries for a fixed chain of nodes (dynamic programming over layers)."""
         n, k = self.needs.n_layers, len(order)
         points = [0, *sorted(p for p in self.needs.allowed if 0 < p < n), n]
@@ -542,7 +548,9 @@ class Planner:
             sizes.append(int(worst[-1]))
         return sizes
 
-    def assign(self, ranges: list[tuple[int, int]], connected: Iterable[str] | None = None) -> Plan:
+    def assign(
+        self, ranges: list[tuple[int, int]], connected: Iterable[NodeId] | None = None
+    ) -> Plan:
         """Put hand-chosen layer ranges on nodes: the head first, the rest where they fit best."""
         online = set(connected) if connected is not None else None
         k = len(ranges)

@@ -33,8 +33,8 @@ def plan_message(
     dtype: wire.DType,
     flash_attn: bool,
 ) -> wire.Plan:
-    """The PLAN request for `plan` (NodeIDs parsed here: a bad one is the head's own bug)."""
-    stages = tuple(wire.PlanStage(NodeId.parse(s.node), s.first, s.end) for s in plan.stages)
+    """The PLAN request for `plan`."""
+    stages = tuple(wire.PlanStage(s.node, s.first, s.end) for s in plan.stages)
     return wire.Plan(
         plan.plan_id, stages, model.fingerprint, n_ctx, max_sessions, dtype, flash_attn
     )

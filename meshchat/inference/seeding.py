@@ -23,7 +23,7 @@ from meshchat.errors import MeshchatError
 from meshchat.inference import profiling
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.local_model import LocalModel
-from meshchat.inference.planner import ModelNeeds, Plan
+from meshchat.inference.planner import ModelNeeds, Plan, label
 from meshchat.mesh import wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.layer_transfer import (
@@ -167,7 +167,7 @@ def with_seedable(caps: list[NodeCaps], head: NodeCaps) -> list[NodeCaps]:
 class Transfer:
     """A stage of a plan whose node must fetch its layers first."""
 
-    node: str
+    node: NodeId
     first: int
     end: int
     bytes: int
@@ -183,7 +183,7 @@ class Transfer:
 
     def note(self) -> str:
         return (
-            f"node {self.node[:8]} gets layers [{self.first},{self.end}) from the LAN first: "
+            f"node {label(self.node)} gets layers [{self.first},{self.end}) from the LAN first: "
             f"{self.bytes / 1e6:.0f} MB, about {self.estimate_s:.0f} s at "
             f"{ASSUMED_LINK_BYTES_PER_S / 1e6:.0f} MB/s (once; tokens/s do not include it)"
         )
@@ -211,12 +211,12 @@ class TransferWatch:
     """While a plan applies, the head tells its user how each member's fetch goes (from the
     member's status), at most every WATCH_EVERY_S per node, and once when it is done."""
 
-    def __init__(self, node: Node, fetching: set[str], notify: Callable[[str], None]) -> None:
+    def __init__(self, node: Node, fetching: set[NodeId], notify: Callable[[str], None]) -> None:
         self.node = node
         self.fetching = fetching
         self.notify = notify
-        self._told: dict[str, float] = {}
-        self._done: set[str] = set()
+        self._told: dict[NodeId, float] = {}
+        self._done: set[NodeId] = set()
 
     def __enter__(self) -> TransferWatch:
         if self.fetching:
@@ -227,7 +227,7 @@ class TransferWatch:
         self.node.remove_listener(self._on_event)
 
     def _on_event(self, event: NodeEvent) -> None:
-        key = str(event.node_id)
+        key = event.node_id
         if event.kind != "status" or key not in self.fetching or key in self._done:
             return
         peer = self.node.peer(event.node_id)
@@ -241,4 +241,4 @@ class TransferWatch:
         elif now - self._told.get(key, -WATCH_EVERY_S) < WATCH_EVERY_S:
             return
         self._told[key] = now
-        self.notify(f"node {key[:8]}: {report.cell()}")
+        self.notify(f"node {label(key)}: {report.cell()}")

@@ -25,7 +25,8 @@ from typing import Any
 from meshchat.errors import MeshchatError
 from meshchat.inference.coordinator import MeshCoordinator
 from meshchat.inference.mesh_pipeline import MeshPipeline
-from meshchat.inference.planner import Plan
+from meshchat.inference.planner import Plan, label
+from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import NodeEvent
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class MeshServing:
         coordinator.node.add_listener(self._on_event)
 
     @property
-    def me(self) -> str:
+    def me(self) -> NodeId:
         return self.coordinator.head
 
     def start(self) -> None:
@@ -225,10 +226,10 @@ class MeshServing:
         if event.kind == "joined":
             self._joined = True
             self._wake.set()
-        elif event.kind == "left" and self._in_plan(str(event.node_id)):
+        elif event.kind == "left" and self._in_plan(event.node_id):
             self._wake.set()
 
-    def _in_plan(self, node: str) -> bool:
+    def _in_plan(self, node: NodeId) -> bool:
         plan = self.pipeline.plan
         return plan is not None and node in plan.nodes
 
@@ -286,14 +287,14 @@ class MeshServing:
             if self.pipeline.plan is current and not self.pipeline.broken:
                 await self._install(plan, ReplanReason.FASTER, why)
 
-    async def _failover_plan(self, exclude: set[str]) -> Plan:
+    async def _failover_plan(self, exclude: set[NodeId]) -> Plan:
         """The pipeline's replanner inside a request (a stage was lost): recorded here."""
         try:
             plan = await self.coordinator.replan(exclude)
         except MeshchatError as exc:
             self._no_plan(ReplanReason.STAGE_LOST, str(exc))
             raise
-        left_out = ", ".join(sorted(node[:8] for node in exclude)) or "none"
+        left_out = ", ".join(sorted(label(node) for node in exclude)) or "none"
         self.log.add(ReplanReason.STAGE_LOST, plan.describe(self.me), f"left out: {left_out}")
         return plan
 
@@ -324,7 +325,7 @@ class MeshServing:
         plan = self.pipeline.plan
         if plan is None:
             return False
-        connected = {str(n) for n in self.coordinator.node.connected()}
+        connected = set(self.coordinator.node.connected())
         return any(n != self.me and n not in connected for n in plan.nodes)
 
     def status(self) -> dict[str, Any]:

@@ -239,11 +239,11 @@ class StageService:
         if self._calibration is not None:
             with contextlib.suppress(TimeoutError):
                 calib = await asyncio.wait_for(asyncio.shield(self._calibration), 120)
-        rtts = {str(p.node_id): p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
-        peers = [str(n) for n in self.node.connected()]
+        rtts = {p.node_id: p.rtt_ms for p in self.node.peers(False) if p.rtt_ms is not None}
+        peers = list(self.node.connected())
         files = tuple(LayerFile(**f) for f in self.seeding.server.offers())
         caps = local_caps(
-            str(self.node.node_id),
+            self.node.node_id,
             self.model,
             calib,
             rtts,
@@ -676,7 +676,7 @@ class StageService:
         reason: str,
         culprit: NodeId | None,
     ) -> None:
-        fault = wire.StageFault(key, code, reason[:500], str(culprit) if culprit else None)
+        fault = wire.StageFault(key, code, reason[:500], culprit)
         for target in targets:
             with contextlib.suppress(ConnectionLost):
                 await self.node.send(target, fault)

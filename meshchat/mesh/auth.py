@@ -78,7 +78,7 @@ async def dial_handshake(
     if isinstance(msg, wire.Error):
         conn.abort(msg.reason)
         raise AuthRefused(msg.code, msg.reason)
-    if not isinstance(msg, wire.Welcome) or msg.node_id != str(conn.peer_id):
+    if not isinstance(msg, wire.Welcome) or msg.node_id != conn.peer_id:
         conn.abort("expected a welcome")
         raise ConnectionLost("peer broke the handshake")
     conn.authenticated = True
@@ -98,10 +98,7 @@ async def accept_handshake(
     msg = await conn.recv_handshake(TIMEOUTS.auth_s)
     if not isinstance(msg, wire.Hello):
         await refuse(conn, wire.FaultCode.PROTOCOL, "expected HELLO")
-    try:
-        dialer = NodeId.parse(msg.node_id)
-    except MeshchatError:
-        await refuse(conn, wire.FaultCode.BAD_HELLO, "HELLO carries no valid NodeID")
+    dialer = msg.node_id  # a HELLO without a valid NodeID failed to decode (ProtocolError)
     if dialer == identity.node_id:
         await refuse(conn, wire.FaultCode.SELF, "a node cannot connect to itself")
     nonce = new_nonce()

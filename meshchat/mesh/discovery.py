@@ -72,6 +72,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from meshchat.errors import MeshchatError
+from meshchat.mesh.identity import NodeId
 from meshchat.tasks import BackgroundTasks
 
 __all__ = [
@@ -98,7 +99,7 @@ PROTOCOL_VERSION = 2  # 2: the tag covers port, addresses and a timestamp
 _TAG_DOMAIN = b"meshchat-mdns-membership-v2\x00"
 _TAG_BYTES = 16
 _NONCE_BYTES = 16
-_MAX_NODE_ID_CHARS = 200  # one TXT string holds at most 255 bytes including "id="
+_MAX_NODE_ID_CHARS = 200  # longer "id" values are refused unparsed (a NodeID's text is 55)
 _MAX_ADDRESSES = 8  # announced addresses: 8 x 16 chars fit one 255-byte TXT string
 _MAX_TIMESTAMP_CHARS = 16  # ms since 1970 has 13 digits until the year 2286
 _MAX_TRACKED = 1024  # service names remembered: bounds memory against a LAN of fake services
@@ -142,7 +143,7 @@ class Verdict(Enum):
 class Announcement:
     """What a node claims in its TXT record; the membership tag covers every field."""
 
-    node_id: str
+    node_id: NodeId
     nonce: bytes
     timestamp_ms: int
     port: int
@@ -150,7 +151,7 @@ class Announcement:
 
     def signed_bytes(self) -> bytes:
         """The tagged message: each field length-prefixed, so no two claims encode alike."""
-        node = self.node_id.encode()
+        node = str(self.node_id).encode()  # the TXT record's text
         return b"".join(
             (
                 _TAG_DOMAIN,
@@ -170,7 +171,7 @@ class Announcement:
 class DiscoveredPeer:
     """A meshchat node seen on the LAN. Everything here is an unverified hint."""
 
-    node_id: str
+    node_id: NodeId
     addresses: list[str]
     port: int
     #: the membership tag verifies under our mesh secret
@@ -243,15 +244,23 @@ def local_ipv4_addresses(include_loopback: bool = False) -> list[str]:
     return found + (loop if include_loopback else [])
 
 
-def _instance_name(node_id: str) -> str:
+def _instance_name(node_id: NodeId) -> str:
     # The instance label must fit 63 bytes and be stable across restarts, so that a restarted
     # node replaces its old records instead of appearing twice; the real id travels in TXT.
-    digest = hashlib.sha256(node_id.encode()).hexdigest()[:20]
+    digest = hashlib.sha256(str(node_id).encode()).hexdigest()[:20]
     return f"meshchat-{digest}"
 
 
-def _valid_node_id(text: str) -> bool:
-    return 0 < len(text) <= _MAX_NODE_ID_CHARS and text.isprintable() and " " not in text
+def _parse_node_id(text: str) -> NodeId | None:
+    """The NodeID of a TXT record's "id", None unless it is one in its canonical text (the
+    text the tag covers, so no two texts name one node)."""
+    if len(text) > _MAX_NODE_ID_CHARS:
+        return None
+    try:
+        node = NodeId.parse(text)
+    except MeshchatError:
+        return None
+    return node if str(node) == text else None
 
 
 def _usable_address(text: str) -> bool:
@@ -269,7 +278,7 @@ class _Parsed:
     tag: bytes | None
 
     @property
-    def node_id(self) -> str:
+    def node_id(self) -> NodeId:
         return self.claims.node_id
 
 
@@ -303,7 +312,7 @@ def _parse_info(info: ServiceInfo) -> _Parsed | None:
             return None
         fields = {key: value for key, value in raw.items() if value is not None}
         version = _small_int(fields["v"], 4)
-        node_id = fields["id"].decode("utf-8")
+        node_id = _parse_node_id(fields["id"].decode("utf-8"))
         nonce = bytes.fromhex(fields["n"].decode("ascii"))
         timestamp_ms = _small_int(fields["t"], _MAX_TIMESTAMP_CHARS)
         port = _small_int(fields["p"], 5)
@@ -312,7 +321,7 @@ def _parse_info(info: ServiceInfo) -> _Parsed | None:
         tag = bytes.fromhex(raw_m.decode("ascii")) if raw_m else None
     except (UnicodeDecodeError, ValueError):
         return None
-    if not _valid_node_id(node_id) or len(nonce) != _NONCE_BYTES:
+    if node_id is None or len(nonce) != _NONCE_BYTES:
         return None
     if tag is not None and len(tag) != _TAG_BYTES:
         return None
@@ -337,18 +346,16 @@ class MdnsDiscovery:
 
     def __init__(
         self,
-        node_id: str,
+        node_id: NodeId,
         port: int,
         mesh_secret: bytes | None,
         on_peer: Callable[[DiscoveredPeer], None],
-        on_lost: Callable[[str], None] | None = None,
+        on_lost: Callable[[NodeId], None] | None = None,
         interfaces: InterfacesArg = InterfaceChoice.All,
         *,
         addresses: Sequence[str] | None = None,
         ttl: int = 60,
     ) -> None:
-        if not _valid_node_id(node_id):
-            raise DiscoveryError(f"node id unfit for an mDNS TXT record: {node_id!r}")
         if not 0 < port < 65536:
             raise DiscoveryError(f"port out of range: {port}")
         if not _MIN_TTL <= ttl <= _MAX_TTL:
@@ -375,7 +382,7 @@ class MdnsDiscovery:
         self._in_flight: dict[str, int] = {}  # name -> resolves running (events and sweeps)
         # name -> removals seen while a resolve of it was running, to drop that resolve's answer
         self._removals: dict[str, int] = {}
-        self._newest: dict[str, int] = {}  # node_id -> newest accepted member timestamp (ms)
+        self._newest: dict[NodeId, int] = {}  # node_id -> newest accepted member timestamp (ms)
         self._announced_at = 0.0  # monotonic time of our last (re-)announcement
         self._last_ok: dict[str, float] = {}  # name -> monotonic time of last good resolve
         self._stale: dict[str, float] = {}  # name -> when it stopped answering (reported lost)
@@ -481,7 +488,7 @@ class MdnsDiscovery:
         )
         props = {
             "v": str(PROTOCOL_VERSION),
-            "id": self.node_id,
+            "id": str(self.node_id),
             "n": claims.nonce.hex(),
             "t": str(claims.timestamp_ms),
             "p": str(self.port),

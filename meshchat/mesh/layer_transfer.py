@@ -314,7 +314,7 @@ class LayerFetcher:
         self._last_save = 0.0
         self._unsaved = 0
         self._saving = False
-        self._unit_source: dict[str, str] = {}
+        self._unit_source: dict[str, NodeId] = {}  # unit → the member that sent it
 
     # -- entry point
 
@@ -448,7 +448,7 @@ class LayerFetcher:
 
     async def _fetch_unit(self, source: NodeId, unit: Unit) -> None:
         """Fetch `unit` from where it stopped, WINDOW requests in flight at a time."""
-        self._unit_source[unit.key] = str(source)
+        self._unit_source[unit.key] = source
         done = self._state["bytes"].get(unit.key, 0)
         chunks: list[tuple[TensorEntry, int, int]] = []  # (tensor, offset in it, length)
         skipped = 0
@@ -533,8 +533,10 @@ class LayerFetcher:
     def _finish(self, header: GGUFHeader) -> Path:
         dest = self.store.path_for(self.fp.model, self.layers)
         write_slice(header, self.layers, self.fp.model, dest)
-        origin = sorted(set(self._unit_source.values()) | {self._state.get("header", "")} - {""})
-        self.store.record(dest, self.fp, self.layers, origin)
+        origin = set(self._unit_source.values())
+        with contextlib.suppress(MeshchatError, TypeError):  # a state file edited by hand
+            origin.add(NodeId.parse(self._state.get("header", "")))
+        self.store.record(dest, self.fp, self.layers, list(origin))
         self._close()
         self._discard()
         return dest

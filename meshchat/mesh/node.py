@@ -412,7 +412,7 @@ class Node:
                 else:
                     problems.append(f"{fmt_addr(addr)} did not answer")
                 continue
-            hello = wire.Hello(str(self.node_id), self.mesh_id, self.addresses)
+            hello = wire.Hello(self.node_id, self.mesh_id, self.addresses)
             try:
                 welcome = await dial_handshake(conn, self.identity, hello, invite.secret)
             except AuthRefused as exc:
@@ -493,7 +493,7 @@ class Node:
                 wire.FaultCode.NOT_MEMBER,
                 f"node {dialer.short} is not a member of this mesh (not invited, or removed)",
             )
-        return wire.Welcome(str(self.node_id), m.mesh_id, secret, m.records(), self.addresses)
+        return wire.Welcome(self.node_id, m.mesh_id, secret, m.records(), self.addresses)
 
     # --- connections ------------------------------------------------------------------------
 
@@ -523,7 +523,7 @@ class Node:
             try:
                 addr = parse_addr(text)
                 conn = await self.endpoint.dial(addr, lambda n: n == node, 3.0)
-                hello = wire.Hello(str(self.node_id), self.mesh_id, self.addresses)
+                hello = wire.Hello(self.node_id, self.mesh_id, self.addresses)
                 welcome = await dial_handshake(conn, self.identity, hello, None)
             except (ConnectionLost, MeshchatError) as exc:
                 problems.append(f"{text}: {exc}")
@@ -598,11 +598,11 @@ class Node:
 
     def _peers_msg(self) -> wire.Peers:
         known = {
-            str(p.node_id): p.addresses
+            p.node_id: p.addresses
             for p in self._peers.values()
             if p.addresses and self.membership.is_member(p.node_id)
         }
-        known[str(self.node_id)] = self.addresses
+        known[self.node_id] = self.addresses
         return wire.Peers(known)
 
     def _on_closed(self, node: NodeId, conn: Connection) -> None:
@@ -679,11 +679,7 @@ class Node:
         self._emit("status", node)
 
     def _on_peers(self, msg: wire.Peers) -> None:
-        for text, addrs in msg.peers.items():
-            try:
-                node = NodeId.parse(text)
-            except MeshchatError:
-                continue
+        for node, addrs in msg.peers.items():
             if node == self.node_id or not self.membership.is_member(node):
                 continue
             peer = self._peers.get(node)
@@ -796,7 +792,7 @@ class Node:
                 from meshchat.mesh.discovery import MdnsDiscovery
 
                 self.discovery = MdnsDiscovery(
-                    str(self.node_id),
+                    self.node_id,
                     self.port,
                     self.membership.mesh_secret,
                     self._on_discovered,
@@ -813,10 +809,7 @@ class Node:
 
     def _on_discovered(self, found: Any) -> None:
         """mDNS saw a node: a hint only; the connection authenticates it."""
-        try:
-            node = NodeId.parse(found.node_id)
-        except MeshchatError:
-            return
+        node = found.node_id
         if node == self.node_id:
             return
         addrs = [fmt_addr((a, int(found.port))) for a in found.addresses]
@@ -834,9 +827,8 @@ class Node:
             self._nearby[node] = Peer(node, "mdns", PeerState.NEARBY, addrs)
             self._emit("nearby", node)
 
-    def _on_discovery_lost(self, node_text: str) -> None:
-        with contextlib.suppress(MeshchatError):
-            self._nearby.pop(NodeId.parse(node_text), None)
+    def _on_discovery_lost(self, node: NodeId) -> None:
+        self._nearby.pop(node, None)
 
     # --- status -----------------------------------------------------------------------------
 

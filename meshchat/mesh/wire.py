@@ -91,7 +91,7 @@ class Hello(Message):
     """Dialer → listener, first frame: who I am and which mesh I think I belong to."""
 
     TYPE: ClassVar[MsgType] = MsgType.HELLO
-    node_id: str
+    node_id: NodeId
     mesh_id: str | None = None
     addresses: list[str] = field(default_factory=list)
 
@@ -118,7 +118,7 @@ class Welcome(Message):
     """Listener → dialer: accepted. Carries the mesh's identity when an invite was redeemed."""
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
-    node_id: str
+    node_id: NodeId
     mesh_id: str
     mesh_secret: bytes | None = None
     roster: list[RosterRecord] = field(default_factory=list)
@@ -181,7 +181,7 @@ class Peers(Message):
     """Members this node is connected to, with the addresses they listen on (gossip)."""
 
     TYPE: ClassVar[MsgType] = MsgType.PEERS
-    peers: dict[str, list[str]] = field(default_factory=dict)
+    peers: dict[NodeId, list[str]] = field(default_factory=dict)  # at most MAX_NODE_KEYS
 
 
 class RosterAction(enum.StrEnum):
@@ -190,6 +190,9 @@ class RosterAction(enum.StrEnum):
 
 
 MAX_ROSTER_RECORDS = 1024  # one add and at most one removal per NodeID (membership.MAX_SUBJECTS)
+# Entries of an object keyed by NodeID (Peers): one per member at most. Checked before the
+# keys are parsed (each costs a base32 decode and a hash).
+MAX_NODE_KEYS = MAX_ROSTER_RECORDS
 MIN_ROSTER_TS = 1_577_836_800.0  # 2020-01-01: no honest record is older than this code
 MAX_ROSTER_TS = float(1 << 33)  # year 2242: finite, and exact as a double to the microsecond
 _MAX_MESH_ID = 64
@@ -497,6 +500,8 @@ def _typed_to_json(value: Any) -> Any:
         return str(value)
     if isinstance(value, list | tuple):
         return [_typed_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_typed_to_json(k): _typed_to_json(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _typed_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
@@ -627,7 +632,7 @@ class StageFault(Message):
     session: int
     code: FaultCode
     reason: str
-    culprit: str | None = None  # NodeID text of the peer that sent bad input, if that was it
+    culprit: NodeId | None = None  # the peer that sent bad input, if that was it
 
 
 @dataclass(frozen=True)
@@ -897,7 +902,13 @@ def _check(value: Any, hint: Any, name: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ProtocolError(f"field {name}: expected an object")
-        _, item = typing.get_args(hint)
+        key, item = typing.get_args(hint)
+        if key is NodeId:
+            if len(value) > MAX_NODE_KEYS:
+                raise ProtocolError(f"field {name}: more than {MAX_NODE_KEYS} NodeIDs")
+            return {
+                parse_node_id(k, f"field {name}"): _check(v, item, name) for k, v in value.items()
+            }
         return {k: _check(v, item, name) for k, v in value.items()}
     if hint is RosterRecord:
         return RosterRecord.from_json(value, name)

@@ -18,11 +18,22 @@ from pathlib import Path
 
 from meshchat.errors import MeshchatError
 from meshchat.fsutil import atomic_write_text
+from meshchat.mesh.identity import NodeId
 from meshchat.model.fingerprint import Fingerprint, fingerprint_from_json, fingerprint_to_json
 from meshchat.model.slices import LayerRange
 
 _RECORD = ".json"
 MAX_RECORD_BYTES = 1 << 20  # a record holds a fingerprint: a few KiB per thousand layers
+
+
+def _origin(texts: list[str]) -> tuple[NodeId, ...]:
+    """A record's origin: who sent the slice, for `model list` only. A name that is not a
+    NodeID (an edited record) is left out; the slice itself is checked by its fingerprint."""
+    found = []
+    for text in texts:
+        with contextlib.suppress(MeshchatError, TypeError):
+            found.append(NodeId.parse(text))
+    return tuple(found)
 
 
 class SeedStoreError(MeshchatError):
@@ -34,7 +45,7 @@ class SeededSlice:
     path: Path
     fingerprint: Fingerprint
     layers: LayerRange
-    origin: tuple[str, ...]  # NodeIDs (text) of the peers that sent it
+    origin: tuple[NodeId, ...]  # the peers that sent it
     size: int
 
     @property
@@ -93,19 +104,19 @@ class SeedStore:
                 path,
                 fingerprint,
                 LayerRange(int(data["first"]), int(data["end"])),
-                tuple(str(o) for o in data["origin"]),
+                _origin(data["origin"]),
                 path.stat().st_size,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def record(self, path: Path, fp: Fingerprint, layers: LayerRange, origin: list[str]) -> None:
+    def record(self, path: Path, fp: Fingerprint, layers: LayerRange, origin: list[NodeId]) -> None:
         """Write the record of a slice just renamed into place (it becomes visible now)."""
         body = {
             "fingerprint": fingerprint_to_json(fp),
             "first": layers.first,
             "end": layers.end,
-            "origin": origin,
+            "origin": sorted(str(node) for node in origin),
         }
         atomic_write_text(path.with_suffix(_RECORD), json.dumps(body))
 

@@ -11,12 +11,13 @@ from textual import on, work
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.inference.serving import clearly_better
+from meshchat.mesh.identity import NodeId
 from meshchat.tui import messages as msg
 from meshchat.tui.app_base import AppBase, worker_error
 from meshchat.tui.mesh_view import NodeMesh, PeerRow, own_seeding
 from meshchat.tui.planning import MeshPlanning
 from meshchat.tui.screens.dialogs import AskText, Confirm, Pick, ShowInvite
-from meshchat.tui.split import SELF, SplitPlan, layout_label
+from meshchat.tui.split import SELF, Owner, SplitPlan, layout_label
 from meshchat.tui.widgets.mesh_panel import MeshPanel
 from meshchat.tui.widgets.peers import PeersTable
 from meshchat.tui.widgets.split_editor import SplitEditor
@@ -63,7 +64,7 @@ class MeshMixin(AppBase):
         if self.mesh is not None:
             addresses = self.mesh.addresses
             where = f" at {addresses[0]}" if addresses else ""
-            panel.border_title = f"Mesh · node {self.mesh.node_id[:10]}{where}"
+            panel.border_title = f"Mesh · node {self.mesh.name}{where}"
         else:
             panel.border_title = f"Mesh · offline: {self.mesh_error}" if self.mesh_error else "Mesh"
 
@@ -73,7 +74,7 @@ class MeshMixin(AppBase):
             return
         if not self.engine.is_local:
             return  # the mesh pipeline says what this node serves
-        mine = [s for s in self.split.applied.segments if s.node == SELF]
+        mine = [s for s in self.split.applied.segments if s.node is SELF]
         layers = (mine[0].start, mine[-1].end) if mine else None
         info = self.engine.info
         model: dict[str, Any] = {"name": info.name, "path": str(info.path)}
@@ -157,7 +158,7 @@ class MeshMixin(AppBase):
             rows = {r.key: r for r in (self.mesh.peers() if self.mesh else [])}
             row = rows.get(note.lost)
             gone = "left" if row is not None and row.state == "left" else "lost"
-            who = f"worker {note.lost[:10]} {gone}"
+            who = f"worker {note.lost.short} {gone}"
         else:
             who = f"a stage failed ({note.reason})"
         if not note.plan:
@@ -319,7 +320,7 @@ class MeshMixin(AppBase):
         self._note_refusals()
         self._follow_mesh_plan()
         if self.mesh is not None:
-            names = {r.key: r.name for r in rows if r.key != SELF}
+            names = {r.key: r.name for r in rows if isinstance(r.key, NodeId)}
             if self.planning is not None:
                 usable = self.planning.usable()
             else:
@@ -337,7 +338,7 @@ class MeshMixin(AppBase):
 
     def _note_lost_peers(self, rows: list[PeerRow]) -> None:
         """Say so when a member that was connected is lost (and when it comes back)."""
-        states = {r.key: r.state for r in rows if r.member and r.key != SELF}
+        states = {r.key: r.state for r in rows if r.member and isinstance(r.key, NodeId)}
         up = {k for k, v in states.items() if v in ("idle", "serving")}
         was_up = {k for k, v in self.mesh_watch.peer_states.items() if v in ("idle", "serving")}
         # Up again after loading its layers for our own plan is no join.
@@ -379,7 +380,7 @@ class MeshMixin(AppBase):
 
     def _self_row(self) -> PeerRow:
         plan = self.split.applied
-        mine = [s for s in plan.segments if s.node == SELF] if plan else []
+        mine = [s for s in plan.segments if s.node is SELF] if plan else []
         layers = (mine[0].start, mine[-1].end) if mine else None
         if self.engine is None:
             state = "error" if self.model_error else "loading"
@@ -390,7 +391,7 @@ class MeshMixin(AppBase):
         mesh = self.mesh
         return PeerRow(
             key=SELF,
-            name=mesh.node_id[:10] if mesh else "this node",
+            name=mesh.name if mesh else "this node",
             address=mesh.addresses[0] if mesh and mesh.addresses else "",
             via="this node, mesh offline" if self.mesh_error else "this node",
             rtt_ms=None,
@@ -401,7 +402,7 @@ class MeshMixin(AppBase):
             seeding=own_seeding(mesh),
         )
 
-    def _shares(self) -> dict[str, str]:
+    def _shares(self) -> dict[Owner, str]:
         """Per node: its share of per-token time (compute), and the network's on this row."""
         engine = self.engine
         if engine is None:
@@ -412,9 +413,9 @@ class MeshMixin(AppBase):
         plan = getattr(engine.pipeline, "plan", None)
         if step is None or plan is None or step.wall_s <= 0 or not step.stage_compute_s:
             return {}
-        shares: dict[str, str] = {}
+        shares: dict[Owner, str] = {}
         for stage, compute in zip(plan.stages, step.stage_compute_s, strict=False):
-            key = SELF if self.planning and stage.node == self.planning.head else stage.node
+            key: Owner = SELF if self.planning and stage.node == self.planning.head else stage.node
             shares[key] = f"compute {round(100 * compute / step.wall_s)}%"
         net = round(100 * step.network_s / step.wall_s)
         shares[SELF] = f"{shares.get(SELF, 'compute 0%')} · net {net}%"
@@ -497,10 +498,11 @@ class MeshMixin(AppBase):
         self._publish_status()
         self._refresh_peers()
 
-    def _members(self) -> list[PeerRow]:
+    def _members(self) -> dict[NodeId, PeerRow]:
         if self.mesh is None:
-            return []
-        return [r for r in self.mesh.peers() if r.member and r.key != SELF]
+            return {}
+        rows = self.mesh.peers()
+        return {r.key: r for r in rows if r.member and isinstance(r.key, NodeId)}
 
     def action_remove_member(self) -> None:
         members = self._members()
@@ -508,36 +510,38 @@ class MeshMixin(AppBase):
             self.notify("no other member in this mesh", severity="warning")
             return
 
+        by_text = {str(node): node for node in members}  # a Pick option's id is text
+
         def chosen(key: str | None) -> None:
-            if key:
-                self._confirm_remove(key)
+            if key in by_text:
+                self._confirm_remove(by_text[key])
 
         self.push_screen(
             Pick(
                 "Remove which member? It cannot come back with that identity.",
-                [(r.key, f"{r.name}  {r.address}  {r.state}") for r in members],
+                [(str(n), f"{r.name}  {r.address}  {r.state}") for n, r in members.items()],
             ),
             chosen,
         )
 
     @on(PeersTable.RemoveRequested)
     def _on_remove_requested(self, event: PeersTable.RemoveRequested) -> None:
-        if event.key == SELF:
+        if event.key is SELF:
             self.notify("this is you: a node cannot remove itself", severity="warning")
-        elif event.key not in {r.key for r in self._members()}:
+        elif not isinstance(event.key, NodeId) or event.key not in self._members():
             self.notify("only members can be removed", severity="warning")
         else:
             self._confirm_remove(event.key)
 
-    def _confirm_remove(self, key: str) -> None:
+    def _confirm_remove(self, key: NodeId) -> None:
         def done(yes: bool | None) -> None:
             if yes:
                 self._remove(key)
 
-        self.push_screen(Confirm(f"Remove node {key[:10]} from the mesh?", yes="Remove"), done)
+        self.push_screen(Confirm(f"Remove node {key.short} from the mesh?", yes="Remove"), done)
 
     @work(group="mesh-action", exit_on_error=False)
-    async def _remove(self, key: str) -> None:
+    async def _remove(self, key: NodeId) -> None:
         mesh = self.mesh
         if mesh is None:
             return
@@ -547,4 +551,4 @@ class MeshMixin(AppBase):
             error = worker_error(exc, "remove")
             self.post_message(msg.MeshActionDone("", f"remove failed: {error}"))
         else:
-            self.post_message(msg.MeshActionDone(f"removed {key[:10]} from the mesh"))
+            self.post_message(msg.MeshActionDone(f"removed {key.short} from the mesh"))

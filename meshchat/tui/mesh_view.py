@@ -17,7 +17,7 @@ from meshchat.mesh.identity import NodeId
 from meshchat.mesh.layer_transfer import SeedingReport, seeding_cell
 from meshchat.mesh.node import Node, PeerState
 from meshchat.paths import DataDir
-from meshchat.tui.split import SELF
+from meshchat.tui.split import Owner
 
 MDNS_ENV = "MESHCHAT_MDNS"  # "0" turns multicast discovery off, as for headless
 
@@ -26,8 +26,8 @@ MDNS_ENV = "MESHCHAT_MDNS"  # "0" turns multicast discovery off, as for headless
 class PeerRow:
     """One row of the peers table."""
 
-    key: str  # SELF or the NodeID text
-    name: str
+    key: Owner
+    name: str  # how the app shows the node: its NodeID's first 10 characters
     address: str
     via: str  # "this node" | "mdns" | "invite" | "peer"
     rtt_ms: float | None
@@ -43,25 +43,27 @@ class PeerRow:
 class MeshWatch:
     """What the app remembers about the mesh between peer refreshes, to say each change once."""
 
-    peer_states: dict[str, str] = field(default_factory=dict)  # member → its last state
+    peer_states: dict[NodeId, str] = field(default_factory=dict)  # member → its last state
     told: set[str] = field(default_factory=set)  # planner notes already shown
     # Nodes a failover already reported (inline note): no second "peer lost" toast.
-    failed_over: set[str] = field(default_factory=set)
+    failed_over: set[NodeId] = field(default_factory=set)
     failover_active: bool = False  # between a failover's start and its new plan
-    advised_for: frozenset[str] = frozenset()  # usable nodes the planner's advice was for
+    advised_for: frozenset[NodeId] = frozenset()  # usable nodes the planner's advice was for
     replan_due: str = ""  # a member joined or returned (who): re-plan between turns
 
 
 class MeshView(Protocol):
     @property
-    def node_id(self) -> str: ...
+    def name(self) -> str:
+        """How the app shows this node (snapshots need stable text, not a random NodeID)."""
+        ...
 
     @property
     def addresses(self) -> list[str]: ...
 
     def peers(self) -> list[PeerRow]: ...
 
-    def usable_nodes(self, fingerprint: str | None) -> list[str]:
+    def usable_nodes(self, fingerprint: str | None) -> list[NodeId]:
         """Connected members that run the same model file (may take layers)."""
         ...
 
@@ -71,7 +73,7 @@ class MeshView(Protocol):
         """Redeem an invite; returns the inviter's short name."""
         ...
 
-    async def remove(self, key: str) -> None: ...
+    async def remove(self, node: NodeId) -> None: ...
 
     def new_refusals(self) -> list[str]:
         """Connections this node refused since the last call, one line each (e.g. a join
@@ -133,8 +135,8 @@ class NodeMesh:
         return cls(node)
 
     @property
-    def node_id(self) -> str:
-        return str(self.node.node_id)
+    def name(self) -> str:
+        return self.node.node_id.short
 
     @property
     def addresses(self) -> list[str]:
@@ -147,7 +149,7 @@ class NodeMesh:
             connected = peer.state is PeerState.CONNECTED
             rows.append(
                 PeerRow(
-                    key=str(peer.node_id),
+                    key=peer.node_id,
                     name=peer.node_id.short,
                     address=peer.address or "",
                     via=peer.via,
@@ -163,14 +165,14 @@ class NodeMesh:
             )
         return rows
 
-    def usable_nodes(self, fingerprint: str | None) -> list[str]:
+    def usable_nodes(self, fingerprint: str | None) -> list[NodeId]:
         usable = []
         for peer in self.node.peers(include_nearby=False):
             if peer.state is not PeerState.CONNECTED:
                 continue
             theirs = (peer.model or {}).get("fingerprint")
             if fingerprint is None or theirs == fingerprint:
-                usable.append(str(peer.node_id))
+                usable.append(peer.node_id)
         return usable
 
     def create_invite(self, uses: int = 1, ttl: float = 3600.0) -> str:
@@ -180,10 +182,10 @@ class NodeMesh:
         inviter = await self.node.join(code.strip())
         return inviter.short
 
-    async def remove(self, key: str) -> None:
-        if key == SELF:
+    async def remove(self, node: NodeId) -> None:
+        if node == self.node.node_id:
             raise MeshchatError("this node cannot remove itself")
-        await self.node.remove_member(NodeId.parse(key))
+        await self.node.remove_member(node)
 
     def set_status(self, layers: tuple[int, int] | None, model: dict[str, Any] | None) -> None:
         self.node.set_status(layers, model)

@@ -18,6 +18,7 @@ from meshchat.inference.local_model import LocalModel
 from meshchat.inference.mesh_pipeline import MeshPipeline
 from meshchat.inference.pipeline import Pipeline
 from meshchat.inference.planner import Plan, Planner, StagePlan
+from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
 from meshchat.paths import DataDir
 from meshchat.tui.split import SELF, Segment, SplitPlan
@@ -47,7 +48,7 @@ class MeshPlanning:
         return cls(MeshCoordinator(node, model, data, threads=threads, n_ctx=n_ctx, notify=notify))
 
     @property
-    def head(self) -> str:
+    def head(self) -> NodeId:
         return self.coordinator.head
 
     @property
@@ -60,15 +61,15 @@ class MeshPlanning:
         self.planner = self.coordinator.planner(caps)
         self.notes = self.coordinator.mismatch_notes(self.planner)
 
-    def _connected(self) -> list[str]:
-        return [str(n) for n in self.coordinator.node.connected()]
+    def _connected(self) -> list[NodeId]:
+        return self.coordinator.node.connected()
 
     # --- plans both ways --------------------------------------------------------------------
 
     def to_plan(self, split: SplitPlan) -> Plan:
         return Plan(
             tuple(
-                StagePlan(self.head if s.node == SELF else s.node, s.start, s.end)
+                StagePlan(self.head if s.node is SELF else s.node, s.start, s.end)
                 for s in split.segments
             )
         )
@@ -81,7 +82,7 @@ class MeshPlanning:
 
     # --- what the editor asks ---------------------------------------------------------------
 
-    def usable(self) -> list[str]:
+    def usable(self) -> list[NodeId]:
         """Connected nodes whose model file matches ours: they may take layers."""
         if self.planner is None:
             return []
@@ -123,7 +124,7 @@ class MeshPlanning:
         if self.planner is None:
             return ["the planner is still asking the nodes what they can run; try again"]
         problems = []
-        if split.segments[0].node != SELF and any(s.node == SELF for s in split.segments):
+        if split.segments[0].node is not SELF and any(s.node is SELF for s in split.segments):
             problems.append("this node (the head) can only run the first stage")
         return problems + self.planner.violations(self.to_plan(split), self._connected())
 

@@ -7,11 +7,28 @@ an invalid plan is never produced, so "apply" only ever sees plans that could ru
 from __future__ import annotations
 
 import bisect
+import enum
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-SELF = "self"  # the node key of this machine
+from meshchat.mesh.identity import NodeId
+
+
+class ThisNode(enum.Enum):
+    """This machine in a split, whatever its NodeID: the editor splits layers locally before
+    the mesh node has started, and when it cannot start (the app then runs alone), so there
+    may be no NodeID to name it by; and a local split stays local across a new identity.
+    `MeshPlanning` maps it to the head's NodeID and back."""
+
+    SELF = "self"
+
+    def __str__(self) -> str:
+        return self.value  # the peers table's row key, as for a NodeID its text
+
+
+SELF = ThisNode.SELF
+Owner = NodeId | ThisNode  # who runs a segment: this machine, or a peer
 
 
 class SplitEditError(ValueError):
@@ -22,7 +39,7 @@ class SplitEditError(ValueError):
 class Segment:
     start: int
     end: int
-    node: str  # SELF or a peer's NodeID text
+    node: Owner
 
     @property
     def count(self) -> int:
@@ -44,9 +61,12 @@ class SplitPlan:
 
     @classmethod
     def from_ranges(
-        cls, n_layers: int, ranges: Sequence[tuple[int, int]], nodes: Sequence[str] | None = None
+        cls,
+        n_layers: int,
+        ranges: Sequence[tuple[int, int]],
+        nodes: Sequence[Owner] | None = None,
     ) -> SplitPlan:
-        owners = list(nodes) if nodes is not None else [SELF] * len(ranges)
+        owners: list[Owner] = list(nodes) if nodes is not None else [SELF] * len(ranges)
         return cls(
             n_layers, tuple(Segment(a, b, n) for (a, b), n in zip(ranges, owners, strict=True))
         )
@@ -60,12 +80,12 @@ class SplitPlan:
         return [(s.start, s.end) for s in self.segments]
 
     @property
-    def nodes(self) -> list[str]:
+    def nodes(self) -> list[Owner]:
         return [s.node for s in self.segments]
 
     @property
     def is_local(self) -> bool:
-        return all(s.node == SELF for s in self.segments)
+        return all(s.node is SELF for s in self.segments)
 
     def describe(self) -> str:
         return " ".join(s.label() for s in self.segments)
@@ -79,7 +99,7 @@ class SplitPlan:
 
     # --- edits ------------------------------------------------------------------------------
 
-    def _with_boundaries(self, boundaries: list[int], owners: list[str]) -> SplitPlan:
+    def _with_boundaries(self, boundaries: list[int], owners: list[Owner]) -> SplitPlan:
         edges = [0, *boundaries, self.n_layers]
         segments = tuple(
             Segment(a, b, n) for (a, b), n in zip(itertools.pairwise(edges), owners, strict=True)
@@ -149,13 +169,13 @@ class SplitPlan:
         owners = [*self.nodes[: index + 1], *self.nodes[index + 2 :]]
         return self._with_boundaries([*bounds[:index], *bounds[index + 1 :]], owners)
 
-    def assign(self, segment: int, node: str) -> SplitPlan:
+    def assign(self, segment: int, node: Owner) -> SplitPlan:
         """Give stage `segment` to `node`; two neighbouring stages on one node are allowed."""
         segments = list(self.segments)
         segments[segment] = replace(segments[segment], node=node)
         return SplitPlan(self.n_layers, tuple(segments))
 
-    def validate(self, allowed: Sequence[int], usable_nodes: Sequence[str]) -> list[str]:
+    def validate(self, allowed: Sequence[int], usable_nodes: Sequence[NodeId]) -> list[str]:
         """Why this plan cannot run now (empty when it can)."""
         problems = []
         allowed_set = set(allowed)
@@ -163,9 +183,9 @@ class SplitPlan:
             if point not in allowed_set:
                 problems.append(f"layer {point} is not an allowed split point")
         for seg in self.segments:
-            if seg.node != SELF and seg.node not in usable_nodes:
+            if isinstance(seg.node, NodeId) and seg.node not in usable_nodes:
                 problems.append(
-                    f"stage {seg.label()} is on node {seg.node[:10]}, which is not connected "
+                    f"stage {seg.label()} is on node {seg.node.short}, which is not connected "
                     "or has a different model file"
                 )
         return problems

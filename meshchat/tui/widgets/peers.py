@@ -1,7 +1,8 @@
 """The peers table: every node of the mesh plus nearby non-members, one row per NodeID.
 
-Rows are keyed by NodeID and cells are changed with `update_cell` only when their text changes,
-so the table is never rebuilt (the cursor and scroll position stay put while RTTs tick).
+Rows are keyed by NodeID (its text: a DataTable key is a string) and cells are changed with
+`update_cell` only when their text changes, so the table is never rebuilt (the cursor and
+scroll position stay put while RTTs tick).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from textual.message import Message
 from textual.widgets import DataTable
 
 from meshchat.tui.mesh_view import PeerRow
+from meshchat.tui.split import Owner
 
 # Most telling first: on an 80-column terminal the last columns are the ones cut off.
 COLUMNS = (
@@ -53,7 +55,7 @@ class PeersTable(DataTable[Text]):
     ]
 
     class RemoveRequested(Message):
-        def __init__(self, key: str) -> None:
+        def __init__(self, key: Owner) -> None:
             super().__init__()
             self.key = key
 
@@ -63,7 +65,8 @@ class PeersTable(DataTable[Text]):
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=False, show_cursor=True)
-        self._cells: dict[str, tuple[str, ...]] = {}
+        self._cells: dict[Owner, tuple[str, ...]] = {}
+        self._owners: dict[str, Owner] = {}  # row key → whose row it is
 
     def on_mount(self) -> None:
         for key, label in COLUMNS:
@@ -76,7 +79,7 @@ class PeersTable(DataTable[Text]):
         cells = (row.name, _rtt(row.rtt_ms), layers, state, share, row.address or "—", via)
         return (*cells, row.memory or "—")
 
-    def sync(self, rows: Sequence[PeerRow], shares: Mapping[str, str] | None = None) -> None:
+    def sync(self, rows: Sequence[PeerRow], shares: Mapping[Owner, str] | None = None) -> None:
         """Make the table show `rows`: update changed cells, add new rows, drop gone ones."""
         shares = shares or {}
         seen = set()
@@ -87,21 +90,23 @@ class PeersTable(DataTable[Text]):
             styled = [Text(c) for c in cells]
             styled[_STATE].stylize(_STATE_STYLE.get(row.state, ""))
             if old is None:
-                self.add_row(*styled, key=row.key)
+                self.add_row(*styled, key=str(row.key))
+                self._owners[str(row.key)] = row.key
             else:
                 for (col, _), before, after, text in zip(COLUMNS, old, cells, styled, strict=True):
                     if before != after:
-                        self.update_cell(row.key, col, text, update_width=True)
+                        self.update_cell(str(row.key), col, text, update_width=True)
             self._cells[row.key] = cells
         for key in [k for k in self._cells if k not in seen]:
-            self.remove_row(key)
+            self.remove_row(str(key))
             del self._cells[key]
+            del self._owners[str(key)]
 
-    def selected_key(self) -> str | None:
+    def selected_key(self) -> Owner | None:
         if not self.row_count:
             return None
         row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
-        return row_key.value
+        return self._owners.get(row_key.value) if row_key.value is not None else None
 
     def action_remove(self) -> None:
         key = self.selected_key()

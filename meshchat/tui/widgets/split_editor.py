@@ -21,7 +21,8 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from meshchat.errors import MeshchatError
-from meshchat.tui.split import SELF, SplitEditError, SplitPlan
+from meshchat.mesh.identity import NodeId
+from meshchat.tui.split import SELF, Owner, SplitEditError, SplitPlan
 
 HINT = "←/→ move  [ ] stage  + split  - merge  n node  a auto  u undo  Enter apply"
 APPLYING = "applying (nodes load their layers)"
@@ -82,8 +83,8 @@ class SplitEditor(Widget, can_focus=True):
         super().__init__(id=id)
         self.applied: SplitPlan | None = None
         self.allowed: tuple[int, ...] = ()
-        self.usable: list[str] = []  # peers that may take layers now
-        self.names: dict[str, str] = {SELF: "you"}
+        self.usable: list[NodeId] = []  # peers that may take layers now
+        self.names: dict[Owner, str] = {SELF: "you"}
         self.colours: list[str] = ["#7aa2f7"]
         self.is_error = False
         self.pending: SplitPlan | None = None  # being applied: its nodes load their layers
@@ -130,7 +131,7 @@ class SplitEditor(Widget, can_focus=True):
         return True
 
     @property
-    def loading_nodes(self) -> set[str]:
+    def loading_nodes(self) -> set[Owner]:
         """The nodes of the plan being applied (they are loading their layers)."""
         if self.pending is None or not self.busy:
             return set()
@@ -144,8 +145,10 @@ class SplitEditor(Widget, can_focus=True):
         self.selected = min(self.selected, len(plan.segments) - 1)
         self.say("")
 
-    def set_nodes(self, names: Mapping[str, str], usable: Sequence[str]) -> None:
-        self.names = {SELF: "you", **names}
+    def set_nodes(self, names: Mapping[NodeId, str], usable: Sequence[NodeId]) -> None:
+        self.names = {SELF: "you"}
+        for node, name in names.items():
+            self.names[node] = name
         self.usable = list(usable)
         self.refresh()
 
@@ -223,7 +226,7 @@ class SplitEditor(Widget, can_focus=True):
     def action_assign(self) -> None:
         def assign() -> None:
             assert self.plan is not None
-            choices = [SELF, *self.usable]
+            choices: list[Owner] = [SELF, *self.usable]
             if len(choices) == 1:
                 raise SplitEditError(
                     "no other node can take layers: none is connected with the same model file"
@@ -311,7 +314,7 @@ class SplitEditor(Widget, can_focus=True):
 
     # --- drawing ----------------------------------------------------------------------------
 
-    def _colour(self, node: str, order: list[str]) -> str:
+    def _colour(self, node: Owner, order: list[Owner]) -> str:
         if node not in order:
             order.append(node)
         return self.colours[order.index(node) % len(self.colours)]
@@ -321,7 +324,7 @@ class SplitEditor(Widget, can_focus=True):
         width = max(10, self.content_size.width)
         if plan is None:
             return Text(self.busy or "Layers: no model loaded", style="dim")
-        order: list[str] = [SELF]
+        order: list[Owner] = [SELF]
         colours = [self._colour(s.node, order) for s in plan.segments]
         head = Text(no_wrap=True, overflow="ellipsis")
         head.append("Layers ", style="bold")
@@ -329,7 +332,8 @@ class SplitEditor(Widget, can_focus=True):
         for i, seg in enumerate(plan.segments):
             if i:
                 head.append("  ")
-            name = self.names.get(seg.node, seg.node[:10])
+            known = self.names.get(seg.node)
+            name = known if known is not None else str(seg.node)[:10]
             style = Style(color=colours[i], bold=i == self.selected, underline=i == self.selected)
             head.append(f"{seg.label()} {name}", style=style)
             if i < len(memory):
