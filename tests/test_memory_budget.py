@@ -37,10 +37,9 @@ from tests.test_hostile_inference import (
     _honest_pipeline,
     _nothing,
     _scene,
-    mesh,  # noqa: F401  (fixture)
     reference,  # noqa: F401  (fixture)
 )
-from tests.test_stage_service import _greedy
+from tests.test_stage_service import _greedy, mesh_fixture  # noqa: F401  (the fixture "mesh")
 from tests.tiny_models import TinyConfig, write_tiny_model
 
 MIB = 1 << 20
@@ -229,7 +228,7 @@ def test_a_budget_smaller_than_the_smallest_stage_is_refused(
 
 
 async def test_a_stage_over_its_budget_after_loading_refuses_the_plan_and_frees_it(
-    mesh: Mesh,  # noqa: F811
+    mesh: Mesh,
     reference: list[int],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

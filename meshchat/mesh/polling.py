@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any
 
-LEAD_S = 0.0015  # poll from this long before the earliest recent gap (a timer may be 1 ms late)
+LEAD_S = 0.0015  # poll from this long before the 2nd-shortest recent gap (a timer may be 1 ms late)
 MAX_POLL_S = 0.004  # one window's longest poll
 MIN_GAPS = 4  # gaps seen before the first window
 GAPS_KEPT = 8  # recent gaps the window is drawn from
