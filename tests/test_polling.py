@@ -17,7 +17,15 @@ import pytest
 from meshchat.mesh import polling, wire
 from meshchat.mesh.identity import NodeId
 from meshchat.mesh.node import Node
-from meshchat.mesh.polling import LEAD_S, MAX_POLL_S, MIN_GAPS, PollingEventLoop, PollingSelector
+from meshchat.mesh.polling import (
+    BACKOFF_SENDS,
+    CROWDED_IN_A_ROW,
+    LEAD_S,
+    MAX_POLL_S,
+    MIN_GAPS,
+    PollingEventLoop,
+    PollingSelector,
+)
 from tests.mesh_helpers import eventually, mesh_nodes
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,6 +132,42 @@ def test_windows_follow_the_gap_between_a_send_and_the_next_arrival() -> None:
         assert arrivals.window is None and loop.selector.poll_until == 0.0  # type: ignore[attr-defined]
 
     with asyncio.Runner(loop_factory=PollingEventLoop) as runner:
+        runner.run(steps())
+
+
+class NoCoreToSpare(PollingSelector):
+    """A machine whose every core has work whenever a step is due (the kernel's count of
+    runnable tasks, replaced: the test cannot make the real one hold still)."""
+
+    def core_to_spare(self) -> bool:
+        return False
+
+
+def test_windows_that_find_no_core_to_spare_back_off() -> None:
+    async def steps() -> None:
+        loop = asyncio.get_running_loop()
+        arrivals = polling.arrivals(loop)
+        assert arrivals is not None
+
+        async def step() -> None:
+            arrivals.sent()
+            await asyncio.sleep(0.006)  # the window opens 1.5 ms before the 5 ms gap
+            arrivals.arrived()
+
+        for _ in range(MIN_GAPS):
+            await step()
+        for _ in range(CROWDED_IN_A_ROW):
+            await step()
+        assert arrivals.windows == CROWDED_IN_A_ROW
+        assert loop.selector.crowded == CROWDED_IN_A_ROW  # type: ignore[attr-defined]
+        for _ in range(BACKOFF_SENDS):
+            arrivals.sent()
+            assert arrivals.window is None  # backing off: no timer wakes the process
+            arrivals.arrived()
+        arrivals.sent()
+        assert arrivals.window is not None  # and then it tries again
+
+    with asyncio.Runner(loop_factory=lambda: PollingEventLoop(NoCoreToSpare())) as runner:
         runner.run(steps())
 
 

@@ -41,6 +41,11 @@ ENV = "MESHCHAT_POLL"
 # stop: it ends by sending, and the poll hears it.
 BUSY_YIELD_S = 0.0005
 RECHECK_S = 0.0002  # how often a poll looks again whether the machine has a core to spare
+# After this many windows in a row found no core to spare, the next BACKOFF_SENDS sends arm
+# none: on a machine whose cores are busy whenever a step is due (stages sharing the cores,
+# each with a thread per core) a window is only a timer that wakes the process for nothing.
+CROWDED_IN_A_ROW = 4
+BACKOFF_SENDS = 32
 
 
 class PollingSelector(selectors.EpollSelector):
@@ -130,11 +135,17 @@ class StepArrivals:
         self.window: tuple[float, float] | None = None  # (start, end) after our last send
         self.windows = 0  # polling windows opened so far
         self.caught = 0  # messages that arrived while a window was open
+        self._crowded_at_open: int | None = None  # selector.crowded when the window opened
+        self._crowded_run = 0  # windows in a row that found no core to spare
+        self._backoff = 0  # sends left that arm no window
 
     def sent(self) -> None:
         """This process sent a decode step on: the next step's message is due after a gap."""
         self._sent_at = now = self._loop.time()
         self._cancel()
+        if self._backoff > 0:
+            self._backoff -= 1
+            return
         if len(self._gaps) < MIN_GAPS:
             return
         ordered = sorted(self._gaps)
@@ -159,13 +170,23 @@ class StepArrivals:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._crowded_at_open is not None:
+            self._window_closed(crowded=self._selector.crowded > self._crowded_at_open)
         self.window = None
         self._selector.poll_until = 0.0
 
     def _open(self, end: float) -> None:
         self._timer = None
         self.windows += 1
+        self._crowded_at_open = self._selector.crowded
         self._selector.poll_until = end
+
+    def _window_closed(self, crowded: bool) -> None:
+        self._crowded_at_open = None
+        self._crowded_run = self._crowded_run + 1 if crowded else 0
+        if self._crowded_run >= CROWDED_IN_A_ROW:
+            self._crowded_run = 0
+            self._backoff = BACKOFF_SENDS
 
 
 class PollingEventLoop(asyncio.SelectorEventLoop):
