@@ -24,6 +24,7 @@ from meshchat.bench import PROMPT_TOKENS, bench_prompt, run_benchmark
 from meshchat.engine.stage import Stage, StageOptions
 from meshchat.inference.local import build_stages
 from meshchat.inference.mesh_bench import MeshRows
+from meshchat.mesh import polling
 from meshchat.model.gguf_file import read_header
 from meshchat.model.spec import spec_from_header
 from meshchat.paths import DataDir
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("own_cores: needs CPUs 0 and 1")
     # Before any thread starts: llama.cpp's threads and the mesh loop inherit the pinning.
     os.sched_setaffinity(0, {HEAD_CPU})
+    polling.install()  # the head's loop, as `meshchat` gives every command's (mesh/polling.py)
     spec = spec_from_header(read_header(args.model))
     data = DataDir(args.data_dir)
     options = StageOptions(n_ctx=1024, max_sessions=1, n_batch=PROMPT_TOKENS, n_threads=1)
