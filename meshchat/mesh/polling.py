@@ -3,17 +3,17 @@
 Why: a node that waits for its next decode step sleeps in epoll, and its CPU goes idle. On
 this project's CI machine (KVM guest, cpuidle haltpoll with guest_halt_poll_ns=0) an idle vCPU
 halts, and the packet that must wake it pays for the VM's wake-up; bare metal pays for a
-C-state exit instead. Measured with scripts/hop_profile.py (1B synthetic model, split 8,
-loopback, 2 vCPUs): a hop's wire time was 0.21 ms asleep and 0.11 ms with the receiver
-polling, and its whole overhead 0.55 → 0.42 ms. The sender's `sendto` alone took 83 µs while
-it had to wake the receiver.
+C-state exit instead. Measured by `meshchat bench --synthetic 1B` (mesh2 with a core per
+node, 2 vCPUs, AMD EPYC Zen 5, MESHCHAT_POLL=0 and 1 run in turns): a hop's wire time 0.19-0.21
+ms asleep against 0.10-0.11 ms polling, its whole overhead p50 0.52-0.53 → 0.41-0.42 ms. The
+sender's `sendto` alone took 83 µs while it had to wake the receiver.
 
 Polling all the time would burn a core, so it is done only in a window: decode steps come in
 a steady rhythm, and `StepArrivals` learns, per process, how long after it sends a step the
 next step's message arrives (the rest of the chain's compute). After each send it arms a poll
 from a little before the earliest recent gap to a little after the latest, at most
-MAX_POLL_S. That costs about LEAD_S + jitter of CPU per token per node (a few per cent of a
-core on a 40 ms token), and nothing when no decode runs. A poll runs only while the machine
+MAX_POLL_S. That cost 0.4-1.1 ms of CPU per token per node (scripts/hop_profile.py: 1-3 % of
+a core at 36 ms a token), and costs nothing when no decode runs. A poll runs only while the machine
 has a core to spare, and yields its core at every turn (`PollingSelector` says why).
 
 The loop: `PollingPolicy` makes every event loop of the process a `PollingEventLoop`;
