@@ -250,7 +250,7 @@ class Connection(QuicConnectionProtocol):
                 self.tuning.side_datagram_size_for(self.remote[0]),
                 self._send_side_packet,
                 self._on_side_message,
-                self.abort,  # no acknowledgement for a while: a dead path
+                self.abort,  # nothing acknowledged for TIMEOUTS.side_path_give_up_s: dead
             )
             self.endpoint.route_side_tag(self.side.tag, self)
             self.side.stream_delivered(self._control_done)
