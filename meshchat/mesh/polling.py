@@ -157,10 +157,11 @@ class StepArrivals:
 
     def arrived(self) -> None:
         """A decode step's message arrived: learn the gap since our send, stop polling."""
-        if self._selector.poll_until > self._loop.time():
+        now = self._loop.time()
+        if self._selector.poll_until > now:
             self.caught += 1
         if self._sent_at is not None:
-            gap = self._loop.time() - self._sent_at
+            gap = now - self._sent_at
             if gap <= MAX_GAP_S:
                 self._gaps.append(gap)
             self._sent_at = None

@@ -591,6 +591,7 @@ class Connection(QuicConnectionProtocol):
         """Send on the ordered control stream."""
         async with self._control_lock:
             side = self.side
+            parts: list[bytes | memoryview] | None = None
             if side is not None and side.can_send(msg):
                 if self._terminated:
                     raise ConnectionLost(f"connection closed: {self.close_reason}")
@@ -601,14 +602,12 @@ class Connection(QuicConnectionProtocol):
                     if self._arrivals is not None:
                         self._arrivals.sent()
                     return
-                await side.idle()  # the stream's next frame must not overtake a side message
-                await self._write(CONTROL_STREAM, [frame], end=False)  # the frame built above
-                return
+                parts = [frame]  # too large for the side path: the stream takes it as built
             if side is not None:
                 await side.idle()  # the stream's next frame must not overtake a side message
-            await self._write(CONTROL_STREAM, frame_parts(msg), end=False)
+            await self._write(CONTROL_STREAM, parts or frame_parts(msg), end=False)
 
-    async def request(self, msg: wire.Message, timeout: float = 30.0) -> wire.Message:
+    async def request(self, msg: wire.Message, timeout: float) -> wire.Message:
         """Send `msg` on a new stream and wait for the one reply frame."""
         if self._terminated:
             raise ConnectionLost(f"connection closed: {self.close_reason}")
