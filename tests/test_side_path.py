@@ -54,6 +54,13 @@ class Pair:
         send = side._send_packet
         side._send_packet = lambda packet: change(packet, send)
 
+    async def arrive_in_order(self, *msgs: wire.Message) -> None:
+        """Send `msgs` from a to b; b gets exactly them, in that order."""
+        for msg in msgs:
+            await self.a.send(self.b.node_id, msg)
+        await eventually(lambda: len(self.got) >= len(msgs))
+        assert self.got == list(msgs)
+
     async def still_works(self) -> None:
         before = len(self.got)
         msg = _step(999)
@@ -142,11 +149,7 @@ async def test_order_with_the_stream_kept_when_side_packets_are_late(tmp_path: P
         p = await _pair(mesh)
         loop = asyncio.get_running_loop()
         p.tap(lambda packet, send: loop.call_later(0.05, send, packet))
-        step, cancel = _step(1), wire.Cancel(7, "stop", 1)
-        await p.a.send(p.b.node_id, step)
-        await p.a.send(p.b.node_id, cancel)
-        await eventually(lambda: len(p.got) == 2)
-        assert p.got == [step, cancel]
+        await p.arrive_in_order(_step(1), wire.Cancel(7, "stop", 1))
 
 
 async def test_order_with_the_stream_kept_when_stream_packets_are_late(tmp_path: Path) -> None:
@@ -162,11 +165,7 @@ async def test_order_with_the_stream_kept_when_stream_packets_are_late(tmp_path:
                 loop.call_later(0.05, send, data, addr)
 
         _wrap_sends(p.out, late_quic)
-        cancel, step = wire.Cancel(7, "stop", 1), _step(1)
-        await p.a.send(p.b.node_id, cancel)
-        await p.a.send(p.b.node_id, step)
-        await eventually(lambda: len(p.got) == 2)
-        assert p.got == [cancel, step]
+        await p.arrive_in_order(wire.Cancel(7, "stop", 1), _step(1))
 
 
 async def test_loss_is_recovered_by_resends(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, Static
 
-from meshchat.config import Config
 from meshchat.errors import MeshchatError
 from meshchat.inference.mesh_pipeline import FailoverNote
 from meshchat.mesh.layer_transfer import SeedingReport
@@ -45,10 +44,7 @@ async def test_failover_note_sits_in_the_answer_and_the_footer_counts_it(
 ) -> None:
     mesh = two_peers()
     mesh.rows[0] = replace(mesh.rows[0], state="serving", layers=(15, 30))
-    config = Config(
-        sampling=replace(GREEDY, max_tokens=160), listen="127.0.0.1:0", mdns=False, threads=1
-    )
-    app = make_app(tmp_path, smollm2, mesh=mesh, config=config)
+    app = make_app(tmp_path, smollm2, mesh=mesh, sampling=replace(GREEDY, max_tokens=160))
     async with app.run_test(size=(110, 34)) as pilot:
         # The run's first model load probes the engine settings: slow on a busy machine.
         await wait_for(pilot, lambda: app.engine or app.model_error, 180, "model load")

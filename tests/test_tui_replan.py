@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshchat.config import Config
 from meshchat.inference.capabilities import NodeCaps
 from meshchat.inference.local_model import LocalModel
 from meshchat.inference.planner import ModelNeeds, Plan, Planner
@@ -88,10 +87,7 @@ async def test_a_faster_joiner_is_moved_to_between_turns_and_a_failed_plan_is_re
 ) -> None:
     mesh = two_peers()
     mesh.rows = [replace(mesh.rows[0], state="lost")]  # known, not up yet
-    config = Config(
-        sampling=replace(GREEDY, max_tokens=160), listen="127.0.0.1:0", mdns=False, threads=1
-    )
-    app = make_app(tmp_path, smollm2, mesh=mesh, config=config)
+    app = make_app(tmp_path, smollm2, mesh=mesh, sampling=replace(GREEDY, max_tokens=160))
     async with app.run_test(size=(110, 34)) as pilot:
         await wait_for(pilot, lambda: app.engine or app.model_error, 180, "model load")
         await ready(pilot)

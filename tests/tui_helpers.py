@@ -104,13 +104,14 @@ def make_app(
     *,
     mesh: FakeMesh | None = None,
     config: Config | None = None,
+    sampling: ChatSettings = GREEDY,
     model_error: str = "",
     theme_dirs: tuple[Path, ...] = (BUILTIN_DIR,),
     history_path: Path | None = None,
     real_mesh: bool = False,
     join_code: str | None = None,
 ) -> MeshchatApp:
-    config = config or Config(sampling=GREEDY, listen="127.0.0.1:0", mdns=False, threads=1)
+    config = config or Config(sampling=sampling, listen="127.0.0.1:0", mdns=False, threads=1)
     if config.path is None:
         config = replace(config, path=tmp_path / "config" / "config.toml")
     mesh = mesh if mesh is not None else FakeMesh()
